@@ -1,0 +1,337 @@
+"""Typed configuration of every stage: YAML in, validated, one place for defaults.
+
+A config file is a YAML mapping with one section per stage. Every key has a
+default here, so an empty file is a valid config. Overrides use dotted keys,
+``--set train.lr=1e-3`` (values parsed as YAML scalars). A wrong key or a
+wrong type fails with one line naming the key and the file::
+
+    configs/demo.yaml: train.lr: Input should be a valid number (got 'fast')
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a one-line message that names the key and the file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------- run / ray
+class RunConfig(_Section):
+    name: str = "raypipe"
+    out_dir: str = "runs/demo"  # every stage writes under here unless its own path is set
+    seed: int = 0
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray sized to the machine
+    num_cpus: int | None = None  # local Ray only; None = all cores
+    num_gpus: int | None = None  # local Ray only; None = autodetect
+    progress_bars: bool = True
+    log_to_driver: bool = True
+    object_store_memory: int | None = None  # bytes, local Ray only
+
+
+class PrivacyConfig(_Section):
+    #: environment variable holding the HMAC secret for pseudonymous ids
+    secret_env: str = "RAYPIPE_ID_SECRET"
+    #: allow the fixed, public demo secret (only for synthetic data: demo and tests)
+    allow_demo_secret: bool = False
+
+
+# ---------------------------------------------------------------------------- synth
+class MissingConfig(_Section):
+    """Per-modality missingness of a synthetic cohort."""
+
+    rate: dict[str, float] = Field(default_factory=lambda: {"ct": 0.1, "pet": 0.3, "ehr": 0.15, "report": 0.2})
+    #: missing-not-at-random: probability of missingness rises with the latent risk
+    mnar: dict[str, float] = Field(default_factory=lambda: {"pet": 0.5})
+
+
+class SynthConfig(_Section):
+    cohort: Literal["clinical", "regions"] = "clinical"
+    n: int = Field(200, ge=4)
+    seed: int = 0
+    out: str | None = None  # default: <run.out_dir>/cohort
+    slices: int = Field(24, ge=2)  # CT/PET slices per volume
+    image_size: int = Field(64, ge=16)  # in-plane pixels of the synthetic volumes
+    pet_nifti_fraction: float = Field(0.5, ge=0, le=1)  # share of PET volumes written as NIfTI
+    sites: int = Field(3, ge=1)
+    missing: MissingConfig = Field(default_factory=MissingConfig)
+
+
+# ---------------------------------------------------------------------------- ingest
+class SliceSelection(_Section):
+    policy: Literal["all", "every_k", "central", "even"] = "even"
+    n: int = Field(16, ge=1)  # central / even
+    k: int = Field(2, ge=1)  # every_k
+
+
+class ModalityIngest(_Section):
+    """How one modality of the manifest is decoded."""
+
+    kind: Literal["volume", "image", "geotiff", "ehr", "text"]
+    #: intensity window [lo, hi] after rescale (HU for CT, SUV or activity for PET)
+    window: tuple[float, float] | None = None
+    size: int = Field(224, ge=8)  # output in-plane size (square)
+    slices: SliceSelection = Field(default_factory=SliceSelection)
+    frame: int = 0  # 4-D NIfTI: which frame
+    bands: list[int] | list[str] | None = None  # geotiff band selection (index or name); None = all
+    percentiles: tuple[float, float] = (2.0, 98.0)  # geotiff per-band normalisation
+    max_words: int = Field(150, ge=1)  # reports
+    channels: Literal["gray", "rgb"] = "gray"  # 2-D images
+
+
+def _default_modalities() -> dict[str, ModalityIngest]:
+    return {
+        "ct": ModalityIngest(kind="volume", window=(-1000.0, 400.0)),
+        "pet": ModalityIngest(kind="volume", window=(0.0, 10.0)),
+        "ehr": ModalityIngest(kind="ehr"),
+        "report": ModalityIngest(kind="text"),
+    }
+
+
+class EHRConfig(_Section):
+    step_hours: float = Field(2.0, gt=0)
+    window_hours: float = Field(48.0, gt=0)
+
+
+class IngestConfig(_Section):
+    input: str | None = None  # cohort root (manifest.csv inside); default: synth.out
+    out: str | None = None  # default: <run.out_dir>/records
+    modalities: dict[str, ModalityIngest] = Field(default_factory=_default_modalities)
+    ehr: EHRConfig = Field(default_factory=EHRConfig)
+    label_columns: list[str] = Field(default_factory=lambda: ["label"])
+    group_columns: list[str] = Field(default_factory=lambda: ["site", "sex", "age_band"])
+    #: fraction of input files that may be quarantined before the run exits non-zero
+    error_budget: float = Field(0.05, ge=0, le=1)
+    test_fraction: float = Field(0.2, ge=0, lt=1)  # held-out patients (split fixed at ingest for EHR stats)
+
+
+# ---------------------------------------------------------------------------- embed
+class ImageEmbed(_Section):
+    model: str = "microsoft/resnet-34"  # hub name or local directory
+    revision: str | None = None
+    weights: Literal["pretrained", "random"] = "pretrained"
+    input_size: int = Field(224, ge=16)
+    aggregation: Literal["mean", "max", "all"] = "mean"
+    #: >3 band images: how to map bands to the model's 3 input channels
+    band_projection: Literal["select", "pca", "mean_groups"] = "mean_groups"
+
+
+class TextEmbed(_Section):
+    model: str = "bert-base-uncased"
+    revision: str | None = None
+    weights: Literal["pretrained", "random"] = "pretrained"
+    pooling: Literal["cls", "mean"] = "cls"
+    max_tokens: int = Field(512, ge=8, le=4096)
+
+
+class EmbedConfig(_Section):
+    input: str | None = None  # records dir; default: ingest.out
+    out: str | None = None  # default: <run.out_dir>/embeddings
+    image: ImageEmbed = Field(default_factory=ImageEmbed)
+    text: TextEmbed = Field(default_factory=TextEmbed)
+    batch_size: int = Field(64, ge=1)
+    pool_size: int | None = None  # actors per model; None = derived from the cluster's resources
+    num_gpus_per_actor: float | None = None  # None = 1 if the cluster has GPUs else 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+# ---------------------------------------------------------------------------- train
+class OmniFuseConfig(_Section):
+    """OmniFuse hyper-parameters (docs/method.md); defaults are the paper's."""
+
+    depth: int = Field(5, ge=1, le=16)  # R, residual autoencoders per cascade
+    alpha: float = Field(0.1, ge=0)
+    beta: float = Field(0.5, ge=0)
+    lambda1: float = Field(1.0, ge=0)
+    lambda2: float = Field(10.0, ge=0)
+    lambda3: float = Field(0.5, ge=0)
+    use_imp_forward: bool = True
+    use_imp_backward: bool = True
+    use_dwfuse: bool = True
+    use_tla: bool = True
+
+
+class TrainConfig(_Section):
+    input: str | None = None  # embeddings dir; default: embed.out
+    out: str | None = None  # run dir; default: <run.out_dir>/train/<method>
+    method: str = "omnifuse"
+    task: Literal["auto", "binary", "multiclass", "multilabel", "regression"] = "auto"
+    hidden_dim: int = Field(128, ge=4)  # D
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    p_drop: float = Field(0.5, ge=0, le=1)  # missing-pattern simulation probability
+    patience: int = Field(8, ge=1)  # early stopping on the validation metric
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    omnifuse: OmniFuseConfig = Field(default_factory=OmniFuseConfig)
+    #: extra keyword arguments for the chosen method (e.g. {"rho": 0.5} for metafusion)
+    method_args: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- tune / infer / report
+class TuneConfig(_Section):
+    out: str | None = None
+    num_samples: int = Field(8, ge=1)
+    folds: int = Field(5, ge=2)
+    search: Literal["random", "grid", "optuna"] = "random"
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    metric: str = "auroc"
+    max_concurrent_trials: int | None = None
+    space: dict[str, Any] = Field(default_factory=dict)  # overrides of the default search space
+
+
+class InferConfig(_Section):
+    checkpoint: str | None = None
+    input: str | None = None
+    out: str | None = None
+    batch_size: int = Field(1024, ge=1)
+    pool_size: int | None = None
+
+
+class ReportConfig(_Section):
+    run_dir: str | None = None
+    subgroup_gap_threshold: float = Field(0.05, ge=0)
+
+
+# ---------------------------------------------------------------------------- root
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    # Resolved paths: each stage's input defaults to the previous stage's output.
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.run.out_dir, *parts)
+
+    @property
+    def cohort_dir(self) -> str:
+        return self.synth.out or self.path("cohort")
+
+    @property
+    def ingest_input(self) -> str:
+        return self.ingest.input or self.cohort_dir
+
+    @property
+    def records_dir(self) -> str:
+        return self.ingest.out or self.path("records")
+
+    @property
+    def embed_input(self) -> str:
+        return self.embed.input or self.records_dir
+
+    @property
+    def embeddings_dir(self) -> str:
+        return self.embed.out or self.path("embeddings")
+
+    @property
+    def train_input(self) -> str:
+        return self.train.input or self.embeddings_dir
+
+    def train_dir(self, method: str | None = None) -> str:
+        return self.train.out or self.path("train", method or self.train.method)
+
+
+# ---------------------------------------------------------------------------- loading
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(root)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and not isinstance(first["input"], (dict, list)):
+        msg = f"{msg} (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    tail = f" (+{more} more)" if more else ""
+    return f"{source}: {loc}: {msg}{tail}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` into (["a","b","c"], yaml-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
+    key, raw = item.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {item}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to a nested dict (in place; also returned)."""
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[k] = nxt
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Validate a nested mapping into a :class:`Config`, raising :class:`ConfigError`."""
+    try:
+        return Config.model_validate(dict(data))
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{source}:{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+        data = loaded
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{source} (with --set)"
+    return config_from_dict(data, source)
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of a config that :func:`load_config` accepts unchanged."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,116 @@
+"""Start or join Ray, set Ray Data's context, and keep Ray's files under the run directory.
+
+Rules (docs/cluster.md):
+- ``ray.address`` in the config, ``--address`` on the CLI or ``RAY_ADDRESS`` in the
+  environment joins an existing cluster; otherwise a local Ray is started, sized to
+  this machine (or to ``ray.num_cpus``/``ray.num_gpus``).
+- A local Ray keeps its session files (logs, spilled objects) under
+  ``<run.out_dir>/.ray`` and Train/Tune results under ``<run.out_dir>/ray_results``,
+  so that one run's files live in one place.
+- Ray's token authentication is left exactly as Ray ships it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+from raypipe.config import Config
+
+log = logging.getLogger(__name__)
+
+# Unix socket paths are limited to ~107 bytes; Ray puts sockets under
+# <temp_dir>/session_<timestamp>/sockets/plasma_store, which adds ~60.
+_MAX_TEMP_DIR_LEN = 40
+
+
+@dataclass(frozen=True)
+class RayContext:
+    """What :func:`init_ray` did: whether it started Ray, and where results go."""
+
+    started_local: bool
+    address: str | None
+    results_dir: str  # storage_path for Ray Train / Tune
+    temp_dir: str | None
+
+
+def _local_temp_dir(out_dir: str) -> str:
+    want = os.path.abspath(os.path.join(out_dir, ".ray"))
+    if len(want) <= _MAX_TEMP_DIR_LEN:
+        return want
+    # Too long for Ray's sockets: use a short, stable path and link it from the run dir.
+    short = os.path.join(tempfile.gettempdir(), "rp-" + hashlib.sha1(want.encode()).hexdigest()[:10])
+    os.makedirs(short, exist_ok=True)
+    os.makedirs(os.path.dirname(want), exist_ok=True)
+    if not os.path.lexists(want):
+        try:
+            os.symlink(short, want)
+        except OSError:  # e.g. a filesystem without symlinks: the temp dir still works
+            pass
+    return short
+
+
+def results_dir(cfg: Config) -> str:
+    """Storage path for Ray Train/Tune results (must be shared storage on a multi-node cluster)."""
+    out = cfg.run.out_dir
+    if "://" in out:
+        return out.rstrip("/") + "/ray_results"
+    return os.path.abspath(os.path.join(out, "ray_results"))
+
+
+def configure_data_context(cfg: Config) -> None:
+    """Ray Data settings raypipe relies on: progress bars, deterministic order, no dropped blocks."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.ray.progress_bars
+    # Outputs are sorted by id before writing; preserving order keeps runs reproducible.
+    ctx.execution_options.preserve_order = True
+    # Bad rows are quarantined inside our UDFs (errors table); a failing block is a bug,
+    # never something to silently drop with its good rows.
+    ctx.max_errored_blocks = 0
+
+
+def init_ray(cfg: Config, address: str | None = None) -> RayContext:
+    """Start or join Ray for ``cfg`` and configure Ray Data. Idempotent within a process."""
+    import ray
+
+    addr = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    res_dir = results_dir(cfg)
+    if ray.is_initialized():
+        configure_data_context(cfg)
+        return RayContext(False, addr, res_dir, None)
+
+    if addr:
+        log.info("joining Ray cluster at %s", addr)
+        ray.init(address=addr, log_to_driver=cfg.ray.log_to_driver)
+        configure_data_context(cfg)
+        return RayContext(False, addr, res_dir, None)
+
+    os.makedirs(cfg.run.out_dir, exist_ok=True)
+    temp_dir = _local_temp_dir(cfg.run.out_dir)
+    kwargs = dict(
+        num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+        log_to_driver=cfg.ray.log_to_driver,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+    )
+    if cfg.ray.num_gpus is not None:
+        kwargs["num_gpus"] = cfg.ray.num_gpus
+    if cfg.ray.object_store_memory:
+        kwargs["object_store_memory"] = cfg.ray.object_store_memory
+    log.info("starting a local Ray with %s CPUs (temp dir %s)", kwargs["num_cpus"], temp_dir)
+    ray.init(**kwargs)
+    configure_data_context(cfg)
+    return RayContext(True, None, res_dir, temp_dir)
+
+
+def cluster_resources() -> dict[str, float]:
+    """CPUs/GPUs of the connected cluster (for deriving pool sizes)."""
+    import ray
+
+    res = ray.cluster_resources()
+    return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
