@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class ConfigError(ValueError):
@@ -80,7 +80,7 @@ class SliceSelection(_Section):
 class ModalityIngest(_Section):
     """How one modality of the manifest is decoded."""
 
-    kind: Literal["volume", "image", "geotiff", "ehr", "text"]
+    kind: Literal["volume", "image", "geotiff", "ehr", "text", "tabular"]
     #: intensity window [lo, hi] after rescale (HU for CT, SUV or activity for PET)
     window: tuple[float, float] | None = None
     size: int = Field(224, ge=8)  # output in-plane size (square)
