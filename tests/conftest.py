@@ -16,13 +16,12 @@ os.environ.setdefault("RAYPIPE_ID_SECRET", "test-secret-for-raypipe-tests")
 
 
 @pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
+def ray_session():
     """One local Ray (2 CPUs) shared by every test that needs it; shut down at the end."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=str(tmp_path_factory.mktemp("ray", numbered=True)) if False else None)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
