@@ -1,0 +1,274 @@
+"""The ``raypipe`` command: thin subcommands that load a config and call one stage.
+
+Every subcommand takes ``--config FILE.yaml`` and any number of
+``--set section.key=value`` overrides (see ``raypipe.config``). Results are
+printed here; the library itself only logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable
+
+from raypipe.config import Config, ConfigError, load_config
+
+log = logging.getLogger("raypipe")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# subcommand -> (module, function) of the stage it runs; resolved lazily so that a
+# stage that is not built yet gives a clear message instead of an ImportError.
+STAGES: dict[str, tuple[str, str]] = {
+    "synth": ("raypipe.synth", "write_cohort"),
+    "ingest": ("raypipe.ingest.pipeline", "run_ingest"),
+    "embed": ("raypipe.embed.pipeline", "run_embed"),
+    "train": ("raypipe.train.trainer", "run_train"),
+    "tune": ("raypipe.tune.search", "run_tune"),
+    "compare": ("raypipe.tune.compare", "run_compare"),
+    "infer": ("raypipe.infer.pipeline", "run_infer"),
+    "report": ("raypipe.report.html", "write_report"),
+}
+
+DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "resources", "demo.yaml")
+
+
+class NotImplementedStage(RuntimeError):
+    """The stage's module or entry point does not exist yet."""
+
+
+def resolve_stage(name: str) -> Callable[..., Any]:
+    """Return the entry function of stage ``name`` or raise :class:`NotImplementedStage`."""
+    module_name, func_name = STAGES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            raise NotImplementedStage(name) from None
+        raise
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise NotImplementedStage(name)
+    return func
+
+
+# ----------------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser, config_help: str = "YAML config (default: built-in defaults)") -> None:
+    p.add_argument("--config", "-c", metavar="FILE.yaml", help=config_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
+    p.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--out-dir", help="run output directory (sets run.out_dir)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raypipe",
+        description="Raw multimodal medical and geospatial files -> records -> embeddings -> fused, "
+        "missing-modality-robust model (OmniFuse and 13 baselines) -> predictions, on Ray.",
+        epilog="Start with `raypipe demo`. Every subcommand has --help. Docs: README.md and docs/.",
+    )
+    from raypipe import __version__
+
+    parser.add_argument("--version", action="version", version=f"raypipe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic cohort in real file formats (DICOM, NIfTI, GeoTIFF, CSV, text)",
+                       description="Write a synthetic cohort with known ground truth (truth.json, truth.parquet). "
+                       "`clinical`: CT DICOM series, PET as DICOM or NIfTI, EHR event CSVs, radiology reports. "
+                       "`regions`: multi-band GeoTIFF scenes plus region covariates, continuous target.")
+    _common(p)
+    p.add_argument("--cohort", choices=["clinical", "regions"], help="which cohort (synth.cohort)")
+    p.add_argument("--n", type=int, help="number of patients/regions (synth.n)")
+    p.add_argument("--out", help="output directory (synth.out; default <out-dir>/cohort)")
+    p.add_argument("--seed", type=int, help="random seed (synth.seed)")
+
+    p = sub.add_parser("ingest", help="decode raw files into the records table (Ray Data)",
+                       description="Decode a cohort (manifest.csv + files) into Parquet records, a samples table "
+                       "and a quarantine (errors) table; prints the reconciliation of files seen/ingested/quarantined.")
+    _common(p)
+    p.add_argument("--input", help="cohort directory with manifest.csv (ingest.input)")
+    p.add_argument("--out", help="records output directory (ingest.out)")
+
+    p = sub.add_parser("embed", help="embed records with ResNet34 / BERT actor pools (Ray Data)",
+                       description="Turn records into one embedding row per sample with GPU/CPU actor pools.")
+    _common(p)
+    p.add_argument("--input", help="records directory (embed.input)")
+    p.add_argument("--out", help="embeddings output directory (embed.out)")
+
+    p = sub.add_parser("train", help="train a fusion method on the embeddings (Ray Train)",
+                       description="Train a registered fusion method (default omnifuse) with Ray Train V2.")
+    _common(p)
+    p.add_argument("--method", help="fusion method name (train.method)")
+    p.add_argument("--input", help="embeddings directory (train.input)")
+    p.add_argument("--out", help="run directory (train.out)")
+
+    p = sub.add_parser("tune", help="cross-validated hyper-parameter search (Ray Tune)",
+                       description="k-fold cross-validated search over OmniFuse's hyper-parameters with Ray Tune.")
+    _common(p)
+
+    p = sub.add_parser("compare", help="compare fusion methods on the same folds with paired t-tests",
+                       description="Run several methods on the same k folds; table of mean ± std and paired t-tests.")
+    _common(p)
+    p.add_argument("--methods", help="comma-separated method names (first is compared against the rest)")
+    p.add_argument("--folds", type=int, help="number of folds (tune.folds)")
+
+    p = sub.add_parser("infer", help="batch predictions from a trained run (Ray Data)",
+                       description="Predict for every sample of an embeddings table (or raw cohort) with a trained run.")
+    _common(p)
+    p.add_argument("--checkpoint", help="trained run directory (infer.checkpoint)")
+    p.add_argument("--input", help="embeddings directory or raw cohort (infer.input)")
+    p.add_argument("--out", help="predictions output directory (infer.out)")
+
+    p = sub.add_parser("report", help="write the HTML report of a run",
+                       description="Write a self-contained HTML report (plots, tables) for a training run directory.")
+    _common(p)
+    p.add_argument("run_dir", nargs="?", help="training run directory (report.run_dir)")
+
+    p = sub.add_parser("demo", help="run every stage on a small synthetic cohort, offline, on a local Ray",
+                       description="Synthesise a small clinical cohort and run ingest, embed, train (omnifuse and "
+                       "concat), infer and report on it with offline models; prints where everything is and the "
+                       "headline numbers. Uses the packaged demo config unless --config is given.")
+    _common(p, config_help="YAML config (default: the packaged demo config, same as configs/demo.yaml)")
+    p.add_argument("--n", type=int, help="number of synthetic patients (synth.n)")
+    return parser
+
+
+# ----------------------------------------------------------------------------- helpers
+def _cli_overrides(args: argparse.Namespace) -> list[str]:
+    """Turn subcommand flags into dotted overrides (flags win over --set)."""
+    o: list[str] = list(args.overrides)
+    flag_keys = {
+        "synth": {"cohort": "synth.cohort", "n": "synth.n", "out": "synth.out", "seed": "synth.seed"},
+        "ingest": {"input": "ingest.input", "out": "ingest.out"},
+        "embed": {"input": "embed.input", "out": "embed.out"},
+        "train": {"method": "train.method", "input": "train.input", "out": "train.out"},
+        "compare": {"folds": "tune.folds"},
+        "infer": {"checkpoint": "infer.checkpoint", "input": "infer.input", "out": "infer.out"},
+        "report": {"run_dir": "report.run_dir"},
+        "demo": {"n": "synth.n"},
+    }.get(args.command, {})
+    for attr, key in flag_keys.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            o.append(f"{key}={value}")
+    if args.out_dir:
+        o.append(f"run.out_dir={args.out_dir}")
+    if args.address:
+        o.append(f"ray.address={args.address}")
+    return o
+
+
+def _print_result(title: str, result: Any) -> None:
+    print(f"== {title}")
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    elif result is not None:
+        print(result)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("urllib3", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run_stage(name: str, cfg: Config, args: argparse.Namespace) -> int:
+    func = resolve_stage(name)
+    t0 = time.perf_counter()
+    if name == "compare":
+        methods = args.methods.split(",") if args.methods else None
+        result = func(cfg, methods=methods)
+    else:
+        result = func(cfg)
+    _print_result(f"{name} done in {time.perf_counter() - t0:.1f}s", result)
+    if isinstance(result, dict) and result.get("ok") is False:
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def run_demo(cfg: Config) -> int:
+    """Run every built stage on the demo cohort; report the ones that are not built yet."""
+    from raypipe.runtime import init_ray
+
+    steps = ["synth", "ingest", "embed", "train", "infer", "report"]
+    done, pending = [], []
+    t_all = time.perf_counter()
+    print(f"raypipe demo: output under {os.path.abspath(cfg.run.out_dir)}")
+    for step in steps:
+        try:
+            func = resolve_stage(step)
+        except NotImplementedStage:
+            pending.append(step)
+            continue
+        if pending:  # a later stage cannot run without the earlier one's table
+            pending.append(step)
+            continue
+        if step not in ("synth", "report"):
+            init_ray(cfg)
+        t0 = time.perf_counter()
+        if step == "train":
+            results = {}
+            for method in ("omnifuse", "concat"):
+                results[method] = func(cfg.model_copy(update={"train": cfg.train.model_copy(update={"method": method})}))
+            result = results
+        else:
+            result = func(cfg)
+        _print_result(f"demo step {step} ({time.perf_counter() - t0:.1f}s)", result)
+        if isinstance(result, dict) and result.get("ok") is False:
+            print(f"demo stopped: step {step} reported a failure (see above)", file=sys.stderr)
+            return EXIT_FAILED
+        done.append(step)
+    print(f"\nraypipe demo finished in {time.perf_counter() - t_all:.1f}s")
+    print(f"  stages run: {', '.join(done) or 'none'}")
+    if pending:
+        print(f"  not implemented yet: {', '.join(pending)} (see the project's open issues)")
+    print(f"  outputs: {os.path.abspath(cfg.run.out_dir)}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    _setup_logging(args.verbose)
+    try:
+        config_path = args.config
+        if args.command == "demo" and config_path is None:
+            config_path = DEMO_CONFIG
+        cfg = load_config(config_path, _cli_overrides(args))
+        if args.command == "demo":
+            return run_demo(cfg)
+        return _run_stage(args.command, cfg, args)
+    except ConfigError as err:
+        print(f"raypipe: config error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except NotImplementedStage as err:
+        print(f"raypipe {err}: not implemented yet (this stage is planned; see the project's issues)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("raypipe: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one readable line unless --verbose
+        from raypipe.ids import MissingSecretError
+
+        if args.verbose:
+            raise
+        kind = "" if isinstance(err, (MissingSecretError, FileNotFoundError, ValueError)) else f"{type(err).__name__}: "
+        print(f"raypipe {args.command}: {kind}{err}", file=sys.stderr)
+        print("(run again with --verbose for the full traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
