@@ -29,3 +29,25 @@ def ray_session():
     ctx.execution_options.preserve_order = True
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def clinical_cohort(tmp_path_factory):
+    """A small synthetic clinical cohort (12 patients, 10 slices of 32x32) written once per session.
+
+    Returns (cohort_dir, truth_summary). Treat it as read-only.
+    """
+    from raypipe.synth.clinical import write_clinical_cohort
+
+    out = str(tmp_path_factory.mktemp("cohort") / "clinical")
+    summary = write_clinical_cohort(out, n=12, seed=0, slices=10, image_size=32)
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def regions_cohort(tmp_path_factory):
+    """A small synthetic regions cohort (8 regions, 64x64 scenes). Returns (dir, summary)."""
+    from raypipe.synth.regions import write_regions_cohort
+
+    out = str(tmp_path_factory.mktemp("cohort") / "regions")
+    return out, write_regions_cohort(out, n=8, seed=0, scene_size=64)
