@@ -194,14 +194,21 @@ def _run_stage(name: str, cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_demo(cfg: Config) -> int:
-    """Run every built stage on the demo cohort; report the ones that are not built yet."""
+PIPELINE_STEPS = ("ingest", "embed", "train", "infer", "report")
+
+
+def run_pipeline(cfg: Config, steps: tuple[str, ...] = PIPELINE_STEPS, methods: tuple[str, ...] | None = None,
+                 title: str = "pipeline") -> int:
+    """Run ``steps`` in order; report the ones that are not built yet instead of failing.
+
+    ``methods``: the fusion methods to train (default: ``train.method``).
+    """
     from raypipe.runtime import init_ray
 
-    steps = ["synth", "ingest", "embed", "train", "infer", "report"]
+    methods = methods or (cfg.train.method,)
     done, pending = [], []
     t_all = time.perf_counter()
-    print(f"raypipe demo: output under {os.path.abspath(cfg.run.out_dir)}")
+    print(f"raypipe {title}: output under {os.path.abspath(cfg.run.out_dir)}")
     for step in steps:
         try:
             func = resolve_stage(step)
@@ -215,23 +222,26 @@ def run_demo(cfg: Config) -> int:
             init_ray(cfg)
         t0 = time.perf_counter()
         if step == "train":
-            results = {}
-            for method in ("omnifuse", "concat"):
-                results[method] = func(cfg.model_copy(update={"train": cfg.train.model_copy(update={"method": method})}))
-            result = results
+            result = {m: func(cfg.model_copy(update={"train": cfg.train.model_copy(update={"method": m})}))
+                      for m in methods}
         else:
             result = func(cfg)
-        _print_result(f"demo step {step} ({time.perf_counter() - t0:.1f}s)", result)
+        _print_result(f"{title} step {step} ({time.perf_counter() - t0:.1f}s)", result)
         if isinstance(result, dict) and result.get("ok") is False:
-            print(f"demo stopped: step {step} reported a failure (see above)", file=sys.stderr)
+            print(f"{title} stopped: step {step} reported a failure (see above)", file=sys.stderr)
             return EXIT_FAILED
         done.append(step)
-    print(f"\nraypipe demo finished in {time.perf_counter() - t_all:.1f}s")
+    print(f"\nraypipe {title} finished in {time.perf_counter() - t_all:.1f}s")
     print(f"  stages run: {', '.join(done) or 'none'}")
     if pending:
         print(f"  not implemented yet: {', '.join(pending)} (see the project's open issues)")
     print(f"  outputs: {os.path.abspath(cfg.run.out_dir)}")
     return EXIT_OK
+
+
+def run_demo(cfg: Config) -> int:
+    """The README's main command: synthesise the demo cohort, then run every stage on it."""
+    return run_pipeline(cfg, ("synth",) + PIPELINE_STEPS, methods=("omnifuse", "concat"), title="demo")
 
 
 def main(argv: list[str] | None = None) -> int:
