@@ -69,3 +69,13 @@ def test_stage_paths_chain():
     assert cfg.records_dir == "/x/records" and cfg.embed_input == "/x/records"
     assert cfg.embeddings_dir == "/x/embeddings" and cfg.train_input == "/x/embeddings"
     assert cfg.train_dir() == "/x/train/omnifuse"
+
+
+def test_every_shipped_config_validates():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert {f.name for f in files} >= {"demo.yaml", "icu.yaml", "lung.yaml", "regions.yaml"}
+    for f in files:
+        load_config(f)
