@@ -96,7 +96,10 @@ def table_to_arrays(table: pa.Table, modalities: Sequence[str], shapes: dict[str
         masks.append(mask)
     out["mask"] = np.stack(masks, axis=1) if masks else np.zeros((n, 0), bool)
     labels = [table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in label_columns]
-    out["y"] = labels[0] if len(labels) == 1 else np.stack(labels, axis=1)
+    if not labels:  # inference: no labels needed
+        out["y"] = np.full(n, np.nan)
+    else:
+        out["y"] = labels[0] if len(labels) == 1 else np.stack(labels, axis=1)
     return out
 
 

@@ -1,0 +1,228 @@
+"""OmniFuse (METHOD.md section 1): cascade residual-autoencoder imputation (IMP), Dynamic
+Weighted Fuse (DWFuse) and Traceable Laziness Activation (TLA).
+
+Every component has a switch (``OmniFuseConfig``) so the ablation rows of the
+paper's Table 4 are configs (docs/fusion.md):
+
+====  =========================================  ==========================================
+row   components                                 config
+====  =========================================  ==========================================
+a     concat baseline                            ``train.method=concat``
+b     DWFuse                                     imp_forward/imp_backward/tla off
+c     DWFuse + TLA                               imp_forward/imp_backward off
+d     DWFuse + TLA + IMP forward                 imp_backward off
+e     DWFuse + TLA + IMP forward + backward      all on (default)
+f     IMP + TLA without DWFuse (joint head only) use_dwfuse off
+====  =========================================  ==========================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from raypipe.fusion.base import (FusionMethod, MethodInfo, ModalitySpec, down_weighting, mlp, nonempty_subsets,
+                                 per_sample_loss, predicted_target, probabilities, true_value_probability)
+
+LATENT_DIM = 64
+
+
+class ResidualAutoencoder(nn.Module):
+    """RA_k: MD -> 256 -> 128 -> 64 (latent c_k) -> 128 -> 256 -> MD (delta_k)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(width, 256), nn.LeakyReLU(), nn.Linear(256, 128), nn.LeakyReLU(),
+                                     nn.Linear(128, LATENT_DIM))
+        self.decoder = nn.Sequential(nn.Linear(LATENT_DIM, 128), nn.ReLU(), nn.Linear(128, 256), nn.ReLU(),
+                                     nn.Linear(256, width))
+
+    def forward(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.encoder(v)
+        return self.decoder(c), c
+
+
+class CascadeResidualAutoencoder(nn.Module):
+    """R residual autoencoders in cascade (paper Eq. 4-5).
+
+    delta_1 = RA_1(v); delta_k = RA_k(v + delta_1 + ... + delta_{k-1}); output v + sum_k delta_k.
+    """
+
+    def __init__(self, width: int, depth: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResidualAutoencoder(width) for _ in range(depth))
+
+    def forward(self, v: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        total = torch.zeros_like(v)
+        latents = []
+        for block in self.blocks:
+            delta, c = block(v + total)
+            total = total + delta
+            latents.append(c)
+        return v + total, latents
+
+
+class OmniFuse(FusionMethod):
+    info = MethodInfo("omnifuse", "imputation", hooks=("on_epoch_end",),
+                      description="CRA imputation + DWFuse + TLA (Wu et al. 2025)")
+
+    def __init__(self, specs: Sequence[ModalitySpec], task: str, n_outputs: int, hidden_dim: int = 128,
+                 depth: int = 5, alpha: float = 0.1, beta: float = 0.5, lambda1: float = 1.0, lambda2: float = 10.0,
+                 lambda3: float = 0.5, use_imp_forward: bool = True, use_imp_backward: bool = True,
+                 use_dwfuse: bool = True, use_tla: bool = True):
+        super().__init__(specs, task, n_outputs, hidden_dim)
+        m, d = len(self.modalities), hidden_dim
+        self.alpha, self.beta = alpha, beta
+        self.lambda1, self.lambda2, self.lambda3 = lambda1, lambda2, lambda3
+        self.use_imp_forward = use_imp_forward
+        self.use_imp_backward = use_imp_backward and use_imp_forward  # backward refines the forward output
+        self.use_dwfuse, self.use_tla = use_dwfuse, use_tla
+        if self.use_imp_forward:
+            self.cra_forward = CascadeResidualAutoencoder(m * d, depth)
+        if self.use_imp_backward:
+            self.cra_backward = CascadeResidualAutoencoder(m * d, depth)
+        self.unimodal_heads = nn.ModuleDict({name: mlp(d, d, n_outputs) for name in self.modalities})
+        joint_in = depth * LATENT_DIM if self.use_imp_forward else m * d
+        self.joint_head = mlp(joint_in, max(64, d), n_outputs)
+        self.lazy_subset: tuple[int, ...] | None = None  # chosen by TLA after each epoch
+        self.last_trace: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ core
+    def impute(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v', joint-head input): forward CRA if on, else identity and concat(h)."""
+        if not self.use_imp_forward:
+            return v, v
+        v_imp, latents = self.cra_forward(v)
+        return v_imp, torch.cat(latents, dim=1)
+
+    def _slices(self, v: torch.Tensor) -> list[torch.Tensor]:
+        d = self.hidden_dim
+        return [v[:, i * d:(i + 1) * d] for i in range(len(self.modalities))]
+
+    def _position_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, M) modality mask -> (B, M*D) position mask."""
+        return mask.repeat_interleave(self.hidden_dim, dim=1).to(torch.float32)
+
+    def joint_logits(self, x: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        v = torch.cat(self.encode(x, mask), dim=1)
+        _, joint_in = self.impute(v)
+        return self.joint_head(joint_in)
+
+    def forward(self, batch: dict, full_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        x, mask, y = batch["x"], batch["mask"], batch.get("y")
+        hs = self.encode(x, mask)
+        v = torch.cat(hs, dim=1)
+        v_imp, joint_in = self.impute(v)
+        logits = self.joint_head(joint_in)
+        out: dict[str, torch.Tensor] = {"logits": logits}
+        if y is None:
+            return out
+        losses: dict[str, torch.Tensor] = {}
+        zero = logits.new_zeros(())
+        # IMP forward: reconstruct the truly-available-but-dropped positions from encoders on the true input
+        if self.use_imp_forward and full_mask is not None:
+            dropped = full_mask & ~mask
+            if dropped.any():
+                with torch.no_grad():
+                    v_full = torch.cat(self.encode(x, full_mask), dim=1)
+                pm = self._position_mask(dropped)
+                losses["imp_forward"] = (((v_imp - v_full) ** 2) * pm).sum() / pm.sum()
+            else:
+                losses["imp_forward"] = zero
+        # IMP backward: a second cascade maps v' back onto the positions the model saw
+        if self.use_imp_backward:
+            v_back, _ = self.cra_backward(v_imp)
+            pm = self._position_mask(mask)
+            losses["imp_backward"] = (((v_back - v.detach()) ** 2) * pm).sum() / pm.sum().clamp_min(1.0)
+        # DWFuse: unimodal heads on the imputed slices, down-weighted by the others' confidence
+        joint = per_sample_loss(logits, y, self.task).mean()
+        if self.use_dwfuse:
+            uni_logits = [self.unimodal_heads[m](s) for m, s in zip(self.modalities, self._slices(v_imp))]
+            uni_loss = torch.stack([per_sample_loss(lg, y, self.task) for lg in uni_logits], dim=1)  # (B, M)
+            with torch.no_grad():
+                q = torch.stack([true_value_probability(lg, y, self.task, float(self.var_y)) for lg in uni_logits], 1)
+                w = down_weighting(q, self.beta)
+            losses["dwfuse"] = (w * uni_loss).mean(dim=1).mean() + self.alpha * joint
+            out["weights"] = w
+        else:
+            losses["dwfuse"] = joint
+        # TLA: the lazy combination seen alone, for every sample that can show it
+        if self.use_tla and self.lazy_subset is not None:
+            lazy = torch.zeros(len(self.modalities), dtype=torch.bool, device=mask.device)
+            lazy[list(self.lazy_subset)] = True
+            rows = (full_mask if full_mask is not None else mask)[:, lazy].all(dim=1)
+            if rows.any():
+                sub_x = {m: t[rows] for m, t in x.items()}
+                sub_mask = lazy.unsqueeze(0).expand(int(rows.sum()), -1)
+                lazy_logits = self.joint_logits(sub_x, sub_mask)
+                losses["tla"] = per_sample_loss(lazy_logits, y[rows], self.task).mean()
+            else:
+                losses["tla"] = zero
+        total = (losses.get("imp_forward", zero) + self.lambda1 * losses.get("imp_backward", zero)
+                 + self.lambda2 * losses["dwfuse"] + self.lambda3 * losses.get("tla", zero))
+        out["loss"] = total
+        out.update({f"loss_{k}": v.detach() for k, v in losses.items()})
+        return out
+
+    # ------------------------------------------------------------------ TLA mining
+    @torch.no_grad()
+    def subset_losses(self, batches, all_reduce=None) -> dict[tuple[int, ...], float]:
+        """d_S for every non-empty subset S: mean CE of the joint head with modalities outside S masked,
+        over the samples that have every modality of S. Sums are all-reduced across workers."""
+        subsets = nonempty_subsets(len(self.modalities))
+        sums = torch.zeros(len(subsets), dtype=torch.float64)
+        counts = torch.zeros(len(subsets), dtype=torch.float64)
+        was_training = self.training
+        self.eval()
+        for batch in batches:
+            x, mask, y = batch["x"], batch["mask"], batch["y"]
+            for j, s in enumerate(subsets):
+                want = torch.zeros(len(self.modalities), dtype=torch.bool, device=mask.device)
+                want[list(s)] = True
+                rows = mask[:, want].all(dim=1)
+                if not rows.any():
+                    continue
+                sub_mask = want.unsqueeze(0).expand(int(rows.sum()), -1)
+                lg = self.joint_logits({m: t[rows] for m, t in x.items()}, sub_mask)
+                sums[j] += per_sample_loss(lg, y[rows], self.task).sum().double().cpu()
+                counts[j] += float(rows.sum())
+        self.train(was_training)
+        if all_reduce is not None:
+            stacked = all_reduce(torch.stack([sums, counts]))
+            sums, counts = stacked[0], stacked[1]
+        return {s: (float(sums[j] / counts[j]) if counts[j] > 0 else float("-inf")) for j, s in enumerate(subsets)}
+
+    def on_epoch_end(self, ctx) -> dict[str, Any] | None:
+        if not self.use_tla:
+            return None
+        d = self.subset_losses(ctx.train_batches(), ctx.all_reduce)
+        self.lazy_subset = max(d, key=lambda s: (d[s], -len(s)))  # argmax (ties: the smaller subset)
+        name = lambda s: "+".join(self.modalities[i] for i in s)  # noqa: E731
+        self.last_trace = {"lazy": name(self.lazy_subset), "d": {name(s): v for s, v in d.items()}}
+        return {"tla": self.last_trace}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"lazy_subset": list(self.lazy_subset) if self.lazy_subset is not None else None}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        lazy = state.get("lazy_subset")
+        self.lazy_subset = tuple(lazy) if lazy is not None else None
+
+    # ------------------------------------------------------------------ traceability
+    @torch.no_grad()
+    def predict_with_trace(self, x: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        v = torch.cat(self.encode(x, mask), dim=1)
+        v_imp, joint_in = self.impute(v)
+        logits = self.joint_head(joint_in)
+        out = {"probabilities": probabilities(logits, self.task)}
+        uni = [self.unimodal_heads[m](s) for m, s in zip(self.modalities, self._slices(v_imp))]
+        target = predicted_target(logits, self.task)
+        q = torch.stack([true_value_probability(lg, target, self.task, float(self.var_y)) for lg in uni], dim=1)
+        w = down_weighting(q, self.beta)
+        for i, m in enumerate(self.modalities):
+            out[f"prob_{m}"] = probabilities(uni[i], self.task)
+            out[f"weight_{m}"] = w[:, i]
+            out[f"imputed_{m}"] = ~mask[:, i] if self.use_imp_forward else torch.zeros_like(mask[:, i])
+        return out
