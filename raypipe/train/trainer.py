@@ -1,0 +1,332 @@
+"""Ray Train V2 shell around the framework-free loop: `raypipe train`.
+
+Flow (docs/train.md)::
+
+    embeddings table --split (patient-grouped, stratified)--> train / val / test
+    TorchTrainer(workers x [build method, DDP, loop.train_epoch, validate, report+checkpoint])
+    best checkpoint --> test evaluation on the driver --> run dir
+
+The run directory holds everything later steps need: ``split.parquet``,
+``model.pt`` + ``model_meta.json`` (method, modalities, shapes, task, embedding
+spec), ``history.json`` (per epoch, incl. the TLA trace), ``metrics.json`` and
+``predictions_test.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raypipe.config import Config
+from raypipe.train.splits import holdout_mask
+from raypipe.train.tables import EmbeddingTable, infer_task, read_embeddings, table_to_arrays
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+META_FILE = "model_meta.json"
+STATE_FILE = "train_state.pt"
+
+
+# ----------------------------------------------------------------------------- splits
+def assign_splits(table: EmbeddingTable, cfg: Config) -> np.ndarray:
+    """"train"/"val"/"test" per row: test from the table's split column (fixed at ingest) or a
+    grouped stratified holdout; val carved from the rest the same way. Seeded by run.seed."""
+    seed = cfg.run.seed
+    if table.split is not None and np.isin(table.split, ["test"]).any():
+        test = table.split == "test"
+    else:
+        test = holdout_mask(table.sample_id, table.y, fraction=cfg.ingest.test_fraction, seed=seed)
+    split = np.where(test, "test", "train").astype(object)
+    rest = np.flatnonzero(~test)
+    val = holdout_mask(table.sample_id[rest], table.y[rest], fraction=cfg.train.val_fraction, seed=seed + 1)
+    split[rest[val]] = "val"
+    return split.astype(str)
+
+
+# ----------------------------------------------------------------------------- tensors
+def arrays_to_torch(arrays: dict[str, np.ndarray], modalities: list[str], task: str, device=None) -> dict:
+    """{"x_<m>", "mask", "y"} numpy -> the fusion batch {"x": {m: T}, "mask": T, "y": T}."""
+    import torch
+
+    x = {m: torch.as_tensor(np.ascontiguousarray(arrays[f"x_{m}"]), dtype=torch.float32, device=device)
+         for m in modalities}
+    y = arrays["y"]
+    y_t = torch.as_tensor(y, dtype=torch.long if task == "multiclass" else torch.float32, device=device)
+    return {"x": x, "mask": torch.as_tensor(arrays["mask"], dtype=torch.bool, device=device), "y": y_t}
+
+
+def model_meta(cfg: Config, table: EmbeddingTable, task: str, n_outputs: int) -> dict:
+    return {
+        "method": cfg.train.method,
+        "modalities": table.modalities,
+        "shapes": {m: list(s) for m, s in table.shapes.items()},
+        "task": task,
+        "n_outputs": n_outputs,
+        "label_columns": table.label_columns,
+        "embedding_spec": table.spec,
+        "train_config": cfg.train.model_dump(mode="json"),
+        "seed": cfg.run.seed,
+        "var_y": float(np.nanvar(table.y)) if task == "regression" else 1.0,
+    }
+
+
+def build_from_meta(meta: dict):
+    """Rebuild the (untrained) fusion method described by ``model_meta.json``."""
+    from raypipe.config import TrainConfig
+    from raypipe.fusion.registry import build_method
+    from raypipe.fusion.base import ModalitySpec
+
+    specs = [ModalitySpec(m, tuple(meta["shapes"][m])) for m in meta["modalities"]]
+    return build_method(meta["method"], specs, meta["task"], meta["n_outputs"],
+                        TrainConfig.model_validate(meta["train_config"]))
+
+
+def load_trained(run_dir: str):
+    """(method in eval mode, meta) from a run directory or a checkpoint directory."""
+    import torch
+
+    with open(os.path.join(run_dir, META_FILE)) as fh:
+        meta = json.load(fh)
+    method = build_from_meta(meta)
+    state = torch.load(os.path.join(run_dir, MODEL_FILE), map_location="cpu", weights_only=True)
+    method.load_state_dict(state)
+    method.eval()
+    return method, meta
+
+
+# ----------------------------------------------------------------------------- worker loop
+def _all_gather(obj):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _all_reduce_sum(tensor):
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: the same loop as `loop.fit`, fed by dataset shards."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from raypipe.train import loop
+    from raypipe.train import metrics as M
+
+    meta = config["meta"]
+    tc = meta["train_config"]
+    modalities, task = meta["modalities"], meta["task"]
+    shapes = {m: tuple(s) for m, s in meta["shapes"].items()}
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(meta["seed"] + rank)
+    np.random.seed(meta["seed"] + rank)
+    device = ray.train.torch.get_device()
+
+    method = build_from_meta(meta)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+    start_epoch, history, best, since_best = 0, [], -np.inf, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # resume after a failure: same state as when the checkpoint was taken
+        with ckpt.as_directory() as d:
+            method.load_state_dict(torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True))
+            st = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+            optimizer.load_state_dict(st["optimizer"])
+            start_epoch, history, best, since_best = st["epoch"] + 1, st["history"], st["best"], st["since_best"]
+            if st.get("method_state") is not None:
+                method.load_extra_state(st["method_state"])
+        log.info("worker %d resumed from epoch %d", rank, start_epoch)
+    # Some parameters sit out some steps (e.g. OmniFuse's TLA view, G-Blend's heads): let DDP know.
+    model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"find_unused_parameters": True})
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, tc["epochs"]))
+    for _ in range(start_epoch):
+        scheduler.step()
+    label_columns = meta["label_columns"]
+
+    def batches(name: str, shuffle_seed: int | None):
+        shard = ray.train.get_dataset_shard(name)
+        kwargs = {}
+        if shuffle_seed is not None:
+            kwargs = {"local_shuffle_buffer_size": 4 * tc["batch_size"], "local_shuffle_seed": shuffle_seed}
+        for b in shard.iter_batches(batch_size=tc["batch_size"], batch_format="pyarrow", **kwargs):
+            yield arrays_to_torch(table_to_arrays(b, modalities, shapes, label_columns), modalities, task, device)
+
+    hook_ctx = loop.HookContext(all_reduce=_all_reduce_sum, world_size=ctx.get_world_size(), rank=rank,
+                                train_batches=lambda: batches("train", None), val_batches=lambda: batches("val", None),
+                                p_drop=tc["p_drop"], seed=meta["seed"])
+    if task == "regression":
+        method.set_label_variance(meta.get("var_y", 1.0))
+    main = M.main_metric_name(task)
+    for epoch in range(start_epoch, tc["epochs"]):
+        t0 = time.perf_counter()
+        stats = loop.train_epoch(model, batches("train", meta["seed"] * 1000 + epoch), optimizer, hook_ctx, epoch)
+        scheduler.step()
+        y_val, p_val = loop.predict_arrays(model, batches("val", None))
+        gathered = _all_gather((y_val, p_val))
+        y_all = np.concatenate([g[0] for g in gathered])
+        p_all = np.concatenate([g[1] for g in gathered])
+        val = M.compute_metrics(task, y_all, p_all)
+        score = float(val.get(main, np.nan))
+        improved = score > best + 1e-6
+        if improved:
+            best, since_best = score, 0
+        else:
+            since_best += 1
+        record = {"epoch": epoch + 1, "seconds": time.perf_counter() - t0,
+                  **{f"train_{k}": v for k, v in stats.items() if isinstance(v, (int, float))},
+                  **{f"val_{k}": v for k, v in val.items()}}
+        if "tla" in stats:
+            record["tla"] = stats["tla"]
+        history.append(record)
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        metrics["best_val"] = best
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                unwrapped = model.module if hasattr(model, "module") else model
+                torch.save(unwrapped.state_dict(), os.path.join(tmp, MODEL_FILE))
+                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "history": history, "best": best,
+                            "since_best": since_best, "method_state": unwrapped.extra_state()},
+                           os.path.join(tmp, STATE_FILE))
+                with open(os.path.join(tmp, META_FILE), "w") as fh:
+                    json.dump({**meta, "epoch": epoch + 1, "val": val}, fh, indent=2, default=float)
+                with open(os.path.join(tmp, "history.json"), "w") as fh:
+                    json.dump(history, fh, indent=2, default=float)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+        if since_best >= tc["patience"]:  # same decision on every worker: the metric was all-gathered
+            break
+
+
+# ----------------------------------------------------------------------------- driver
+def _dataset_for(path: str, ids: set[str]):
+    import ray.data
+
+    wanted = pa.array(sorted(ids))
+
+    def keep(batch: pa.Table) -> pa.Table:
+        import pyarrow.compute as pc
+
+        return batch.filter(pc.is_in(batch.column("sample_id"), value_set=wanted))
+
+    return ray.data.read_parquet(path).map_batches(keep, batch_format="pyarrow", zero_copy_batch=True)
+
+
+def fit_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: set[str], name: str,
+                      storage_path: str):
+    """Build and fit the V2 ``TorchTrainer`` for one training run; returns Ray Train's ``Result``.
+
+    Also the unit of work of a Tune trial's fold (``raypipe.tune.search``): Tune's function
+    trainable calls this, never passes a trainer to the ``Tuner``.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raypipe.train import metrics as M
+
+    main = M.main_metric_name(meta["task"])
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"meta": meta},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=f"val_{main}",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=2)),
+        datasets={"train": _dataset_for(cfg.train_input, train_ids),
+                  "val": _dataset_for(cfg.train_input, val_ids)},
+    )
+    return trainer.fit()
+
+
+def run_train(cfg: Config) -> dict:
+    """Train ``cfg.train.method`` with Ray Train V2 and evaluate the best checkpoint on the test split."""
+    from raypipe.runtime import init_ray
+    from raypipe.train.evaluate import evaluate_test
+
+    rctx = init_ray(cfg)
+    table = read_embeddings(cfg.train_input, cfg.ingest.label_columns)
+    task, n_outputs = infer_task(table.y, cfg.train.task)
+    split = assign_splits(table, cfg)
+    run_dir = cfg.train_dir()
+    os.makedirs(run_dir, exist_ok=True)
+    meta = model_meta(cfg, table, task, n_outputs)
+    pa_split = pa.table({"sample_id": table.sample_id, "split": split})
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa_split, os.path.join(run_dir, "split.parquet"))
+    ids = {s: set(table.sample_id[split == s]) for s in ("train", "val", "test")}
+    log.info("train %s on %d/%d/%d samples (train/val/test), task %s, modalities %s", cfg.train.method,
+             len(ids["train"]), len(ids["val"]), len(ids["test"]), task, table.modalities)
+
+    from raypipe.train import metrics as M
+
+    main = M.main_metric_name(task)
+    name = f"{cfg.run.name}-{cfg.train.method}"
+    t0 = time.perf_counter()
+    result = fit_torch_trainer(cfg, meta, ids["train"], ids["val"], name, rctx.results_dir)
+    fit_seconds = time.perf_counter() - t0
+    best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
+    if best is None:
+        raise RuntimeError(f"training produced no checkpoint (see {rctx.results_dir}/{name})")
+    with best.as_directory() as d:
+        for f in (MODEL_FILE, META_FILE):
+            shutil.copy(os.path.join(d, f), os.path.join(run_dir, f))
+    if result.checkpoint is not None:  # the full history lives in the last checkpoint
+        with result.checkpoint.as_directory() as d:
+            shutil.copy(os.path.join(d, "history.json"), os.path.join(run_dir, "history.json"))
+
+    method, _ = load_trained(run_dir)
+    test = table.take(split == "test")
+    from raypipe.train import loop
+
+    predict_fn = loop.make_predict_fn(method, task)
+    groups = {k: v for k, v in test.groups.items() if k in cfg.ingest.group_columns}
+    test_metrics, natural = evaluate_test(predict_fn, test.x, test.mask, test.y, task, table.modalities, groups,
+                                          seed=cfg.run.seed, gap_threshold=cfg.report.subgroup_gap_threshold)
+    metrics_doc = {"method": cfg.train.method, "task": task, "modalities": table.modalities, "main_metric": main,
+                   "n": {k: len(v) for k, v in ids.items()}, "fit_seconds": fit_seconds, "test": test_metrics}
+    with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
+        json.dump(metrics_doc, fh, indent=2, default=float)
+    _write_test_predictions(os.path.join(run_dir, "predictions_test.parquet"), test, natural)
+    from raypipe.config import dump_config
+
+    with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
+        fh.write(dump_config(cfg))
+    return {"ok": True, "method": cfg.train.method, "run_dir": os.path.abspath(run_dir),
+            f"test_{main}": test_metrics["natural"].get(main), "fit_seconds": round(fit_seconds, 1),
+            "epochs": len(json.load(open(os.path.join(run_dir, "history.json"))))}
+
+
+def _write_test_predictions(path: str, test: EmbeddingTable, natural: dict[str, Any]) -> None:
+    import pyarrow.parquet as pq
+
+    cols: dict[str, Any] = {"sample_id": test.sample_id}
+    y = test.y
+    cols["label"] = y if y.ndim == 1 else list(y)
+    cols["probabilities"] = list(np.asarray(natural["probabilities"], np.float32))
+    for k, v in natural.items():
+        if k.startswith("weight_") or k.startswith("imputed_"):
+            cols[k] = np.asarray(v)
+    for i, m in enumerate(test.modalities):
+        cols[f"mask_{m}"] = test.mask[:, i]
+    pq.write_table(pa.table(cols), path)
