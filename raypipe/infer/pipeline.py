@@ -1,0 +1,141 @@
+"""Batch inference on Ray Data: `raypipe infer`.
+
+An actor pool of :class:`Predictor` (model loaded once per actor) maps the
+embeddings table to the predictions table (``raypipe.schema.predictions_schema``):
+prediction, joint probabilities, per-modality probabilities, label-free
+reliability weights and which modalities were imputed. Any missing pattern is
+fine: absent modalities are imputed by the model (OmniFuse) or masked out.
+The run refuses an input whose modalities or embedding spec differ from the
+ones the model was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from raypipe.config import Config
+from raypipe.schema import EMBEDDING_SPEC_KEY, predictions_schema, read_json_metadata
+
+log = logging.getLogger(__name__)
+
+
+class SpecMismatchError(ValueError):
+    """The input embeddings were not made the way the model's training embeddings were."""
+
+
+def check_compatible(meta: dict, schema: pa.Schema) -> None:
+    """Raise :class:`SpecMismatchError` unless ``schema`` carries the model's modalities and embedding spec."""
+    from raypipe.train.tables import modality_shapes
+
+    shapes = modality_shapes(schema)
+    want = {m: tuple(s) for m, s in meta["shapes"].items()}
+    missing = [m for m in want if m not in shapes]
+    if missing:
+        raise SpecMismatchError(f"input lacks modalities {missing} the model was trained on "
+                                f"(model: {sorted(want)}, input: {sorted(shapes)})")
+    for m, s in want.items():
+        if tuple(shapes[m]) != s:
+            raise SpecMismatchError(f"modality {m}: input embedding shape {list(shapes[m])} != model's {list(s)}")
+    spec = read_json_metadata(schema, EMBEDDING_SPEC_KEY) or {}
+    trained = meta.get("embedding_spec") or {}
+    for m in want:
+        a = {k: v for k, v in (trained.get("modalities", {}).get(m) or {}).items() if k != "shape"}
+        b = {k: v for k, v in (spec.get("modalities", {}).get(m) or {}).items() if k != "shape"}
+        if a and b and a != b:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise SpecMismatchError(f"modality {m}: embedding spec differs from training in {diff} "
+                                    f"(trained {[a.get(k) for k in diff]}, input {[b.get(k) for k in diff]}); "
+                                    "re-embed the input with the training embedding config")
+
+
+class Predictor:
+    """Ray Data callable class: loads the trained model once, predicts Arrow batches."""
+
+    def __init__(self, run_dir: str):
+        import torch
+
+        from raypipe.train import loop
+        from raypipe.train.trainer import load_trained
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.method, self.meta = load_trained(run_dir)
+        self.modalities = self.meta["modalities"]
+        self.shapes = {m: tuple(s) for m, s in self.meta["shapes"].items()}
+        self.predict = loop.make_predict_fn(self.method, self.meta["task"])
+        self.schema = predictions_schema(self.modalities, self.meta["n_outputs"])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from raypipe.train.tables import table_to_arrays
+
+        arrays = table_to_arrays(batch, self.modalities, self.shapes, [])
+        out = self.predict({m: arrays[f"x_{m}"] for m in self.modalities}, arrays["mask"])
+        return predictions_table(batch.column("sample_id"), out, self.modalities, self.meta["task"], self.schema)
+
+
+def predictions_table(sample_id, out: dict[str, np.ndarray], modalities, task: str, schema: pa.Schema) -> pa.Table:
+    """Assemble the predictions table from the model's traced outputs."""
+    probs = np.asarray(out["probabilities"], np.float32)
+    k = probs.shape[1]
+    if task == "regression":
+        prediction = probs[:, 0].astype(np.float64)
+    elif task == "multilabel":
+        prediction = (probs >= 0.5).astype(np.float64) @ (2.0 ** np.arange(k))  # label bitmask
+    else:
+        prediction = probs.argmax(axis=1).astype(np.float64)
+
+    def fixed(a):
+        a = np.asarray(a, np.float32).reshape(len(probs), k)
+        return pa.FixedSizeListArray.from_arrays(pa.array(a.ravel()), k)
+
+    cols = {"sample_id": sample_id, "prediction": pa.array(prediction), "probabilities": fixed(probs)}
+    n = len(probs)
+    for m in modalities:
+        cols[f"prob_{m}"] = fixed(out.get(f"prob_{m}", np.full((n, k), np.nan)))
+        cols[f"weight_{m}"] = pa.array(np.asarray(out.get(f"weight_{m}", np.full(n, np.nan)), np.float32))
+        cols[f"imputed_{m}"] = pa.array(np.asarray(out.get(f"imputed_{m}", np.zeros(n, bool)), bool))
+    return pa.table(cols, schema=schema)
+
+
+def run_infer(cfg: Config) -> dict:
+    """Predict every sample of ``infer.input`` (an embeddings table) with the run in ``infer.checkpoint``."""
+    import pyarrow.dataset as pads
+    import ray.data
+
+    from raypipe.runtime import cluster_resources, init_ray
+
+    init_ray(cfg)
+    run_dir = cfg.infer.checkpoint or cfg.train_dir()
+    if not os.path.isfile(os.path.join(run_dir, "model_meta.json")):
+        raise FileNotFoundError(f"{run_dir} is not a trained run (no model_meta.json): run `raypipe train` "
+                                "first or pass --checkpoint RUN_DIR")
+    with open(os.path.join(run_dir, "model_meta.json")) as fh:
+        meta = json.load(fh)
+    src = cfg.infer.input or cfg.embeddings_dir
+    if os.path.isfile(os.path.join(src, "manifest.csv")):
+        raise NotImplementedError("raw-cohort input (ingest -> embed -> predict in one pipeline) is not built yet: "
+                                  "run `raypipe ingest` and `raypipe embed` first and pass the embeddings directory")
+    check_compatible(meta, pads.dataset(src, format="parquet").schema)
+    out = cfg.infer.out or cfg.path("predictions")
+    res = cluster_resources()
+    pool = cfg.infer.pool_size or max(1, int(res["CPU"]) - 1)  # leave a CPU for the read tasks
+    t0 = time.perf_counter()
+    ds = ray.data.read_parquet(src).map_batches(
+        Predictor, fn_constructor_kwargs={"run_dir": os.path.abspath(run_dir)}, batch_size=cfg.infer.batch_size,
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=1)
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # Sorted by id and written by Ray Data: nothing is collected on the driver.
+    ds.sort("sample_id").write_parquet(tmp)
+    rows = pads.dataset(tmp, format="parquet").count_rows()
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    seconds = time.perf_counter() - t0
+    return {"ok": True, "predictions": os.path.abspath(out), "rows": rows, "seconds": round(seconds, 2),
+            "predictions_per_second": round(rows / max(seconds, 1e-9), 1)}
