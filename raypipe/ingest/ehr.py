@@ -1,0 +1,197 @@
+"""EHR time series -> fixed (T, 76) tensors, the MIMIC-III benchmark layout (docs/ingest.md).
+
+Input: long format (``stay_id, charttime, variable, value``) or the benchmark's wide
+per-stay CSV (``Hours`` plus one column per variable). Steps of ``step_hours`` over the
+first ``window_hours`` (2 h x 24 by default); the last value in a step wins, an empty
+step carries the previous value forward, a never-observed channel takes the normal
+value. 12 continuous channels + one-hot categoricals (2 + 8 + 12 + 13 + 12) + 17
+observation masks = 76 features. Continuous channels are standardised with statistics
+fitted on the training split only (:func:`fit_normalisation`), applied unchanged elsewhere.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from raypipe.ingest.common import DecodeError
+
+#: (variable, normal value) in the benchmark's (alphabetical) channel order
+VARIABLES: list[tuple[str, Any]] = [
+    ("Capillary refill rate", "0.0"),
+    ("Diastolic blood pressure", 59.0),
+    ("Fraction inspired oxygen", 0.21),
+    ("Glascow coma scale eye opening", "4 Spontaneously"),
+    ("Glascow coma scale motor response", "6 Obeys Commands"),
+    ("Glascow coma scale total", "15"),
+    ("Glascow coma scale verbal response", "5 Oriented"),
+    ("Glucose", 128.0),
+    ("Heart Rate", 86.0),
+    ("Height", 170.0),
+    ("Mean blood pressure", 77.0),
+    ("Oxygen saturation", 98.0),
+    ("Respiratory rate", 19.0),
+    ("Systolic blood pressure", 118.0),
+    ("Temperature", 36.6),
+    ("Weight", 81.0),
+    ("pH", 7.4),
+]
+
+#: one-hot columns of each categorical variable (the benchmark's value lists)
+CATEGORIES: dict[str, list[str]] = {
+    "Capillary refill rate": ["0.0", "1.0"],
+    "Glascow coma scale eye opening": ["To Pain", "3 To speech", "1 No Response", "4 Spontaneously", "None",
+                                       "To Speech", "Spontaneously", "2 To pain"],
+    "Glascow coma scale motor response": ["1 No Response", "3 Abnorm flexion", "Abnormal extension", "No response",
+                                          "4 Flex-withdraws", "Localizes Pain", "Flex-withdraws", "Obeys Commands",
+                                          "Abnormal Flexion", "6 Obeys Commands", "5 Localizes Pain",
+                                          "2 Abnorm extensn"],
+    "Glascow coma scale total": ["11", "10", "13", "12", "15", "14", "3", "5", "4", "7", "6", "9", "8"],
+    "Glascow coma scale verbal response": ["1 No Response", "No Response", "Confused", "Inappropriate Words",
+                                           "Oriented", "No Response-ETT", "5 Oriented", "Incomprehensible sounds",
+                                           "1.0 ET/Trach", "4 Confused", "2 Incomp sounds", "3 Inapprop words"],
+}
+
+#: score of a GCS text without a numeric prefix (used to map spellings the list lacks)
+GCS_SCORES: dict[str, dict[str, int]] = {
+    "Glascow coma scale eye opening": {"no response": 1, "none": 1, "to pain": 2, "to speech": 3,
+                                       "spontaneously": 4},
+    "Glascow coma scale motor response": {"no response": 1, "abnormal extension": 2, "abnorm extensn": 2,
+                                          "abnormal flexion": 3, "abnorm flexion": 3, "flex-withdraws": 4,
+                                          "localizes pain": 5, "obeys commands": 6},
+    "Glascow coma scale verbal response": {"no response": 1, "no response-ett": 1, "et/trach": 1,
+                                           "incomprehensible sounds": 2, "incomp sounds": 2,
+                                           "inappropriate words": 3, "inapprop words": 3, "confused": 4,
+                                           "oriented": 5},
+}
+
+CONTINUOUS = [v for v, normal in VARIABLES if v not in CATEGORIES]
+N_FEATURES = sum(len(CATEGORIES[v]) if v in CATEGORIES else 1 for v, _ in VARIABLES) + len(VARIABLES)
+assert N_FEATURES == 76
+
+
+def _layout() -> tuple[dict[str, int], list[int]]:
+    start, col = {}, 0
+    cont_cols = []
+    for v, _ in VARIABLES:
+        start[v] = col
+        if v in CATEGORIES:
+            col += len(CATEGORIES[v])
+        else:
+            cont_cols.append(col)
+            col += 1
+    return start, cont_cols
+
+
+START, CONTINUOUS_COLUMNS = _layout()
+MASK_OFFSET = N_FEATURES - len(VARIABLES)
+
+
+def category_index(variable: str, value: str) -> int | None:
+    """Column of ``value`` within ``variable``'s one-hot block (exact, case-insensitive, or by GCS score)."""
+    cats = CATEGORIES[variable]
+    text = str(value).strip()
+    lower = [c.lower() for c in cats]
+    if text.lower() in lower:
+        return lower.index(text.lower())
+    try:  # numeric spellings such as "15.0" or "1"
+        num = float(text)
+        for cand in (f"{num:.1f}", str(int(num))):
+            if cand in cats:
+                return cats.index(cand)
+    except ValueError:
+        pass
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(.*)$", text)
+    score = int(float(m.group(1))) if m and m.group(2) else None
+    if score is None:
+        score = GCS_SCORES.get(variable, {}).get(text.lower())
+    if score is None:
+        return None
+    for i, c in enumerate(cats):  # the listed spelling carrying this score
+        cm = re.match(r"^(\d+)", c)
+        if cm and int(cm.group(1)) == score:
+            return i
+    return None
+
+
+def read_events(path: str):
+    """Long-format events (hours since the first event, variable, value) from either layout."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, dtype=str)
+    except Exception as err:
+        raise DecodeError("BadCSV", f"cannot read the EHR CSV: {type(err).__name__}: {err}") from None
+    if {"charttime", "variable", "value"} <= set(df.columns):
+        t = pd.to_datetime(df["charttime"], errors="coerce")
+        if t.isna().all():
+            raise DecodeError("BadCSV", "no parseable charttime")
+        hours = (t - t.min()).dt.total_seconds() / 3600.0
+        ev = pd.DataFrame({"hours": hours, "variable": df["variable"], "value": df["value"]}).dropna()
+    elif "Hours" in df.columns:
+        long = df.melt(id_vars=["Hours"], var_name="variable", value_name="value").dropna()
+        ev = pd.DataFrame({"hours": long["Hours"].astype(float), "variable": long["variable"], "value": long["value"]})
+    else:
+        raise DecodeError("BadCSV", "expected columns (stay_id, charttime, variable, value) or a wide file with Hours")
+    known = {v for v, _ in VARIABLES}
+    ev = ev[ev["variable"].isin(known)]
+    if ev.empty:
+        raise DecodeError("NoEvents", "no events of the 17 benchmark variables")
+    return ev.sort_values("hours", kind="stable")
+
+
+def discretise(path: str, step_hours: float = 2.0, window_hours: float = 48.0) -> tuple[np.ndarray, dict]:
+    """Unstandardised (T, 76) float32 tensor of one stay and meta (unknown category counts)."""
+    ev = read_events(path)
+    T = int(round(window_hours / step_hours))
+    ev = ev[(ev["hours"] >= 0) & (ev["hours"] < window_hours)]
+    raw: dict[str, list] = {v: [None] * T for v, _ in VARIABLES}
+    observed = np.zeros((T, len(VARIABLES)), np.float32)
+    unknown = 0
+    for hours, var, value in zip(ev["hours"].to_numpy(), ev["variable"].to_numpy(), ev["value"].to_numpy()):
+        step = min(int(hours // step_hours), T - 1)
+        if var in CATEGORIES:
+            if category_index(var, value) is None:
+                unknown += 1
+                continue
+        else:
+            try:
+                value = float(value)
+            except ValueError:
+                unknown += 1
+                continue
+        raw[var][step] = value  # events are time-sorted: the last one in the step wins
+        observed[step, [v for v, _ in VARIABLES].index(var)] = 1.0
+    x = np.zeros((T, N_FEATURES), np.float32)
+    for vi, (var, normal) in enumerate(VARIABLES):
+        prev = None
+        for t in range(T):
+            val = raw[var][t] if raw[var][t] is not None else prev
+            prev = val
+            val = normal if val is None else val
+            if var in CATEGORIES:
+                x[t, START[var] + category_index(var, val)] = 1.0
+            else:
+                x[t, START[var]] = float(val)
+    x[:, MASK_OFFSET:] = observed
+    return x, {"steps": T, "step_hours": step_hours, "unknown_values": unknown,
+               "observed_fraction": float(observed.mean())}
+
+
+def fit_normalisation(sums: np.ndarray, sumsq: np.ndarray, count: float) -> dict:
+    """Mean/std of the continuous channels from per-channel sums over training stays' steps."""
+    mean = sums / max(count, 1.0)
+    var = np.maximum(sumsq / max(count, 1.0) - mean**2, 0.0)
+    std = np.sqrt(var)
+    std[std < 1e-6] = 1.0
+    return {"columns": CONTINUOUS_COLUMNS, "mean": mean.tolist(), "std": std.tolist(), "count": float(count)}
+
+
+def standardise(x: np.ndarray, stats: dict) -> np.ndarray:
+    """Apply training-split statistics to the continuous channels (one-hots and masks unchanged)."""
+    out = x.copy()
+    cols = stats["columns"]
+    out[..., cols] = (out[..., cols] - np.asarray(stats["mean"], np.float32)) / np.asarray(stats["std"], np.float32)
+    return out

@@ -1,0 +1,92 @@
+"""What to ingest: the manifest (or folder convention) and the labels, as plain tables.
+
+``manifest.csv``: ``patient_id, modality, format, path`` (path relative to the cohort
+root; one row per file). Without a manifest the folder convention applies::
+
+    <root>/patients/<patient_id>/<modality>/<files>      e.g. patients/P1/ct/*.dcm
+    <root>/patients/<patient_id>/<modality>.<ext>        e.g. patients/P1/report.txt
+
+with the format taken from the extension. ``labels.csv``: ``patient_id, label`` (or the
+configured label columns) plus group columns; an ``age`` column yields ``age_band``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+EXTENSION_FORMATS = {".dcm": "dicom", ".dicom": "dicom", ".nii": "nifti", ".nii.gz": "nifti", ".hdr": "nifti",
+                     ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "geotiff", ".tiff": "geotiff",
+                     ".csv": "csv", ".txt": "text"}
+
+
+def guess_format(path: str) -> str | None:
+    lower = path.lower()
+    for ext in sorted(EXTENSION_FORMATS, key=len, reverse=True):
+        if lower.endswith(ext):
+            return EXTENSION_FORMATS[ext]
+    return None
+
+
+def read_manifest(root: str) -> pd.DataFrame:
+    """The manifest as a DataFrame (patient_id, modality, format, path), sorted; folder convention if absent."""
+    path = os.path.join(root, "manifest.csv")
+    if os.path.isfile(path):
+        df = pd.read_csv(path, dtype=str)
+        missing = {"patient_id", "modality", "path"} - set(df.columns)
+        if missing:
+            raise ValueError(f"{path}: missing columns {sorted(missing)} (need patient_id, modality, format, path)")
+        if "format" not in df.columns:
+            df["format"] = df["path"].map(guess_format)
+        df["format"] = df["format"].fillna(df["path"].map(guess_format))
+    else:
+        base = os.path.join(root, "patients")
+        if not os.path.isdir(base):
+            raise FileNotFoundError(f"{root}: no manifest.csv and no patients/ folder; see docs/ingest.md for the layout")
+        rows = []
+        for pid in sorted(os.listdir(base)):
+            pdir = os.path.join(base, pid)
+            if not os.path.isdir(pdir):
+                continue
+            for entry in sorted(os.listdir(pdir)):
+                full = os.path.join(pdir, entry)
+                if os.path.isdir(full):
+                    for f in sorted(os.listdir(full)):
+                        rows.append((pid, entry, guess_format(f), os.path.relpath(os.path.join(full, f), root)))
+                else:
+                    name = entry.split(".")[0]
+                    rows.append((pid, name, guess_format(entry), os.path.relpath(full, root)))
+        df = pd.DataFrame(rows, columns=["patient_id", "modality", "format", "path"])
+    return df.sort_values(["patient_id", "modality", "path"], kind="stable").reset_index(drop=True)
+
+
+def age_band(age) -> str:
+    try:
+        a = float(age)
+    except (TypeError, ValueError):
+        return "unknown"
+    if np.isnan(a):
+        return "unknown"
+    return "<50" if a < 50 else "50-64" if a < 65 else "65-79" if a < 80 else "80+"
+
+
+def read_labels(root: str, label_columns: list[str], group_columns: list[str]) -> pd.DataFrame:
+    """labels.csv with the configured label and group columns (age_band derived from age)."""
+    path = os.path.join(root, "labels.csv")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{root}: no labels.csv (patient_id, {', '.join(label_columns)}, groups...)")
+    df = pd.read_csv(path, dtype={"patient_id": str})
+    if "age_band" in group_columns and "age_band" not in df.columns and "age" in df.columns:
+        df["age_band"] = df["age"].map(age_band)
+    missing = [c for c in ["patient_id", *label_columns] if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}")
+    for g in group_columns:
+        if g not in df.columns:
+            df[g] = "unknown"
+        df[g] = df[g].astype(str)
+    if df["patient_id"].duplicated().any():
+        raise ValueError(f"{path}: duplicated patient_id rows")
+    return df[["patient_id", *label_columns, *group_columns]]
