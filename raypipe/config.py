@@ -127,6 +127,7 @@ class ImageEmbed(_Section):
     aggregation: Literal["mean", "max", "all"] = "mean"
     #: >3 band images: how to map bands to the model's 3 input channels
     band_projection: Literal["select", "pca", "mean_groups"] = "mean_groups"
+    band_indices: list[int] | None = None  # with band_projection=select: the three bands to use
 
 
 class TextEmbed(_Section):
@@ -146,6 +147,8 @@ class EmbedConfig(_Section):
     pool_size: int | None = None  # actors per model; None = derived from the cluster's resources
     num_gpus_per_actor: float | None = None  # None = 1 if the cluster has GPUs else 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    #: samples per resumable chunk (a crashed run restarts at the first unfinished chunk)
+    chunk_samples: int = Field(4096, ge=1)
 
 
 # ---------------------------------------------------------------------------- train
