@@ -148,8 +148,9 @@ class FusionMethod(nn.Module):
         hs = []
         for i, m in enumerate(self.modalities):
             xi = x[m]
-            keep = mask[:, i].view(-1, *([1] * (xi.dim() - 1))).to(xi.dtype)
-            hs.append(self.encoders[m](xi * keep))
+            present = mask[:, i]
+            keep = present.view(-1, *([1] * (xi.dim() - 1))).to(xi.dtype)
+            hs.append(self.encoders[m](xi * keep, present))
         return hs
 
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

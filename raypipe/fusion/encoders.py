@@ -8,17 +8,50 @@ import torch
 import torch.nn as nn
 
 
+class MaskedStandardize(nn.Module):
+    """Per-feature standardisation with running statistics of the *present* samples only.
+
+    Foundation-model embeddings come at very different scales (a ResNet's pooled features vs a
+    MiniLM's); a per-sample LayerNorm would erase signal carried by a sample's overall level,
+    and batch statistics would be polluted by the zeros of absent modalities. Training updates
+    the running mean/variance from present rows (momentum 0.1), then every row is standardised
+    with the running values, so training and inference see the same transform.
+    """
+
+    def __init__(self, d: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("var", torch.ones(d))
+        self.register_buffer("seen", torch.tensor(False))
+
+    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        if self.training:
+            rows = x if present is None else x[present]
+            if rows.shape[0] >= 2:
+                with torch.no_grad():
+                    m, v = rows.mean(0), rows.var(0, unbiased=False)
+                    if not bool(self.seen):
+                        self.mean.copy_(m)
+                        self.var.copy_(v)
+                        self.seen.fill_(True)
+                    else:
+                        self.mean.lerp_(m, self.momentum)
+                        self.var.lerp_(v, self.momentum)
+        return (x - self.mean) / torch.sqrt(self.var + self.eps)
+
+
 class VectorEncoder(nn.Module):
-    """MLP for a pooled image/text embedding: (B, d) -> (B, D)."""
+    """MLP for a pooled image/text embedding: (B, d) -> (B, D), on standardised inputs."""
 
     def __init__(self, d_in: int, d_out: int, dropout: float = 0.1):
         super().__init__()
         hidden = max(d_out, min(256, d_in))
-        self.net = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, d_out))
+        self.norm = MaskedStandardize(d_in)
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, d_out))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(self.norm(x, present))
 
 
 class SequenceEncoder(nn.Module):
@@ -29,7 +62,7 @@ class SequenceEncoder(nn.Module):
         self.lstm = nn.LSTM(n_features, hidden, num_layers=layers, batch_first=True, dropout=dropout)
         self.proj = nn.Linear(hidden, d_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         out, _ = self.lstm(x)
         return self.proj(out[:, -1])
 
