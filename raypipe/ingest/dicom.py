@@ -51,10 +51,13 @@ def _read(path: str, stop_before_pixels: bool):
 def slice_position(ds) -> float | None:
     """Position of the slice along its normal (mm), or None without geometry tags."""
     ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
-    if ipp is None or iop is None or len(ipp) != 3 or len(iop) != 6:
-        return None
-    row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
-    return float(np.dot(np.asarray(ipp, float), np.cross(row, col)))
+    try:
+        if ipp is None or iop is None or len(ipp) != 3 or len(iop) != 6:
+            return None
+        row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+        return float(np.dot(np.asarray(ipp, float), np.cross(row, col)))
+    except (TypeError, ValueError):
+        return None  # malformed geometry: InstanceNumber order instead
 
 
 def read_header(path: str) -> SliceHeader:
@@ -64,12 +67,17 @@ def read_header(path: str) -> SliceHeader:
         # stop_before_pixels hides PixelData; check the tags that must accompany it instead
         if "Rows" not in ds or "Columns" not in ds:
             raise DecodeError("NoPixelData", f"DICOM object without an image (SOP class {ds.get('SOPClassUID', '?')})")
-    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
-    inst = ds.get("InstanceNumber")
-    return SliceHeader(path=path, series_uid=str(ds.get("SeriesInstanceUID", "") or path),
-                       modality=str(ds.get("Modality", "")), position=slice_position(ds),
-                       instance=int(inst) if inst not in (None, "") else None,
-                       frames=int(ds.get("NumberOfFrames", 1) or 1), transfer_syntax=ts)
+    try:
+        ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+        try:
+            inst = int(ds.get("InstanceNumber"))
+        except (TypeError, ValueError):
+            inst = None  # absent or malformed: ordering falls back to the position / path
+        return SliceHeader(path=path, series_uid=str(ds.get("SeriesInstanceUID", "") or path),
+                           modality=str(ds.get("Modality", "")), position=slice_position(ds), instance=inst,
+                           frames=int(ds.get("NumberOfFrames", 1) or 1), transfer_syntax=ts)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise DecodeError("BadHeader", f"unreadable geometry/identity tags: {type(err).__name__}: {err}") from None
 
 
 def order_series(headers: list[SliceHeader]) -> list[SliceHeader]:
@@ -115,7 +123,7 @@ def decode_pixels(ds, path: str) -> np.ndarray:
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
         return ds.pixel_array
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError, TypeError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - every decoder failure becomes a quarantine reason
         if ts is not None and getattr(ts, "is_compressed", False):
             raise DecodeError("UnsupportedTransferSyntax",
                               f"compressed transfer syntax {ts} ({getattr(ts, 'name', '?')}) cannot be decoded here: "

@@ -81,6 +81,8 @@ def _decode_item(it: dict, mod_cfg: dict, ehr_cfg: dict) -> list[dict]:
     if fmt == "dicom":
         expected = {"ct": {"CT"}, "pet": {"PT"}}.get(it["modality"])
         img, meta = dicom.decode_slice(it["path"], size, window, frame=it["frame"], expected=expected)
+        if it.get("z_mm") is not None:
+            meta["z_mm"] = it["z_mm"]  # position along the slice normal: the order is checkable
         return [{**base, "position": it["position"], **array_to_payload(img), "meta": meta}]
     if fmt == "nifti":
         return [{**base, "position": pos, **array_to_payload(img), "meta": meta}
@@ -214,7 +216,8 @@ def run_ingest(cfg: Config) -> dict:
         sid = ids[row.patient_id]
         items.append({"item": len(items), "sample_id": sid, "source_id": str(row.patient_id), "modality": row.modality,
                       "format": str(row.format), "path": os.path.join(root, row.path), "rel_path": row.path,
-                      "frame": None, "position": 0, "source_key": pseudonym(secret, row.path), "train": sid in train_ids})
+                      "frame": None, "position": 0, "source_key": pseudonym(secret, row.path), "train": sid in train_ids,
+                      "z_mm": None})
     n_files = sum(seen.values())
     log.info("ingest: %d files of %d modalities, %d patients", n_files, len(seen), len(samples))
 
@@ -254,7 +257,7 @@ def run_ingest(cfg: Config) -> dict:
             for rank, h in enumerate(ordered):
                 it = lookup[h.path]
                 if rank in pick:
-                    work.append({**it, "position": sorted(pick).index(rank), "source_key": key})
+                    work.append({**it, "position": sorted(pick).index(rank), "source_key": key, "z_mm": h.position})
                 else:
                     not_selected[modality] += 1
     # --- decode pass
