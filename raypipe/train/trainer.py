@@ -161,13 +161,41 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler.step()
     label_columns = meta["label_columns"]
 
+    # A shard that fits in memory is read once and kept as arrays (re-executing the dataset every
+    # epoch costs seconds of scheduling for small cohorts); a larger one streams every epoch.
+    cache: dict[str, dict[str, np.ndarray] | None] = {}
+    cache_limit = int(config.get("cache_bytes", 2 * 1024**3))
+
+    def _load(name: str) -> dict[str, np.ndarray] | None:
+        if name not in cache:
+            shard = ray.train.get_dataset_shard(name)
+            parts, size = [], 0
+            for b in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
+                parts.append(table_to_arrays(b, modalities, shapes, label_columns))
+                size += sum(v.nbytes for v in parts[-1].values())
+                if size > cache_limit:
+                    parts = None
+                    break
+            cache[name] = None if parts is None else (
+                {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None)
+        return cache[name]
+
     def batches(name: str, shuffle_seed: int | None):
-        shard = ray.train.get_dataset_shard(name)
-        kwargs = {}
-        if shuffle_seed is not None:
-            kwargs = {"local_shuffle_buffer_size": 4 * tc["batch_size"], "local_shuffle_seed": shuffle_seed}
-        for b in shard.iter_batches(batch_size=tc["batch_size"], batch_format="pyarrow", **kwargs):
-            yield arrays_to_torch(table_to_arrays(b, modalities, shapes, label_columns), modalities, task, device)
+        arrays = _load(name)
+        bs = tc["batch_size"]
+        if arrays is None:  # stream
+            shard = ray.train.get_dataset_shard(name)
+            kwargs = {}
+            if shuffle_seed is not None:
+                kwargs = {"local_shuffle_buffer_size": 4 * bs, "local_shuffle_seed": shuffle_seed}
+            for b in shard.iter_batches(batch_size=bs, batch_format="pyarrow", **kwargs):
+                yield arrays_to_torch(table_to_arrays(b, modalities, shapes, label_columns), modalities, task, device)
+            return
+        n = len(arrays["mask"])
+        order = np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None else np.arange(n)
+        for i in range(0, n, bs):
+            idx = order[i:i + bs]
+            yield arrays_to_torch({k: v[idx] for k, v in arrays.items()}, modalities, task, device)
 
     hook_ctx = loop.HookContext(all_reduce=_all_reduce_sum, world_size=ctx.get_world_size(), rank=rank,
                                 train_batches=lambda: batches("train", None), val_batches=lambda: batches("val", None),
@@ -285,7 +313,7 @@ def run_train(cfg: Config) -> dict:
     t0 = time.perf_counter()
     result = fit_torch_trainer(cfg, meta, ids["train"], ids["val"], name, rctx.results_dir)
     fit_seconds = time.perf_counter() - t0
-    best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
+    best = result.get_best_checkpoint(f"val_{main}", "max") or result.checkpoint
     if best is None:
         raise RuntimeError(f"training produced no checkpoint (see {rctx.results_dir}/{name})")
     with best.as_directory() as d:

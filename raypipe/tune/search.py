@@ -1,0 +1,199 @@
+"""Cross-validated hyper-parameter search with Ray Tune: `raypipe tune`.
+
+Each trial scores one configuration by k-fold cross-validation (grouped by
+patient, stratified) on the *training portion* only; the test split is never
+seen. The Tune function trainable builds and fits a V2 ``TorchTrainer`` per
+fold itself (a ``TorchTrainer`` cannot be handed to a ``Tuner`` in Ray 2.60)
+and reports after every fold, so ASHA can stop a hopeless trial after its
+first folds. Outputs under ``<out_dir>/tune``: ``results.csv`` (one row per
+trial), ``best_config.yaml`` (accepted unchanged by `raypipe train --config`)
+and the final model trained with it on the whole training portion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from raypipe.config import Config, config_from_dict, dump_config
+
+log = logging.getLogger(__name__)
+
+#: default search space: name -> (kind, low, high) or ("choice", [values]); keys are TrainConfig paths
+DEFAULT_SPACE: dict[str, tuple] = {
+    "omnifuse.beta": ("loguniform", 0.1, 2.0),
+    "omnifuse.alpha": ("loguniform", 0.01, 1.0),
+    "omnifuse.lambda1": ("loguniform", 0.1, 10.0),
+    "omnifuse.lambda2": ("loguniform", 1.0, 100.0),
+    "omnifuse.lambda3": ("loguniform", 0.05, 5.0),
+    "omnifuse.depth": ("randint", 1, 9),  # R in 1..8
+    "lr": ("loguniform", 1e-4, 3e-3),
+    "hidden_dim": ("choice", [32, 64, 128]),
+}
+
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """Tune search-space objects from the defaults updated by ``tune.space`` in the config.
+
+    ``tune.space`` entries look like ``{"lr": ["loguniform", 1e-4, 1e-2], "hidden_dim": ["choice", [64, 128]]}``;
+    a plain value fixes the key.
+    """
+    from ray import tune
+
+    spec: dict[str, Any] = dict(DEFAULT_SPACE)
+    for k, v in cfg.tune.space.items():
+        spec[k] = tuple(v) if isinstance(v, (list, tuple)) and v and isinstance(v[0], str) else v
+    grid = cfg.tune.search == "grid"
+    out: dict[str, Any] = {}
+    for key, v in spec.items():
+        if not isinstance(v, tuple):
+            out[key] = v
+            continue
+        kind = v[0]
+        if grid:  # grid search over a few points of each range
+            if kind == "choice":
+                out[key] = tune.grid_search(list(v[1]))
+            elif kind == "randint":
+                out[key] = tune.grid_search(sorted({int(v[1]), int((v[1] + v[2]) // 2), int(v[2] - 1)}))
+            else:
+                out[key] = tune.grid_search([float(np.sqrt(v[1] * v[2]))])
+        elif kind == "loguniform":
+            out[key] = tune.loguniform(v[1], v[2])
+        elif kind == "uniform":
+            out[key] = tune.uniform(v[1], v[2])
+        elif kind == "randint":
+            out[key] = tune.randint(v[1], v[2])
+        elif kind == "choice":
+            out[key] = tune.choice(list(v[1]))
+        else:
+            raise ValueError(f"tune.space.{key}: unknown kind {kind!r} (loguniform, uniform, randint, choice)")
+    return out
+
+
+def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
+    """``cfg`` with ``train.<key>`` set from a trial's params (dotted keys under train)."""
+    data = cfg.model_dump(mode="json")
+    for key, value in params.items():
+        node = data["train"]
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value.item() if hasattr(value, "item") else value
+    return config_from_dict(data, "<tune trial>")
+
+
+def _cv_trainable(config: dict) -> None:
+    """One Tune trial: k folds, one TorchTrainer each, a report after every fold."""
+    import ray.tune
+
+    from raypipe.train.trainer import fit_torch_trainer
+
+    base = config_from_dict(config["base_config"], "<tune base>")
+    params = {k: v for k, v in config.items() if k not in ("base_config", "folds", "meta", "trial_seed")}
+    cfg = apply_params(base, params)
+    meta = dict(config["meta"])
+    meta["train_config"] = cfg.train.model_dump(mode="json")
+    folds = config["folds"]  # sample_id -> fold
+    k = max(folds.values()) + 1
+    main = meta["main_metric"]
+    trial = ray.tune.get_context().get_trial_id()
+    scores: list[float] = []
+    for f in range(k):
+        train_ids = {s for s, v in folds.items() if v != f}
+        val_ids = {s for s, v in folds.items() if v == f}
+        t0 = time.perf_counter()
+        result = fit_torch_trainer(cfg, meta, train_ids, val_ids, f"{cfg.run.name}-tune-{trial}-fold{f}",
+                                   config["storage_path"] if "storage_path" in config else meta["storage_path"])
+        scores.append(float((result.metrics or {}).get("best_val", np.nan)))  # best validation score of the fold
+        ray.tune.report({"fold": f + 1, "fold_score": scores[-1], "cv_mean": float(np.nanmean(scores)),
+                         "cv_std": float(np.nanstd(scores)), "fold_seconds": time.perf_counter() - t0,
+                         "fold_scores": json.dumps(scores)})
+
+
+def run_tune(cfg: Config) -> dict:
+    """Run the k-fold search, write the results table and best config, train the final model."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from raypipe.runtime import cluster_resources, init_ray
+    from raypipe.train import metrics as M
+    from raypipe.train.splits import kfold_assignments
+    from raypipe.train.tables import infer_task, read_embeddings
+    from raypipe.train.trainer import assign_splits, model_meta, run_train
+
+    rctx = init_ray(cfg)
+    out_dir = cfg.tune.out or cfg.path("tune")
+    os.makedirs(out_dir, exist_ok=True)
+    table = read_embeddings(cfg.train_input, cfg.ingest.label_columns)
+    task, n_outputs = infer_task(table.y, cfg.train.task)
+    split = assign_splits(table, cfg)
+    portion = split != "test"  # the search never sees the test split
+    ids, y = table.sample_id[portion], table.y[portion]
+    folds = kfold_assignments(ids, y, k=cfg.tune.folds, seed=cfg.run.seed)
+    pq.write_table(pa.table({"sample_id": ids, "fold": folds}), os.path.join(out_dir, "folds.parquet"))
+    meta = model_meta(cfg, table, task, n_outputs)
+    main = M.main_metric_name(task)
+    meta["main_metric"] = main
+    meta["storage_path"] = rctx.results_dir
+
+    res = cluster_resources()
+    per_trial = cfg.train.num_workers + 1  # train workers + Ray Data's read tasks
+    max_conc = cfg.tune.max_concurrent_trials or max(1, int(res["CPU"] // per_trial))
+    scheduler = (ASHAScheduler(time_attr="fold", max_t=cfg.tune.folds, grace_period=1, reduction_factor=2)
+                 if cfg.tune.scheduler == "asha" else FIFOScheduler())
+    search_alg = None
+    if cfg.tune.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=cfg.run.seed)
+    param_space = {**search_space(cfg), "base_config": cfg.model_dump(mode="json"),
+                   "folds": {s: int(f) for s, f in zip(ids, folds)}, "meta": meta}
+    trainable = ray.tune.with_resources(_cv_trainable, {"CPU": 0.01})
+    name = f"{cfg.run.name}-tune"
+    path = os.path.join(rctx.results_dir, name)
+    if ray.tune.Tuner.can_restore(path):
+        log.info("resuming the interrupted search at %s", path)
+        tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = ray.tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=ray.tune.TuneConfig(metric="cv_mean", mode="max", num_samples=cfg.tune.num_samples,
+                                            scheduler=scheduler, search_alg=search_alg,
+                                            max_concurrent_trials=max_conc),
+            run_config=ray.tune.RunConfig(name=name, storage_path=rctx.results_dir))
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    seconds = time.perf_counter() - t0
+    rows = []
+    space_keys = list(search_space(cfg))
+    for r in grid:
+        if r.metrics is None:
+            continue
+        scores = json.loads(r.metrics.get("fold_scores", "[]"))
+        row = {"trial_id": r.metrics.get("trial_id"), **{k: r.config.get(k) for k in space_keys},
+               "cv_mean": r.metrics.get("cv_mean"), "cv_std": r.metrics.get("cv_std"),
+               "folds_done": len(scores), "fold_scores": scores, "seconds": r.metrics.get("time_total_s")}
+        rows.append(row)
+    import pandas as pd
+
+    df = pd.DataFrame(rows).sort_values("cv_mean", ascending=False)
+    df.to_csv(os.path.join(out_dir, "results.csv"), index=False)
+    complete = df[df["folds_done"] == cfg.tune.folds]
+    best_row = (complete if len(complete) else df).iloc[0]
+    best_cfg = apply_params(cfg, {k: best_row[k] for k in space_keys})
+    final_dir = os.path.join(out_dir, "final")
+    best_cfg = best_cfg.model_copy(update={"train": best_cfg.train.model_copy(update={"out": final_dir})})
+    with open(os.path.join(out_dir, "best_config.yaml"), "w") as fh:
+        fh.write(dump_config(best_cfg))
+    final = run_train(best_cfg)
+    return {"ok": True, "trials": len(df), "search_seconds": round(seconds, 1), "best_cv_mean": best_row["cv_mean"],
+            "best_cv_std": best_row["cv_std"], "results": os.path.abspath(os.path.join(out_dir, "results.csv")),
+            "best_config": os.path.abspath(os.path.join(out_dir, "best_config.yaml")),
+            f"final_test_{main}": final.get(f"test_{main}"), "final_run_dir": final.get("run_dir")}
