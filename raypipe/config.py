@@ -329,10 +329,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: expected a mapping of sections at the top level")
         data = loaded
-    if overrides:
-        data = apply_overrides(data, overrides)
-        source = f"{source} (with --set)"
-    return config_from_dict(data, source)
+    if not overrides:
+        return config_from_dict(data, source)
+    # Overrides apply on top of the file *with its defaults filled in*, so that
+    # `--set ingest.modalities.ct.size=64` changes one key instead of replacing the dict.
+    base = config_from_dict(data, source).model_dump(mode="json")
+    return config_from_dict(apply_overrides(base, overrides), f"{source} (with --set)")
 
 
 def dump_config(cfg: Config) -> str:

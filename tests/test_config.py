@@ -79,3 +79,9 @@ def test_every_shipped_config_validates():
     assert {f.name for f in files} >= {"demo.yaml", "icu.yaml", "lung.yaml", "regions.yaml"}
     for f in files:
         load_config(f)
+
+
+def test_override_merges_into_defaults_instead_of_replacing():
+    cfg = load_config(None, ["ingest.modalities.ct.size=64", "ingest.modalities.cxr={kind: image}"])
+    assert cfg.ingest.modalities["ct"].size == 64 and cfg.ingest.modalities["ct"].window == (-1000.0, 400.0)
+    assert set(cfg.ingest.modalities) == {"ct", "pet", "ehr", "report", "cxr"}

@@ -15,6 +15,7 @@ PHI never leaves this module: only geometry, units and flags go into ``meta``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +69,15 @@ def read_header(path: str) -> SliceHeader:
         if "Rows" not in ds or "Columns" not in ds:
             raise DecodeError("NoPixelData", f"DICOM object without an image (SOP class {ds.get('SOPClassUID', '?')})")
     try:
-        ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+        ts_uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        ts = str(ts_uid or "")
+        if ts_uid is not None and not getattr(ts_uid, "is_compressed", True) and "Rows" in ds:
+            # uncompressed: the file must hold every pixel byte (catches truncated copies early)
+            need = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+                    * int(ds.get("BitsAllocated", 16) or 16) // 8 * int(ds.get("NumberOfFrames", 1) or 1))
+            if os.path.getsize(path) < need:
+                raise DecodeError("TruncatedFile", f"file has {os.path.getsize(path)} bytes, its pixel data alone "
+                                                   f"needs {need}: the file is truncated")
         try:
             inst = int(ds.get("InstanceNumber"))
         except (TypeError, ValueError):
