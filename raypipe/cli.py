@@ -231,12 +231,38 @@ def run_pipeline(cfg: Config, steps: tuple[str, ...] = PIPELINE_STEPS, methods: 
             print(f"{title} stopped: step {step} reported a failure (see above)", file=sys.stderr)
             return EXIT_FAILED
         done.append(step)
+    headline = _headline(cfg, methods) if "train" in done else []
     print(f"\nraypipe {title} finished in {time.perf_counter() - t_all:.1f}s")
+    for line in headline:
+        print(f"  {line}")
     print(f"  stages run: {', '.join(done) or 'none'}")
     if pending:
         print(f"  not implemented yet: {', '.join(pending)} (see the project's open issues)")
     print(f"  outputs: {os.path.abspath(cfg.run.out_dir)}")
     return EXIT_OK
+
+
+def _headline(cfg: Config, methods: tuple[str, ...]) -> list[str]:
+    """Test-split headline: each trained method, and the best single modality given alone."""
+    lines = []
+    best_single = None
+    for m in methods:
+        path = os.path.join(cfg.train_dir(m), "metrics.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as fh:
+            metrics = json.load(fh)
+        main = metrics.get("main_metric", "auroc")
+        value = metrics["test"]["natural"].get(main)
+        lines.append(f"{m:>10s}: test {main} {value:.3f} (natural missingness, n={metrics['n']['test']})")
+        for p in metrics["test"].get("patterns", []):
+            if "+" not in p["pattern"] and (best_single is None or p.get(main, -1) > best_single[1]):
+                best_single = (f"{p['pattern']} alone ({m})", p.get(main, float("nan")), main)
+    if best_single:
+        lines.append(f"best single modality: {best_single[0]}: test {best_single[2]} {best_single[1]:.3f}")
+    if lines:
+        lines.append(f"report: {os.path.abspath(os.path.join(cfg.train_dir(methods[0]), 'report.html'))}")
+    return lines
 
 
 def run_demo(cfg: Config) -> int:

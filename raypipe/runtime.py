@@ -114,3 +114,13 @@ def cluster_resources() -> dict[str, float]:
 
     res = ray.cluster_resources()
     return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
+
+
+def actor_cpus(pool_size: int, cpus: float) -> float:
+    """CPUs per actor so that a pool of ``pool_size`` never holds every CPU of the cluster.
+
+    Ray Data's read tasks need a free CPU; an actor pool that takes them all hangs the
+    pipeline. One CPU per actor when there is room, a fraction otherwise.
+    """
+    spare = max(cpus - 1.0, 0.5)
+    return min(1.0, spare / max(pool_size, 1))

@@ -190,8 +190,9 @@ def _pool(cfg: Config, gpus: float, cpus: float) -> tuple[int, float, float]:
         size = max(1, int(gpus // ngpu))
     else:
         size = max(1, int(cpus) - 1) if cpus >= 2 else 1
-    cpu_per = 1.0 if cpus >= 2 else 0.5
-    return size, cpu_per, ngpu
+    from raypipe.runtime import actor_cpus
+
+    return size, actor_cpus(size, cpus), ngpu
 
 
 # ----------------------------------------------------------------------------- driver
@@ -221,7 +222,7 @@ def _embed_chunk(cfg: Config, records_path: str, ids: list[str], kinds: dict[str
     if image_mods:
         ds = read(image_mods).map_batches(
             ImageActor, fn_constructor_kwargs={"image_cfg": cfg.embed.image.model_dump(), "seed": cfg.run.seed,
-                                               "precision": precision, "threads": int(cpu_per) or 1},
+                                               "precision": precision, "threads": max(1, int(cpu_per))},
             batch_size=cfg.embed.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=cpu_per, num_gpus=gpu_per)
         per: dict[tuple[str, str], list] = defaultdict(list)
@@ -239,7 +240,7 @@ def _embed_chunk(cfg: Config, records_path: str, ids: list[str], kinds: dict[str
     if text_mods:
         ds = read(text_mods).map_batches(
             TextActor, fn_constructor_kwargs={"text_cfg": cfg.embed.text.model_dump(), "seed": cfg.run.seed,
-                                              "precision": precision, "threads": int(cpu_per) or 1},
+                                              "precision": precision, "threads": max(1, int(cpu_per))},
             batch_size=cfg.embed.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=size),
             num_cpus=cpu_per, num_gpus=gpu_per)
         for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):

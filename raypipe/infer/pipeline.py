@@ -108,7 +108,7 @@ def run_infer(cfg: Config) -> dict:
     import pyarrow.dataset as pads
     import ray.data
 
-    from raypipe.runtime import cluster_resources, init_ray
+    from raypipe.runtime import actor_cpus, cluster_resources, init_ray
 
     init_ray(cfg)
     run_dir = cfg.infer.checkpoint or cfg.train_dir()
@@ -128,7 +128,7 @@ def run_infer(cfg: Config) -> dict:
     t0 = time.perf_counter()
     ds = ray.data.read_parquet(src).map_batches(
         Predictor, fn_constructor_kwargs={"run_dir": os.path.abspath(run_dir)}, batch_size=cfg.infer.batch_size,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=1)
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=actor_cpus(pool, res["CPU"]))
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     # Sorted by id and written by Ray Data: nothing is collected on the driver.

@@ -310,8 +310,18 @@ def run_train(cfg: Config) -> dict:
 
     main = M.main_metric_name(task)
     name = f"{cfg.run.name}-{cfg.train.method}"
+    import ray.data
+
+    # The per-epoch feed of a small table is instant; its progress bars would only bury the
+    # epoch lines, so they are off while training and restored afterwards.
+    ctx = ray.data.DataContext.get_current()
+    bars = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False
     t0 = time.perf_counter()
-    result = fit_torch_trainer(cfg, meta, ids["train"], ids["val"], name, rctx.results_dir)
+    try:
+        result = fit_torch_trainer(cfg, meta, ids["train"], ids["val"], name, rctx.results_dir)
+    finally:
+        ctx.enable_progress_bars = bars
     fit_seconds = time.perf_counter() - t0
     best = result.get_best_checkpoint(f"val_{main}", "max") or result.checkpoint
     if best is None:
