@@ -20,7 +20,7 @@ import numpy as np
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=20000)
+    p.add_argument("--n", type=int, default=200000)
     p.add_argument("--batch-size", type=int, default=1024)
     args = p.parse_args(argv)
 

@@ -88,7 +88,7 @@ def main(argv=None):
         cfg = load_config(None, [f"run.out_dir={os.path.join(work, f'run{scale}')}", f"ingest.input={cohort}",
                                  "ray.progress_bars=false",
                                  f"ingest.modalities={{ct: {{kind: volume, window: [-1000, 400], size: {args.size}, "
-                                 "slices: {policy: all}}}}"])
+                                 "slices: {policy: all}}}"])
         if not ray_started:
             init_ray(cfg)
             ray_started = True

@@ -168,7 +168,11 @@ def _cli_overrides(args: argparse.Namespace) -> list[str]:
 def _print_result(title: str, result: Any) -> None:
     print(f"== {title}")
     if isinstance(result, dict):
+        result = dict(result)
+        printed = result.pop("printed", None)  # a stage's own human-readable table
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
+        if printed:
+            print(printed)
     elif result is not None:
         print(result)
 

@@ -124,7 +124,11 @@ class ImageEmbed(_Section):
     revision: str | None = None
     weights: Literal["pretrained", "random"] = "pretrained"
     input_size: int = Field(224, ge=16)
+    #: slices -> one vector per series, then per sample: mean or max; "all" keeps the
+    #: slices (attention-ready): shape (keep_slices, dim), series in order, resampled
+    #: along the slice axis to exactly keep_slices (nearest, no zero padding)
     aggregation: Literal["mean", "max", "all"] = "mean"
+    keep_slices: int = Field(16, ge=1)  # with aggregation=all
     #: >3 band images: how to map bands to the model's 3 input channels
     band_projection: Literal["select", "pca", "mean_groups"] = "mean_groups"
     band_indices: list[int] | None = None  # with band_projection=select: the three bands to use
@@ -143,7 +147,7 @@ class EmbedConfig(_Section):
     out: str | None = None  # default: <run.out_dir>/embeddings
     image: ImageEmbed = Field(default_factory=ImageEmbed)
     text: TextEmbed = Field(default_factory=TextEmbed)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int | None = Field(None, ge=1)  # rows per model call; None = 256 on GPU actors, 32 on CPU
     pool_size: int | None = None  # actors per model; None = derived from the cluster's resources
     num_gpus_per_actor: float | None = None  # None = 1 if the cluster has GPUs else 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -263,3 +263,24 @@ def test_infer_refuses_a_mismatched_table(trained, tmp_path):
                                                                         "out": str(tmp_path / "p")})})
     with pytest.raises(SpecMismatchError, match="pet"):
         run_infer(cfg2)
+
+
+def test_regions_cohort_geotiff_and_tabular(ray_session, regions_cohort, tmp_path):
+    from raypipe.embed.pipeline import run_embed
+    from raypipe.ingest.pipeline import run_ingest
+
+    root, truth = regions_cohort
+    cfg = load_config(None, [
+        f"run.out_dir={tmp_path}", f"ingest.input={root}", "ray.progress_bars=false", "ingest.group_columns=[zone]",
+        "ingest.modalities={sat: {kind: geotiff, size: 32}, covariates: {kind: tabular}}",
+        "embed.image.weights=random", "embed.image.input_size=32"])
+    summary = run_ingest(cfg)
+    assert summary["ok"] and summary["reconciled"]
+    rec = pd.read_parquet(os.path.join(cfg.records_dir, "records"))
+    sat = rec[rec.modality == "sat"]
+    assert set(map(tuple, sat["shape"])) == {(6, 32, 32)}  # all six bands kept
+    assert all("geotransform" in json.loads(m) for m in sat["meta"])
+    assert set(map(tuple, rec[rec.modality == "covariates"]["shape"])) == {(6,)}
+    out = run_embed(cfg)
+    assert out["modalities"]["sat"]["dim"] == 512 and out["modalities"]["covariates"]["dim"] == 6
+    assert out["modalities"]["sat"]["present"] == truth["available"]["sat"]

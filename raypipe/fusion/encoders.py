@@ -15,12 +15,13 @@ class MaskedStandardize(nn.Module):
     MiniLM's); a per-sample LayerNorm would erase signal carried by a sample's overall level,
     and batch statistics would be polluted by the zeros of absent modalities. Training updates
     the running mean/variance from present rows (momentum 0.1), then every row is standardised
-    with the running values, so training and inference see the same transform.
+    with the running values (clipped at 10 standard deviations), so training and inference see
+    the same transform; absent rows become exactly zero.
     """
 
-    def __init__(self, d: int, momentum: float = 0.1, eps: float = 1e-5):
+    def __init__(self, d: int, momentum: float = 0.1, eps: float = 1e-4, clip: float = 10.0):
         super().__init__()
-        self.momentum, self.eps = momentum, eps
+        self.momentum, self.eps, self.clip = momentum, eps, clip
         self.register_buffer("mean", torch.zeros(d))
         self.register_buffer("var", torch.ones(d))
         self.register_buffer("seen", torch.tensor(False))
@@ -38,7 +39,12 @@ class MaskedStandardize(nn.Module):
                     else:
                         self.mean.lerp_(m, self.momentum)
                         self.var.lerp_(v, self.momentum)
-        return (x - self.mean) / torch.sqrt(self.var + self.eps)
+        z = ((x - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
+        if present is not None:
+            # an absent modality is the all-zero input *in standardised space* (the training mean):
+            # raw zeros would land tens of standard deviations away for features of small spread
+            z = z * present.to(z.dtype).unsqueeze(-1)
+        return z
 
 
 class VectorEncoder(nn.Module):

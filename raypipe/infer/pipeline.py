@@ -131,8 +131,10 @@ def run_infer(cfg: Config) -> dict:
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=actor_cpus(pool, res["CPU"]))
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    # Sorted by id and written by Ray Data: nothing is collected on the driver.
-    ds.sort("sample_id").write_parquet(tmp)
+    # Written by Ray Data, nothing collected on the driver. Order: Ray Data preserves the input
+    # order (DataContext.execution_options.preserve_order, set by init_ray), and embeddings
+    # tables are sorted by id, so no distributed sort (a shuffle) is needed.
+    ds.write_parquet(tmp)
     rows = pads.dataset(tmp, format="parquet").count_rows()
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

@@ -223,6 +223,9 @@ def train_loop_per_worker(config: dict) -> None:
                   **{f"val_{k}": v for k, v in val.items()}}
         if "tla" in stats:
             record["tla"] = stats["tla"]
+        # every worker must have taken the same hook decisions (lazy subset, blend weights...)
+        states = _all_gather(json.dumps(method.extra_state(), sort_keys=True, default=str))
+        record["workers_agree"] = len(set(states)) == 1
         history.append(record)
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         metrics["best_val"] = best
@@ -240,6 +243,10 @@ def train_loop_per_worker(config: dict) -> None:
                     json.dump(history, fh, indent=2, default=float)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+        fault = config.get("fault_injection")
+        if fault and epoch + 1 == fault["epoch"] and rank == fault.get("rank", 0) and not os.path.exists(fault["marker"]):
+            open(fault["marker"], "w").close()  # once: the restarted worker must not die again
+            os.kill(os.getpid(), 9)  # SIGKILL, as a crashed node would
         if since_best >= tc["patience"]:  # same decision on every worker: the metric was all-gathered
             break
 
@@ -259,22 +266,29 @@ def _dataset_for(path: str, ids: set[str]):
 
 
 def fit_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: set[str], name: str,
-                      storage_path: str):
+                      storage_path: str, fault_injection: dict | None = None):
     """Build and fit the V2 ``TorchTrainer`` for one training run; returns Ray Train's ``Result``.
 
     Also the unit of work of a Tune trial's fold (``raypipe.tune.search``): Tune's function
-    trainable calls this, never passes a trainer to the ``Tuner``.
+    trainable calls this, never passes a trainer to the ``Tuner``. ``fault_injection``
+    ({"epoch", "marker", "rank"}) kills a worker once at that epoch: the fault-tolerance test.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from raypipe.train import metrics as M
 
+    from raypipe.runtime import actor_cpus, cluster_resources
+
     main = M.main_metric_name(meta["task"])
+    # Workers must leave a CPU for Ray Data's read tasks, or the dataset feed never starts.
+    cpus = cluster_resources()["CPU"]
+    per_worker = {"CPU": actor_cpus(cfg.train.num_workers, cpus) if cpus else 1.0}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"meta": meta},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        train_loop_config={"meta": meta, "fault_injection": fault_injection},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=f"val_{main}",

@@ -1,0 +1,65 @@
+"""Ray Tune k-fold search and the method comparison, on small embeddings."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+
+from raypipe.config import load_config
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def emb(tmp_path_factory):
+    from raypipe.synth.embeddings import write_truth_embeddings
+    from raypipe.synth.latent import generate_truth
+
+    return write_truth_embeddings(generate_truth(n=120, seed=4), str(tmp_path_factory.mktemp("e") / "emb"), dim=8)
+
+
+def test_search_space_defaults_and_overrides():
+    from ray import tune
+
+    from raypipe.tune.search import apply_params, search_space
+
+    cfg = load_config(None, ["tune.space={lr: [loguniform, 0.001, 0.01], hidden_dim: 16}"])
+    space = search_space(cfg)
+    assert isinstance(space["omnifuse.depth"], tune.search.sample.Integer)
+    assert space["hidden_dim"] == 16 and space["lr"].lower == 0.001
+    applied = apply_params(cfg, {"omnifuse.beta": 0.7, "lr": 0.002})
+    assert applied.train.omnifuse.beta == 0.7 and applied.train.lr == 0.002
+
+
+def test_tune_cv_search_writes_results_and_a_trainable_best_config(ray_session, emb, tmp_path):
+    from raypipe.tune.search import run_tune
+
+    cfg = load_config(None, [f"run.out_dir={tmp_path}", f"train.input={emb}", "train.epochs=2", "train.hidden_dim=8",
+                             "train.batch_size=16", "tune.num_samples=2", "tune.folds=2", "ray.progress_bars=false",
+                             "tune.space={omnifuse.depth: [randint, 1, 3], hidden_dim: 8}"])
+    summary = run_tune(cfg)
+    results = pd.read_csv(os.path.join(tmp_path, "tune", "results.csv"))
+    assert len(results) == 2 and (results["folds_done"] == 2).all()
+    best = load_config(summary["best_config"])  # accepted unchanged by `raypipe train --config`
+    assert best.train.omnifuse.depth in (1, 2)
+    assert os.path.isfile(os.path.join(summary["final_run_dir"], "metrics.json"))
+    folds = pd.read_parquet(os.path.join(tmp_path, "tune", "folds.parquet"))
+    split = pd.read_parquet(os.path.join(summary["final_run_dir"], "split.parquet"))
+    test_ids = set(split.loc[split.split == "test", "sample_id"])
+    assert not test_ids & set(folds.sample_id)  # the search never saw the test split
+
+
+def test_compare_paired_ttest_table(ray_session, emb, tmp_path):
+    from raypipe.tune.compare import run_compare
+
+    cfg = load_config(None, [f"run.out_dir={tmp_path}", f"train.input={emb}", "train.epochs=2", "train.hidden_dim=8",
+                             "train.batch_size=16", "tune.folds=3", "train.omnifuse.depth=1"])
+    summary = run_compare(cfg, methods=["omnifuse", "concat"])
+    table = pd.read_csv(summary["table"])
+    assert set(table.method) >= {"omnifuse", "concat", "omnifuse[b:dwfuse]", "omnifuse[f:no_dwfuse]"}
+    assert 0 <= summary["p_values"]["concat"] <= 1
+    folds = pd.read_csv(os.path.join(tmp_path, "compare", "folds.csv"))
+    assert len(folds) == 6 * 3 and "auroc[ct]" in folds.columns
+    assert os.path.isfile(os.path.join(tmp_path, "compare", "report.html"))
