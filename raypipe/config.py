@@ -104,6 +104,8 @@ def _default_modalities() -> dict[str, ModalityIngest]:
 class EHRConfig(_Section):
     step_hours: float = Field(2.0, gt=0)
     window_hours: float = Field(48.0, gt=0)
+    #: a saved ehr_normalisation.json to apply unchanged (inference, new cohorts); None = fit on the train split
+    normalisation: str | None = None
 
 
 class IngestConfig(_Section):
@@ -116,6 +118,8 @@ class IngestConfig(_Section):
     #: fraction of input files that may be quarantined before the run exits non-zero
     error_budget: float = Field(0.05, ge=0, le=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)  # held-out patients (split fixed at ingest for EHR stats)
+    #: work items (slices, files) per Ray task: fixed, so output files do not depend on the cluster size
+    items_per_task: int = Field(32, ge=1)
 
 
 # ---------------------------------------------------------------------------- embed
