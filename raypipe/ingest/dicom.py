@@ -2,21 +2,29 @@
 
 Two steps, so that only the selected slices are ever decoded:
 
-1. :func:`read_header` (no pixel data): series UID, position along the slice
-   normal (from ImagePositionPatient and ImageOrientationPatient; fallback
-   InstanceNumber), number of frames, transfer syntax. :func:`order_series`
-   sorts a series' files anatomically (never by file name).
-2. :func:`decode_slice`: pixel data -> modality LUT (RescaleSlope/Intercept:
-   CT -> HU; PET -> Bq/ml, then SUVbw when weight, dose, half-life and times are
-   present, otherwise flagged) -> window -> antialiased resize -> float32 (1, S, S).
+1. :func:`read_header` (no pixel data): series UID, Modality, position of the
+   slice along its normal (ImagePositionPatient . (row x col of
+   ImageOrientationPatient)), per-frame positions of multi-frame files
+   (PerFrameFunctionalGroupsSequence), InstanceNumber, transfer syntax.
+   :func:`slice_refs` turns a series' headers into one reference per slice
+   (file, frame) and :func:`order_slices` sorts them anatomically -- never by
+   file name -- falling back to InstanceNumber when a slice lacks geometry.
+2. :func:`decode_slice`: one slice (or one frame) -> modality LUT / rescale
+   (CT -> HU; PET -> Bq/ml, then SUVbw when weight, dose, half-life and times
+   are present, otherwise a flag and the reason) -> window -> antialiased
+   resize -> float32 (1, S, S) in [0, 1].
 
-PHI never leaves this module: only geometry, units and flags go into ``meta``.
+PHI never leaves this module: only geometry, units and flags go into ``meta``,
+and error messages built from a dataset are scrubbed of its identifying values.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,128 +33,353 @@ from raypipe.ingest.common import DecodeError, apply_window, check_finite, resiz
 
 DICOM_EXTRA_HINT = "install the optional decoders: pip install 'raypipe[dicom]' (pylibjpeg plugins)"
 
+#: identifying attributes whose values are scrubbed from any message that leaves this module
+PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "OtherPatientIDs",
+                "OtherPatientNames", "PatientAddress", "PatientTelephoneNumbers", "AccessionNumber",
+                "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
+                "OperatorsName", "StudyID", "IssuerOfPatientID", "MedicalRecordLocator", "PatientMotherBirthName")
+
+#: DICOM Modality values accepted per configured modality name (others: WrongModality)
+EXPECTED_MODALITY = {"ct": {"CT"}, "pet": {"PT"}}
+
 
 @dataclass
 class SliceHeader:
+    """Header facts of one DICOM file, enough to group, order and select its slices."""
+
     path: str
     series_uid: str
     modality: str
-    position: float | None  # along the slice normal, mm
+    position: float | None  # along the slice normal, mm (single-frame files)
     instance: int | None
-    frames: int
-    transfer_syntax: str
+    frames: int = 1
+    transfer_syntax: str = ""
+    #: per-frame positions of a multi-frame file (None entries where a frame lacks geometry)
+    frame_positions: list[float | None] | None = field(default=None)
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """One slice of a series: a single-frame file (frame None) or one frame of a multi-frame file."""
+
+    path: str
+    frame: int | None
+    position: float | None
+    instance: int | None
+
+
+@contextlib.contextmanager
+def quiet_pydicom():
+    """Silence pydicom's warnings and log lines while decoding: they quote element values (possible PHI)."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def scrub(message: str, ds) -> str:
+    """``message`` with every identifying value of ``ds`` replaced by ``<PHI>``."""
+    if ds is None:
+        return message
+    for kw in PHI_KEYWORDS:
+        try:
+            value = ds.get(kw)
+        except Exception:  # noqa: BLE001 - a malformed PHI element: nothing to scrub with
+            continue
+        values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+        for v in values:
+            s = str(v).strip() if v is not None else ""
+            if len(s) >= 2:
+                message = message.replace(s, "<PHI>")
+    return message
 
 
 def _read(path: str, stop_before_pixels: bool):
+    """dcmread with a fallback for files without the 128-byte preamble / 'DICM' prefix."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-    except InvalidDicomError as err:
-        raise DecodeError("NotDicom", f"not a DICOM file ({err})") from None
-    except (EOFError, OSError, ValueError, KeyError, AttributeError, TypeError) as err:
-        raise DecodeError("CorruptDicom", f"cannot parse the DICOM file: {type(err).__name__}: {err}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns with element values (possible PHI) on odd files
+        try:
+            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        except InvalidDicomError as err:
+            reason = str(err).split(".")[0]
+            try:  # raw datasets without a preamble are still DICOM if they carry an image
+                ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+                if "SOPClassUID" in ds and "Rows" in ds and "Columns" in ds:
+                    return ds
+            except Exception:  # noqa: BLE001 - forced parsing of a non-DICOM file fails in many ways
+                pass
+            raise DecodeError("NotDicom", f"not a DICOM file ({reason})") from None
+        except IsADirectoryError:
+            raise DecodeError("NotAFile", "the path is a directory, not a DICOM file") from None
+        except (EOFError, OSError, ValueError, KeyError, AttributeError, TypeError, IndexError) as err:
+            raise DecodeError("CorruptDicom", f"cannot parse the DICOM file: {type(err).__name__}: {err}") from None
 
 
-def slice_position(ds) -> float | None:
-    """Position of the slice along its normal (mm), or None without geometry tags."""
-    ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+def slice_normal(iop) -> np.ndarray | None:
+    """Unit normal of the slice plane (row x col), signed so that its dominant axis points to +L/+P/+S.
+
+    The sign convention makes the order independent of how a scanner chose the row/column
+    directions (e.g. a flipped column vector), and matches NIfTI's inferior-to-superior axial order.
+    """
     try:
-        if ipp is None or iop is None or len(ipp) != 3 or len(iop) != 6:
+        if iop is None or len(iop) != 6:
             return None
         row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
-        return float(np.dot(np.asarray(ipp, float), np.cross(row, col)))
+    except (TypeError, ValueError):
+        return None
+    n = np.cross(row, col)
+    norm = float(np.linalg.norm(n))
+    if not np.isfinite(norm) or norm < 1e-6:
+        return None
+    n = n / norm
+    return -n if n[int(np.argmax(np.abs(n)))] < 0 else n
+
+
+def _position(ipp, normal: np.ndarray | None) -> float | None:
+    try:
+        if ipp is None or normal is None or len(ipp) != 3:
+            return None
+        p = float(np.dot(np.asarray(ipp, float), normal))
+        return p if np.isfinite(p) else None
     except (TypeError, ValueError):
         return None  # malformed geometry: InstanceNumber order instead
 
 
-def read_header(path: str) -> SliceHeader:
-    """Header facts needed to group and order slices (pixel data not read)."""
-    ds = _read(path, stop_before_pixels=True)
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        # stop_before_pixels hides PixelData; check the tags that must accompany it instead
-        if "Rows" not in ds or "Columns" not in ds:
-            raise DecodeError("NoPixelData", f"DICOM object without an image (SOP class {ds.get('SOPClassUID', '?')})")
+def slice_position(ds) -> float | None:
+    """Position of a single-frame slice along its (signed) normal, in mm; None without geometry tags."""
+    return _position(ds.get("ImagePositionPatient"), slice_normal(ds.get("ImageOrientationPatient")))
+
+
+def _first(seq, keyword: str):
+    """``seq[0].keyword`` for a functional-group macro sequence, or None."""
     try:
+        if seq:
+            return seq[0].get(keyword)
+    except (TypeError, AttributeError, IndexError):
+        pass
+    return None
+
+
+def frame_positions(ds) -> list[float | None] | None:
+    """Per-frame positions of an enhanced multi-frame file (PlanePosition/PlaneOrientation macros)."""
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per:
+        return None
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared_iop = None
+    if shared:
+        shared_iop = _first(shared[0].get("PlaneOrientationSequence"), "ImageOrientationPatient")
+    out: list[float | None] = []
+    for item in per:
+        iop = _first(item.get("PlaneOrientationSequence"), "ImageOrientationPatient") or shared_iop
+        ipp = _first(item.get("PlanePositionSequence"), "ImagePositionPatient")
+        out.append(_position(ipp, slice_normal(iop)))
+    return out
+
+
+def read_header(path: str, expected: set[str] | None = None) -> SliceHeader:
+    """Header facts needed to group and order slices (pixel data not read).
+
+    ``expected``: accepted Modality values (e.g. ``{"CT"}``); another Modality is ``WrongModality``.
+    """
+    with quiet_pydicom():
+        return _read_header(path, expected)
+
+
+def _read_header(path: str, expected: set[str] | None) -> SliceHeader:
+    ds = _read(path, stop_before_pixels=True)
+    try:
+        if "Rows" not in ds or "Columns" not in ds:
+            # stop_before_pixels hides PixelData; Rows/Columns must accompany any image
+            raise DecodeError("NoPixelData", f"DICOM object without an image (SOP class {ds.get('SOPClassUID', '?')})")
+        modality = str(ds.get("Modality", "") or "")
+        if expected and modality not in expected:
+            raise DecodeError("WrongModality", f"DICOM Modality is {modality or 'missing'}, expected "
+                                               f"{' or '.join(sorted(expected))}")
+        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+            raise DecodeError("UnsupportedPhotometric",
+                              f"{ds.get('PhotometricInterpretation')} with {ds.get('SamplesPerPixel')} samples per "
+                              "pixel is not a CT/PET slice")
         ts_uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        ts = str(ts_uid or "")
-        if ts_uid is not None and not getattr(ts_uid, "is_compressed", True) and "Rows" in ds:
-            # uncompressed: the file must hold every pixel byte (catches truncated copies early)
-            need = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
-                    * int(ds.get("BitsAllocated", 16) or 16) // 8 * int(ds.get("NumberOfFrames", 1) or 1))
-            if os.path.getsize(path) < need:
-                raise DecodeError("TruncatedFile", f"file has {os.path.getsize(path)} bytes, its pixel data alone "
-                                                   f"needs {need}: the file is truncated")
+        if ts_uid is not None and not ts_uid.is_compressed and not ts_uid.is_deflated:
+            # native pixel data: the file must hold every pixel byte (catches truncated copies early)
+            from pydicom.pixels.utils import get_expected_length
+
+            need = get_expected_length(ds)
+            have = os.path.getsize(path)
+            if have < need:
+                raise DecodeError("TruncatedFile", f"file has {have} bytes, its pixel data alone needs {need}: "
+                                                   "the file is truncated")
         try:
             inst = int(ds.get("InstanceNumber"))
         except (TypeError, ValueError):
             inst = None  # absent or malformed: ordering falls back to the position / path
-        return SliceHeader(path=path, series_uid=str(ds.get("SeriesInstanceUID", "") or path),
-                           modality=str(ds.get("Modality", "")), position=slice_position(ds), instance=inst,
-                           frames=int(ds.get("NumberOfFrames", 1) or 1), transfer_syntax=ts)
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise DecodeError("BadHeader", f"unreadable geometry/identity tags: {type(err).__name__}: {err}") from None
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        fpos = frame_positions(ds) if frames > 1 else None
+        if fpos is not None and len(fpos) != frames:
+            fpos = None
+        return SliceHeader(path=path, series_uid=str(ds.get("SeriesInstanceUID", "") or path), modality=modality,
+                           position=slice_position(ds), instance=inst, frames=frames,
+                           transfer_syntax=str(ts_uid or ""), frame_positions=fpos)
+    except DecodeError as err:
+        raise DecodeError(err.error_class, scrub(str(err), ds)) from None
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
+        raise DecodeError("BadHeader", scrub(f"unreadable image/geometry tags: {type(err).__name__}: {err}",
+                                             ds)) from None
+
+
+def slice_refs(headers: list[SliceHeader]) -> list[SliceRef]:
+    """One reference per slice of a series: every single-frame file, every frame of a multi-frame file."""
+    refs = []
+    for h in headers:
+        if h.frames > 1:
+            fpos = h.frame_positions or [None] * h.frames
+            refs.extend(SliceRef(h.path, f, fpos[f], h.instance) for f in range(h.frames))
+        else:
+            refs.append(SliceRef(h.path, None, h.position, h.instance))
+    return refs
+
+
+def order_slices(refs: list[SliceRef]) -> list[SliceRef]:
+    """Anatomical order: by position along the normal when every slice has one, else InstanceNumber.
+
+    Ties (and the InstanceNumber fallback) are broken by frame index, then path, so the order is
+    deterministic whatever order the files arrive in.
+    """
+    if refs and all(r.position is not None for r in refs):
+        return sorted(refs, key=lambda r: (r.position, r.instance or 0, r.frame or 0, r.path))
+    return sorted(refs, key=lambda r: (r.instance if r.instance is not None else 0, r.frame or 0, r.path))
 
 
 def order_series(headers: list[SliceHeader]) -> list[SliceHeader]:
-    """Anatomical order: by position along the normal when every slice has one, else InstanceNumber."""
-    if headers and all(h.position is not None for h in headers):
-        return sorted(headers, key=lambda h: (h.position, h.instance or 0, h.path))
-    return sorted(headers, key=lambda h: (h.instance if h.instance is not None else 0, h.path))
+    """Single-frame files of one series in anatomical order (see :func:`order_slices`)."""
+    by_path = {h.path: h for h in headers}
+    return [by_path[r.path] for r in order_slices(slice_refs(headers)) if r.frame in (None, 0)]
 
 
-def _seconds(t: str | None) -> float | None:
-    if not t:
+# ----------------------------------------------------------------------------- values
+def _seconds(t) -> float | None:
+    """Seconds since midnight of a DICOM TM (HHMMSS.FFFFFF) or the time part of a DT."""
+    if t is None or str(t).strip() == "":
         return None
-    t = str(t).split(".")[0].ljust(6, "0")
+    t = str(t).strip()
+    if len(t) >= 14 and t[:8].isdigit():  # DT: YYYYMMDDHHMMSS...
+        t = t[8:]
+    t = t.replace(":", "")
+    whole, _, frac = t.partition(".")
+    whole = whole.ljust(6, "0")
     try:
-        return int(t[:2]) * 3600 + int(t[2:4]) * 60 + float(t[4:6])
+        return int(whole[:2]) * 3600 + int(whole[2:4]) * 60 + int(whole[4:6]) + (float("0." + frac) if frac else 0.0)
     except ValueError:
         return None
 
 
 def suv_factor(ds) -> tuple[float | None, str]:
-    """Multiplier from Bq/ml to SUVbw, or (None, reason) when the tags do not allow it."""
-    if str(ds.get("Units", "")).upper() not in ("BQML", ""):
-        return None, f"units {ds.get('Units')} are not Bq/ml"
+    """Multiplier from the rescaled PET values to SUVbw, or (None, reason) when the tags do not allow it.
+
+    SUVbw = activity [Bq/ml] x weight [g] / injected dose decayed to the reference time. The
+    reference time follows DecayCorrection: START -> SeriesTime (else AcquisitionTime); ADMIN ->
+    the image is already corrected to the injection time (no decay factor); NONE -> the slice's
+    AcquisitionTime. Units GML are SUVbw already.
+    """
+    units = str(ds.get("Units", "") or "").upper()
+    if units == "GML":
+        return 1.0, "SUVbw"
+    if units not in ("BQML", ""):
+        return None, f"units {units} are not Bq/ml"
     weight = ds.get("PatientWeight")
     seq = ds.get("RadiopharmaceuticalInformationSequence")
     if not weight or not seq:
         return None, "PatientWeight or RadiopharmaceuticalInformationSequence missing"
     info = seq[0]
     dose, half = info.get("RadionuclideTotalDose"), info.get("RadionuclideHalfLife")
-    start = _seconds(info.get("RadiopharmaceuticalStartTime"))
-    acq = _seconds(ds.get("SeriesTime") or ds.get("AcquisitionTime"))
-    if not dose or not half or start is None or acq is None:
-        return None, "injected dose, half-life or injection/acquisition time missing"
+    if not dose or not half:
+        return None, "injected dose (RadionuclideTotalDose) or RadionuclideHalfLife missing"
+    try:
+        weight_g, dose, half = float(weight) * 1000.0, float(dose), float(half)
+    except (TypeError, ValueError):
+        return None, "PatientWeight, dose or half-life not numeric"
+    if weight_g <= 0 or dose <= 0 or half <= 0:
+        return None, "PatientWeight, dose or half-life not positive"
+    correction = str(ds.get("DecayCorrection", "START") or "START").upper()
+    if correction == "ADMIN":
+        return weight_g / dose, "SUVbw"
+    start = _seconds(info.get("RadiopharmaceuticalStartDateTime") or info.get("RadiopharmaceuticalStartTime"))
+    ref = ds.get("AcquisitionTime") if correction == "NONE" else (ds.get("SeriesTime") or ds.get("AcquisitionTime"))
+    acq = _seconds(ref)
+    if start is None or acq is None:
+        return None, "injection (RadiopharmaceuticalStartTime) or acquisition/series time missing"
     delay = acq - start
     if delay < 0:
         delay += 24 * 3600  # acquisition after midnight
-    decayed = float(dose) * 2.0 ** (-delay / float(half))
-    return float(weight) * 1000.0 / decayed, "SUVbw"
+    return weight_g / (dose * 2.0 ** (-delay / half)), "SUVbw"
 
 
-def decode_pixels(ds, path: str) -> np.ndarray:
-    """Pixel array as stored; a compressed syntax without a decoder is a clear error."""
+def decode_pixels(ds, frame: int | None = None) -> np.ndarray:
+    """Stored pixel values of one frame (or the single frame); a compressed syntax without a decoder is a clear error."""
+    from pydicom.pixels import pixel_array
+
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
-        return ds.pixel_array
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            if frames > 1:
+                f = frame or 0
+                if not 0 <= f < frames:
+                    raise DecodeError("FrameOutOfRange", f"frame {f} of a {frames}-frame file")
+                return pixel_array(ds, index=f)
+            return ds.pixel_array
+    except DecodeError:
+        raise
     except Exception as err:  # noqa: BLE001 - every decoder failure becomes a quarantine reason
         if ts is not None and getattr(ts, "is_compressed", False):
             raise DecodeError("UnsupportedTransferSyntax",
-                              f"compressed transfer syntax {ts} ({getattr(ts, 'name', '?')}) cannot be decoded here: "
-                              f"{DICOM_EXTRA_HINT}") from None
-        raise DecodeError("CorruptPixelData", f"cannot decode pixel data: {type(err).__name__}: {err}") from None
+                              f"compressed transfer syntax {ts} ({getattr(ts, 'name', '?')}) cannot be decoded here "
+                              f"({type(err).__name__}): {DICOM_EXTRA_HINT}") from None
+        raise DecodeError("CorruptPixelData", scrub(f"cannot decode pixel data: {type(err).__name__}: {err}",
+                                                    ds)) from None
 
 
-def physical_values(ds, arr: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """Modality LUT (rescale) and, for PET, SUVbw; returns values and PHI-free meta."""
-    from pydicom.pixels import apply_modality_lut
+def rescale(ds, frame: int | None = None) -> tuple[float, float] | None:
+    """(slope, intercept) of the modality rescale, from the top level or the functional groups of ``frame``."""
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        return float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    per, shared = ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence")
+    for groups, idx in ((per, frame or 0), (shared, 0)):
+        try:
+            item = groups[idx] if groups else None
+            pvt = item.get("PixelValueTransformationSequence") if item is not None else None
+            if pvt:
+                return float(pvt[0].get("RescaleSlope", 1.0) or 1.0), float(pvt[0].get("RescaleIntercept", 0.0) or 0.0)
+        except (IndexError, TypeError, ValueError, AttributeError):
+            continue
+    return None
 
-    modality = str(ds.get("Modality", ""))
-    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+
+def physical_values(ds, arr: np.ndarray, frame: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Modality LUT / rescale and, for PET, SUVbw; returns float64 values and PHI-free meta."""
+    modality = str(ds.get("Modality", "") or "")
     meta: dict[str, Any] = {"dicom_modality": modality}
+    if ds.get("ModalityLUTSequence"):
+        from pydicom.pixels import apply_modality_lut
+
+        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+        meta["rescale"] = "modality_lut"
+    else:
+        values = arr.astype(np.float64)
+        sl = rescale(ds, frame)
+        if sl is not None:
+            values = values * sl[0] + sl[1]
+            meta["rescale"] = [sl[0], sl[1]]
     if modality == "CT":
         meta["units"] = "HU"
     elif modality == "PT":
@@ -155,42 +388,52 @@ def physical_values(ds, arr: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
             values = values * factor
             meta.update(units="SUVbw", suv=True)
         else:
-            meta.update(units=str(ds.get("Units", "unknown")), suv=False, suv_missing=why)
+            meta.update(units=str(ds.get("Units", "") or "unknown"), suv=False, suv_missing=why)
     return values, meta
 
 
 def decode_slice(path: str, size: int, window: tuple[float, float] | None, frame: int | None = None,
                  expected: set[str] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """One slice (or one frame of a multi-frame file) -> float32 (1, size, size) in [0, 1] and meta."""
+    with quiet_pydicom():
+        return _decode_slice(path, size, window, frame, expected)
+
+
+def _decode_slice(path: str, size: int, window, frame: int | None, expected: set[str] | None):
     ds = _read(path, stop_before_pixels=False)
-    modality = str(ds.get("Modality", ""))
-    if expected and modality and modality not in expected:
-        raise DecodeError("WrongModality", f"DICOM Modality is {modality}, expected {sorted(expected)}")
+    modality = str(ds.get("Modality", "") or "")
+    if expected and modality not in expected:
+        raise DecodeError("WrongModality", f"DICOM Modality is {modality or 'missing'}, expected "
+                                           f"{' or '.join(sorted(expected))}")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise DecodeError("UnsupportedPhotometric",
                           f"{ds.get('PhotometricInterpretation')} with {ds.get('SamplesPerPixel')} samples per pixel "
                           "is not a CT/PET slice")
-    arr = decode_pixels(ds, path)
-    if arr.ndim == 3:  # multi-frame
-        arr = arr[frame or 0]
-    elif arr.ndim != 2:
-        raise DecodeError("UnsupportedShape", f"pixel array of shape {arr.shape}")
-    values, meta = physical_values(ds, arr)
+    arr = decode_pixels(ds, frame)
+    if arr.ndim != 2:
+        raise DecodeError("UnsupportedShape", f"pixel array of shape {arr.shape} (expected one 2-D frame)")
+    try:
+        values, meta = physical_values(ds, arr, frame)
+        spacing = ds.get("PixelSpacing")
+        if spacing is not None and len(spacing) == 2:
+            meta["pixel_spacing_mm"] = [float(spacing[0]), float(spacing[1])]
+        if ds.get("SliceThickness") not in (None, ""):
+            meta["slice_thickness_mm"] = float(ds.SliceThickness)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
+        raise DecodeError("BadHeader", scrub(f"unreadable rescale/geometry tags: {type(err).__name__}: {err}",
+                                             ds)) from None
     check_finite(values, "slice")
-    spacing = ds.get("PixelSpacing")
-    if spacing is not None and len(spacing) == 2:
-        meta["pixel_spacing_mm"] = [float(spacing[0]), float(spacing[1])]
-    if ds.get("SliceThickness") not in (None, ""):
-        meta["slice_thickness_mm"] = float(ds.SliceThickness)
+    if frame is not None:
+        meta["frame"] = int(frame)
     meta["window"] = list(window) if window is not None else None
     meta["original_shape"] = list(arr.shape)
     img = resize_plane(apply_window(values, window), size)
     return np.clip(img, 0, 1)[None].astype(np.float32), meta
 
 
-def hounsfield(path: str) -> np.ndarray:
-    """Full-resolution HU (or physical values) of a single-frame file, for checks and tests."""
-    ds = _read(path, stop_before_pixels=False)
-    values, _ = physical_values(ds, decode_pixels(ds, path))
+def hounsfield(path: str, frame: int | None = None) -> np.ndarray:
+    """Full-resolution physical values (HU for CT) of one slice, for checks and tests."""
+    with quiet_pydicom():
+        ds = _read(path, stop_before_pixels=False)
+        values, _ = physical_values(ds, decode_pixels(ds, frame), frame)
     return values
-

@@ -117,7 +117,11 @@ def category_index(variable: str, value: str) -> int | None:
 
 
 def read_events(path: str):
-    """Long-format events (hours since the first event, variable, value) from either layout."""
+    """Events of an EHR CSV as a DataFrame (stay, hours, variable, value), time-sorted within each stay.
+
+    ``hours`` counts from the stay's first event (long format) or is the wide file's ``Hours``.
+    A long file may hold several stays (``stay_id``); without the column it is one stay.
+    """
     import pandas as pd
 
     try:
@@ -125,30 +129,35 @@ def read_events(path: str):
     except Exception as err:
         raise DecodeError("BadCSV", f"cannot read the EHR CSV: {type(err).__name__}: {err}") from None
     if {"charttime", "variable", "value"} <= set(df.columns):
+        stay = df["stay_id"].fillna("") if "stay_id" in df.columns else pd.Series([""] * len(df), index=df.index)
         t = pd.to_datetime(df["charttime"], errors="coerce")
         if t.isna().all():
             raise DecodeError("BadCSV", "no parseable charttime")
-        hours = (t - t.min()).dt.total_seconds() / 3600.0
-        ev = pd.DataFrame({"hours": hours, "variable": df["variable"], "value": df["value"]}).dropna()
+        first = t.groupby(stay).transform("min")
+        hours = (t - first).dt.total_seconds() / 3600.0
+        ev = pd.DataFrame({"stay": stay, "start": first, "hours": hours, "variable": df["variable"],
+                           "value": df["value"]}).dropna()
     elif "Hours" in df.columns:
         long = df.melt(id_vars=["Hours"], var_name="variable", value_name="value").dropna()
-        ev = pd.DataFrame({"hours": long["Hours"].astype(float), "variable": long["variable"], "value": long["value"]})
+        hours = pd.to_numeric(long["Hours"], errors="coerce")
+        ev = pd.DataFrame({"stay": "", "start": pd.Timestamp(0), "hours": hours, "variable": long["variable"],
+                           "value": long["value"]}).dropna()
     else:
         raise DecodeError("BadCSV", "expected columns (stay_id, charttime, variable, value) or a wide file with Hours")
     known = {v for v, _ in VARIABLES}
-    ev = ev[ev["variable"].isin(known)]
+    ev = ev[ev["variable"].str.strip().isin(known)].assign(variable=lambda d: d["variable"].str.strip())
     if ev.empty:
         raise DecodeError("NoEvents", "no events of the 17 benchmark variables")
-    return ev.sort_values("hours", kind="stable")
+    return ev.sort_values(["start", "stay", "hours"], kind="stable")
 
 
-def discretise(path: str, step_hours: float = 2.0, window_hours: float = 48.0) -> tuple[np.ndarray, dict]:
-    """Unstandardised (T, 76) float32 tensor of one stay and meta (unknown category counts)."""
-    ev = read_events(path)
+def discretise_events(ev, step_hours: float = 2.0, window_hours: float = 48.0) -> tuple[np.ndarray, dict]:
+    """Unstandardised (T, 76) float32 tensor of one stay's events and meta (unknown value counts)."""
     T = int(round(window_hours / step_hours))
     ev = ev[(ev["hours"] >= 0) & (ev["hours"] < window_hours)]
     raw: dict[str, list] = {v: [None] * T for v, _ in VARIABLES}
     observed = np.zeros((T, len(VARIABLES)), np.float32)
+    index = {v: i for i, (v, _) in enumerate(VARIABLES)}
     unknown = 0
     for hours, var, value in zip(ev["hours"].to_numpy(), ev["variable"].to_numpy(), ev["value"].to_numpy()):
         step = min(int(hours // step_hours), T - 1)
@@ -162,10 +171,13 @@ def discretise(path: str, step_hours: float = 2.0, window_hours: float = 48.0) -
             except ValueError:
                 unknown += 1
                 continue
+            if not np.isfinite(value):
+                unknown += 1
+                continue
         raw[var][step] = value  # events are time-sorted: the last one in the step wins
-        observed[step, [v for v, _ in VARIABLES].index(var)] = 1.0
+        observed[step, index[var]] = 1.0
     x = np.zeros((T, N_FEATURES), np.float32)
-    for vi, (var, normal) in enumerate(VARIABLES):
+    for var, normal in VARIABLES:
         prev = None
         for t in range(T):
             val = raw[var][t] if raw[var][t] is not None else prev
@@ -176,8 +188,28 @@ def discretise(path: str, step_hours: float = 2.0, window_hours: float = 48.0) -
             else:
                 x[t, START[var]] = float(val)
     x[:, MASK_OFFSET:] = observed
-    return x, {"steps": T, "step_hours": step_hours, "unknown_values": unknown,
+    return x, {"steps": T, "step_hours": step_hours, "window_hours": window_hours, "unknown_values": unknown,
                "observed_fraction": float(observed.mean())}
+
+
+def discretise_stays(path: str, step_hours: float = 2.0, window_hours: float = 48.0
+                     ) -> list[tuple[str, np.ndarray, dict]]:
+    """[(stay id, (T, 76) tensor, meta)] for every stay of the file, earliest stay first.
+
+    The stay id is returned for keyed hashing only; it never goes into ``meta``.
+    """
+    ev = read_events(path)
+    out = []
+    for (_, stay), group in ev.groupby(["start", "stay"], sort=True):  # chronological, then by id
+        x, meta = discretise_events(group, step_hours, window_hours)
+        out.append((str(stay), x, meta))
+    return out
+
+
+def discretise(path: str, step_hours: float = 2.0, window_hours: float = 48.0) -> tuple[np.ndarray, dict]:
+    """The (T, 76) tensor of a single-stay file (the first stay when there are several)."""
+    _, x, meta = discretise_stays(path, step_hours, window_hours)[0]
+    return x, meta
 
 
 def fit_normalisation(sums: np.ndarray, sumsq: np.ndarray, count: float) -> dict:

@@ -15,42 +15,62 @@ import numpy as np
 from raypipe.ingest.common import DecodeError
 
 
-def _band_names(page, n: int) -> list[str]:
-    tag = page.tags.get(42112)  # GDAL_METADATA
+def _band_names(gdal_metadata: str | None, n: int) -> list[str]:
     names = [f"band{i + 1}" for i in range(n)]
-    if tag is not None:
-        for sample, name in re.findall(r'<Item name="DESCRIPTION" sample="(\d+)"[^>]*>([^<]*)</Item>', str(tag.value)):
-            if int(sample) < n:
-                names[int(sample)] = name
+    if gdal_metadata:
+        for sample, name in re.findall(r'<Item name="DESCRIPTION" sample="(\d+)"[^>]*>([^<]*)</Item>', gdal_metadata):
+            if int(sample) < n and name.strip():
+                names[int(sample)] = name.strip()
     return names
 
 
+def _geotransform(page) -> tuple[float, ...] | None:
+    """GDAL-style (x0, dx, rx, y0, ry, dy) from ModelTransformation or ModelPixelScale + ModelTiepoint."""
+    matrix = page.tags.get(34264)  # ModelTransformationTag: 4x4 row-major raster -> model
+    if matrix is not None and len(matrix.value) >= 8:
+        m = [float(v) for v in matrix.value]
+        return (m[3], m[0], m[1], m[7], m[4], m[5])
+    scale, tie = page.tags.get(33550), page.tags.get(33922)  # ModelPixelScale, ModelTiepoint
+    if scale is not None and tie is not None and len(tie.value) >= 6:
+        sx, sy = float(scale.value[0]), float(scale.value[1])
+        i, j, _, x, y, _ = [float(v) for v in tie.value[:6]]
+        return (x - i * sx, sx, 0.0, y + j * sy, 0.0, -sy)
+    return None
+
+
 def read_scene(path: str) -> tuple[np.ndarray, list[str], float | None, tuple[float, ...] | None]:
-    """(bands (B, H, W) float32, band names, nodata value, geotransform (x0, dx, 0, y0, 0, -dy))."""
+    """(bands (B, H, W) float32, band names, nodata value, geotransform (x0, dx, rx, y0, ry, dy))."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
             page = tif.pages[0]
-            data = tif.series[0].asarray()
-            nodata_tag = page.tags.get(42113)
-            nodata = float(str(nodata_tag.value).strip()) if nodata_tag is not None else None
-            geo = None
-            scale, tie = page.tags.get(33550), page.tags.get(33922)
-            if scale is not None and tie is not None:
-                sx, sy = float(scale.value[0]), float(scale.value[1])
-                i, j, _, x, y, _ = [float(v) for v in tie.value[:6]]
-                geo = (x - i * sx, sx, 0.0, y + j * sy, 0.0, -sy)
-            planar = page.planarconfig == 2 or (data.ndim == 3 and data.shape[0] < data.shape[-1])
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as err:
-        raise DecodeError("NotGeoTIFF", f"cannot read as TIFF: {err}") from None
+            data = series.asarray()
+            axes = series.axes
+            nodata_tag = page.tags.get(42113)  # GDAL_NODATA
+            nodata = None
+            if nodata_tag is not None:
+                try:
+                    nodata = float(str(nodata_tag.value).strip().strip("\x00"))
+                except ValueError:
+                    nodata = None
+            md = page.tags.get(42112)  # GDAL_METADATA (band descriptions)
+            gdal_metadata = str(md.value) if md is not None else None
+            geo = _geotransform(page)
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError) as err:
+        raise DecodeError("NotGeoTIFF", f"cannot read as TIFF: {type(err).__name__}: {err}") from None
+    # bring the band axis first, whatever the storage layout (planar 'SYX'/'CYX', contiguous 'YXS')
     if data.ndim == 2:
         data = data[None]
-    elif data.ndim == 3 and not planar:
-        data = np.transpose(data, (2, 0, 1))  # (H, W, B) -> (B, H, W)
-    if data.ndim != 3:
-        raise DecodeError("UnsupportedShape", f"TIFF of shape {data.shape}")
-    return data.astype(np.float32), _band_names(page, data.shape[0]), nodata, geo
+    elif data.ndim == 3:
+        band_axis = next((axes.index(a) for a in "SCQI" if a in axes), 0 if axes[-1] == "X" else 2)
+        data = np.moveaxis(data, band_axis, 0)
+    else:
+        raise DecodeError("UnsupportedShape", f"TIFF of shape {data.shape} (axes {axes}); expected one 2-D/3-D scene")
+    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
+        raise DecodeError("UnsupportedDtype", f"pixel type {data.dtype}")
+    return data.astype(np.float32), _band_names(gdal_metadata, data.shape[0]), nodata, geo
 
 
 def select_bands(data: np.ndarray, names: list[str], bands: Sequence[int | str] | None):
@@ -70,16 +90,20 @@ def select_bands(data: np.ndarray, names: list[str], bands: Sequence[int | str] 
 
 
 def normalise(data: np.ndarray, valid: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    """Per-band [p_lo, p_hi] -> [0, 1] over valid pixels; nodata pixels become 0."""
+    """Per-band [p_lo, p_hi] -> [0, 1] over that band's valid pixels; nodata pixels become 0.
+
+    ``valid`` is (H, W) (one mask for all bands) or (B, H, W) (per band).
+    """
     out = np.zeros_like(data, dtype=np.float32)
+    masks = np.broadcast_to(valid, data.shape)
     for b in range(data.shape[0]):
-        vals = data[b][valid]
+        vals = data[b][masks[b]]
         if vals.size == 0:
             continue
         lo, hi = np.percentile(vals, percentiles)
         if hi > lo:
             out[b] = np.clip((data[b] - lo) / (hi - lo), 0, 1)
-    out[:, ~valid] = 0.0
+        out[b][~masks[b]] = 0.0
     return out
 
 
@@ -90,12 +114,13 @@ def decode_scene(path: str, size: int, bands=None, percentiles=(2.0, 98.0)) -> l
     """
     data, names, nodata, geo = read_scene(path)
     data, names = select_bands(data, names, bands)
-    valid = np.isfinite(data).all(axis=0)
+    band_valid = np.isfinite(data)
     if nodata is not None:
-        valid &= ~(data == nodata).all(axis=0)
+        band_valid &= data != nodata
+    valid = band_valid.any(axis=0)  # a pixel is data when any band has a value there
     if not valid.any():
         raise DecodeError("AllNodata", "every pixel is nodata")
-    norm = normalise(np.nan_to_num(data), valid, tuple(percentiles))
+    norm = normalise(np.nan_to_num(data), band_valid, tuple(percentiles))
     _, h, w = norm.shape
     out = []
     idx = 0
@@ -111,8 +136,8 @@ def decode_scene(path: str, size: int, bands=None, percentiles=(2.0, 98.0)) -> l
             meta = {"bands": names, "nodata_fraction": float(1 - pv.mean()), "tile": [r0, c0],
                     "percentiles": list(percentiles)}
             if geo is not None:
-                x0, dx, _, y0, _, dy = geo
-                meta["geotransform"] = [x0 + c0 * dx, dx, 0.0, y0 + r0 * dy, 0.0, dy]
+                x0, dx, rx, y0, ry, dy = geo
+                meta["geotransform"] = [x0 + c0 * dx + r0 * rx, dx, rx, y0 + c0 * ry + r0 * dy, ry, dy]
             out.append((idx, patch, meta))
             idx += 1
     return out

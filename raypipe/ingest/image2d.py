@@ -11,11 +11,12 @@ from raypipe.ingest.common import DecodeError, resize_image
 
 def decode_image(path: str, size: int, channels: str = "gray") -> tuple[np.ndarray, dict[str, Any]]:
     """float32 (C, size, size) in [0, 1]; C = 1 (gray) or 3 (rgb)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as opened:
+            opened.load()
+            im = ImageOps.exif_transpose(opened)  # phones and some viewers store the rotation in EXIF
             mode = im.mode
             if mode.startswith("I;16") or mode == "I":
                 arr = np.asarray(im, dtype=np.float32)
@@ -25,6 +26,9 @@ def decode_image(path: str, size: int, channels: str = "gray") -> tuple[np.ndarr
                 conv = im.convert("L" if channels == "gray" else "RGB")
                 arr = np.asarray(conv, dtype=np.float32) / 255.0
                 chw = arr[None] if arr.ndim == 2 else np.transpose(arr, (2, 0, 1))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DecodeError("NotAnImage", f"cannot read as an image: {err}") from None
-    return resize_image(chw, size), {"original_mode": mode, "original_shape": list(chw.shape[1:])}
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DecodeError("NotAnImage", f"cannot read as an image: {type(err).__name__}: {err}") from None
+    if chw.size == 0:
+        raise DecodeError("EmptyImage", "image without pixels")
+    return resize_image(chw, size), {"original_mode": mode, "original_shape": list(chw.shape[1:]),
+                                     "channels": channels}

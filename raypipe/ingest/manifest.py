@@ -12,10 +12,13 @@ configured label columns) plus group columns; an ``age`` column yields ``age_ban
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 EXTENSION_FORMATS = {".dcm": "dicom", ".dicom": "dicom", ".nii": "nifti", ".nii.gz": "nifti", ".hdr": "nifti",
                      ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "geotiff", ".tiff": "geotiff",
@@ -59,6 +62,11 @@ def read_manifest(root: str) -> pd.DataFrame:
                     name = entry.split(".")[0]
                     rows.append((pid, name, guess_format(entry), os.path.relpath(full, root)))
         df = pd.DataFrame(rows, columns=["patient_id", "modality", "format", "path"])
+    df["patient_id"] = df["patient_id"].astype(str)
+    dup = df.duplicated(["patient_id", "modality", "path"])
+    if dup.any():
+        log.warning("manifest: %d duplicated (patient_id, modality, path) rows ignored", int(dup.sum()))
+        df = df[~dup]
     return df.sort_values(["patient_id", "modality", "path"], kind="stable").reset_index(drop=True)
 
 

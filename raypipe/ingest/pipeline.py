@@ -4,24 +4,32 @@
 
     manifest + labels --(driver)--> samples (pseudonymous ids, grouped stratified test split)
     DICOM files --header pass (Ray Data)--> series grouped, ordered, slices selected (driver, metadata only)
-    selected slices, NIfTI, images, GeoTIFF, EHR, reports, tables --decode pass (Ray Data)--> rows
-    EHR rows --statistics of the training split--> standardised
-    rows --sort by id--> records/ (Parquet)   errors.parquet   ingest_summary.json
+    train EHR files --statistics pass (Ray Data)--> means/stds (or a saved ehr_normalisation.json)
+    work items sorted by (sample_id, modality, source_key, position)
+        --decode pass (Ray Data map_batches, per-item try/except)--> records + error rows
+        --records datasink--> records/part-NNNNN.parquet (streamed; one file per task, in key order)
+    errors.parquet   samples.parquet   ehr_normalisation.json   ingest_summary.json
 
-Every file is either ingested or quarantined (an ``errors`` row, with the reason);
-the per-row try/except lives in the UDFs, so one bad file never drops a block of good
-rows. Outputs are written to a temporary directory and renamed into place.
+Every manifest file ends in exactly one state: ingested, quarantined (an ``errors``
+row with the reason), empty-as-missing (an empty report) or not selected (a DICOM
+slice the selection policy skipped); the summary reconciles the counts per modality.
+The work items are sorted before decoding and Ray Data preserves order, so the
+records come out sorted by id without a global sort, and memory stays flat as the
+cohort grows: decoded pixels stream from the decode tasks into Parquet files.
+Outputs are written to a temporary directory and renamed into place when complete.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import tempfile
-from collections import defaultdict
-from typing import Any
+from collections import Counter, defaultdict
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -35,77 +43,95 @@ from raypipe.schema import (ERRORS_SCHEMA, NORMALISATION_KEY, RECORDS_SCHEMA, ar
 
 log = logging.getLogger(__name__)
 
-#: one schema for everything the decode pass emits: a record or an error
+#: everything the decode pass emits: a record (RECORDS columns) or an error, tagged with its file
 ROW_SCHEMA = pa.schema([
-    pa.field("kind", pa.string()), pa.field("item", pa.int64()), pa.field("sample_id", pa.string()),
-    pa.field("modality", pa.string()), pa.field("source_key", pa.string()), pa.field("position", pa.int32()),
-    pa.field("payload", pa.binary()), pa.field("dtype", pa.string()), pa.field("shape", pa.list_(pa.int32())),
-    pa.field("text", pa.string()), pa.field("meta", pa.string()), pa.field("source_path", pa.string()),
-    pa.field("error_class", pa.string()), pa.field("message", pa.string()), pa.field("train", pa.bool_()),
-])
+    pa.field("kind", pa.string()), pa.field("file", pa.int64()),
+    *[f for f in RECORDS_SCHEMA],
+    pa.field("error_class", pa.string()), pa.field("message", pa.string()),
+]).with_metadata(None)
 HEADER_SCHEMA = pa.schema([
-    pa.field("item", pa.int64()), pa.field("series", pa.string()), pa.field("position", pa.float64()),
-    pa.field("instance", pa.int64()), pa.field("frames", pa.int64()), pa.field("error_class", pa.string()),
+    pa.field("file", pa.int64()), pa.field("series", pa.string()), pa.field("position", pa.float64()),
+    pa.field("instance", pa.int64()), pa.field("frames", pa.int64()),
+    pa.field("frame_positions", pa.list_(pa.float64())), pa.field("error_class", pa.string()),
     pa.field("message", pa.string()),
 ])
 UNEXPECTED = "UnexpectedError"
+#: error classes that mean "this modality is missing for the patient", not a bad file
+MISSING_CLASSES = {"EmptyReport"}
+#: the file states the summary reconciles
+STATES = ("ingested", "quarantined", "empty_as_missing", "not_selected")
 
 
 # ----------------------------------------------------------------------------- UDFs (run in Ray tasks)
 def _header_batch(batch: pa.Table) -> pa.Table:
+    """DICOM header pass: one row per file (geometry and series) or its error."""
     from raypipe.ingest import dicom
 
     out = defaultdict(list)
-    for item, path in zip(batch.column("item").to_pylist(), batch.column("path").to_pylist()):
-        series = pos = inst = frames = err = msg = None
+    for file, path, expected in zip(batch.column("file").to_pylist(), batch.column("path").to_pylist(),
+                                    batch.column("expected").to_pylist()):
+        row = dict.fromkeys(HEADER_SCHEMA.names)
+        row["file"] = file
         try:
-            h = dicom.read_header(path)
-            series, pos, inst, frames = h.series_uid, h.position, h.instance, h.frames
+            h = dicom.read_header(path, set(expected) if expected else None)
+            row.update(series=h.series_uid, position=h.position, instance=h.instance, frames=h.frames,
+                       frame_positions=h.frame_positions)
         except DecodeError as e:
-            err, msg = e.error_class, str(e)
+            row.update(error_class=e.error_class, message=str(e))
         except Exception as e:  # noqa: BLE001 - quarantine, never crash the run
-            err, msg = UNEXPECTED, f"{type(e).__name__}: {e}"
-        for k, v in zip(HEADER_SCHEMA.names, (item, series, pos, inst, frames, err, msg)):
-            out[k].append(v)
+            row.update(error_class=UNEXPECTED, message=f"{type(e).__name__}: {e}")
+        for k in HEADER_SCHEMA.names:
+            out[k].append(row[k])
     return pa.table(dict(out), schema=HEADER_SCHEMA)
 
 
-def _decode_item(it: dict, mod_cfg: dict, ehr_cfg: dict) -> list[dict]:
-    """One work item -> record rows (dicts of RECORDS columns)."""
+def _decode_item(it: dict, mod_cfg: dict, ehr_cfg: dict, stats: dict | None) -> Iterable[dict]:
+    """One work item -> record dicts (RECORDS columns, ``meta`` as a dict)."""
     from raypipe.ingest import dicom, ehr, geotiff, image2d, nifti, report, tabular
 
     fmt, kind = it["format"], mod_cfg["kind"]
-    size, window = mod_cfg["size"], mod_cfg["window"]
-    sel = mod_cfg["slices"]
+    size, window, sel = mod_cfg["size"], mod_cfg["window"], mod_cfg["slices"]
     base = {"sample_id": it["sample_id"], "modality": it["modality"], "source_key": it["source_key"]}
-    if fmt == "dicom":
-        expected = {"ct": {"CT"}, "pet": {"PT"}}.get(it["modality"])
-        img, meta = dicom.decode_slice(it["path"], size, window, frame=it["frame"], expected=expected)
-        if it.get("z_mm") is not None:
+    if kind == "volume" and fmt == "dicom":
+        img, meta = dicom.decode_slice(it["path"], size, window, frame=it["frame"],
+                                       expected=dicom.EXPECTED_MODALITY.get(it["modality"]))
+        if it["z_mm"] is not None:
             meta["z_mm"] = it["z_mm"]  # position along the slice normal: the order is checkable
         return [{**base, "position": it["position"], **array_to_payload(img), "meta": meta}]
-    if fmt == "nifti":
+    if kind == "volume" and fmt == "nifti":
         return [{**base, "position": pos, **array_to_payload(img), "meta": meta}
                 for pos, img, meta in nifti.decode_volume(it["path"], size, window, sel["policy"], sel["n"], sel["k"],
                                                           mod_cfg["frame"])]
-    if fmt in ("png", "jpeg", "image"):
+    if kind == "image" and fmt in ("png", "jpeg", "image"):
         img, meta = image2d.decode_image(it["path"], size, mod_cfg["channels"])
         return [{**base, "position": 0, **array_to_payload(img), "meta": meta}]
-    if fmt == "geotiff":
+    if kind == "image" and fmt == "dicom":  # e.g. a DX/CR chest X-ray: one image per file
+        img, meta = dicom.decode_slice(it["path"], size, window)
+        if mod_cfg["channels"] == "rgb":
+            img = np.repeat(img, 3, axis=0)
+        return [{**base, "position": 0, **array_to_payload(img), "meta": meta}]
+    if kind == "geotiff" and fmt == "geotiff":
         return [{**base, "position": pos, **array_to_payload(img), "meta": meta}
                 for pos, img, meta in geotiff.decode_scene(it["path"], size, mod_cfg["bands"], mod_cfg["percentiles"])]
-    if kind == "ehr":
-        x, meta = ehr.discretise(it["path"], ehr_cfg["step_hours"], ehr_cfg["window_hours"])
-        return [{**base, "position": 0, **array_to_payload(x), "meta": meta}]
-    if kind == "text":
-        return [{**base, "position": 0, "text": report.read_report(it["path"], mod_cfg["max_words"]), "meta": {}}]
-    if kind == "tabular":
+    if kind == "ehr" and fmt == "csv":
+        out = []
+        for pos, (_, x, meta) in enumerate(ehr.discretise_stays(it["path"], ehr_cfg["step_hours"],
+                                                               ehr_cfg["window_hours"])):
+            if stats:
+                x = ehr.standardise(x, stats)
+            meta["standardised"] = bool(stats)
+            out.append({**base, "position": pos, **array_to_payload(x), "meta": meta})
+        return out
+    if kind == "text" and fmt == "text":
+        return [{**base, "position": 0, "text": report.read_report(it["path"], mod_cfg["max_words"]),
+                 "meta": {"max_words": mod_cfg["max_words"]}}]
+    if kind == "tabular" and fmt == "csv":
         vec, cols = tabular.read_row(it["path"], it["source_id"])
         return [{**base, "position": 0, **array_to_payload(vec), "meta": {"columns": cols}}]
-    raise DecodeError("UnsupportedFormat", f"format {fmt!r} for a {kind} modality")
+    raise DecodeError("UnsupportedFormat", f"format {fmt!r} cannot feed a {kind!r} modality (see docs/ingest.md)")
 
 
-def _decode_batch(batch: pa.Table, modalities: dict, ehr_cfg: dict) -> pa.Table:
+def _decode_batch(batch: pa.Table, modalities: dict, ehr_cfg: dict, stats: dict | None) -> pa.Table:
     """map_batches UDF: decode each item with its own try/except (a bad file becomes an error row)."""
     out = defaultdict(list)
 
@@ -114,52 +140,81 @@ def _decode_batch(batch: pa.Table, modalities: dict, ehr_cfg: dict) -> pa.Table:
             out[name].append(row.get(name))
 
     for it in batch.to_pylist():
-        common = {"item": it["item"], "sample_id": it["sample_id"], "modality": it["modality"],
-                  "source_path": it["rel_path"], "train": it["train"]}
+        head = {"file": it["file"], "sample_id": it["sample_id"], "modality": it["modality"],
+                "source_key": it["source_key"], "position": it["position"]}
         try:
-            for rec in _decode_item(it, modalities[it["modality"]], ehr_cfg):
-                rec["meta"] = json.dumps(rec.get("meta", {}), sort_keys=True)
-                emit({**common, **rec, "kind": "record"})
+            for rec in _decode_item(it, modalities[it["modality"]], ehr_cfg, stats):
+                rec["meta"] = json.dumps(rec.get("meta") or {}, sort_keys=True)
+                emit({**head, **rec, "kind": "record"})
         except DecodeError as e:
-            emit({**common, "kind": "error", "error_class": e.error_class, "message": str(e)})
+            emit({**head, "kind": "error", "error_class": e.error_class, "message": str(e)})
         except Exception as e:  # noqa: BLE001 - quarantine, never crash the run
-            emit({**common, "kind": "error", "error_class": UNEXPECTED, "message": f"{type(e).__name__}: {e}"})
+            emit({**head, "kind": "error", "error_class": UNEXPECTED, "message": f"{type(e).__name__}: {e}"})
     return pa.table(dict(out), schema=ROW_SCHEMA)
 
 
-def _ehr_sums(batch: pa.Table) -> pa.Table:
-    from raypipe.ingest.ehr import CONTINUOUS_COLUMNS
-    from raypipe.schema import payload_to_array
+def _ehr_sums_batch(batch: pa.Table, ehr_cfg: dict) -> pa.Table:
+    """Per-batch sums of the continuous EHR channels of training stays (files that fail are skipped here
+    and quarantined by the decode pass)."""
+    from raypipe.ingest import ehr
 
-    cols = CONTINUOUS_COLUMNS
+    cols = ehr.CONTINUOUS_COLUMNS
     s, sq, n = np.zeros(len(cols)), np.zeros(len(cols)), 0.0
-    for p, d, sh in zip(batch.column("payload").to_pylist(), batch.column("dtype").to_pylist(),
-                        batch.column("shape").to_pylist()):
-        x = payload_to_array(p, d, sh)[:, cols].astype(np.float64)
-        s += x.sum(0)
-        sq += (x ** 2).sum(0)
-        n += x.shape[0]
+    for path in batch.column("path").to_pylist():
+        try:
+            stays = ehr.discretise_stays(path, ehr_cfg["step_hours"], ehr_cfg["window_hours"])
+        except Exception:  # noqa: BLE001 - reported by the decode pass
+            continue
+        for _, x, _ in stays:
+            v = x[:, cols].astype(np.float64)
+            s += v.sum(0)
+            sq += (v ** 2).sum(0)
+            n += v.shape[0]
     return pa.table({"s": [s.tolist()], "sq": [sq.tolist()], "n": [n]})
 
 
-def _standardise_batch(batch: pa.Table, ehr_modalities: list[str], stats: dict) -> pa.Table:
-    from raypipe.ingest.ehr import standardise
-    from raypipe.schema import payload_to_array
+def _records_sink(out_dir: str):
+    """A Ray Data datasink writing each task's records to ``part-<task>.parquet`` and returning its errors.
 
-    mods = batch.column("modality").to_pylist()
-    if not any(m in ehr_modalities for m in mods):
-        return batch
-    new = []
-    for m, p, d, sh in zip(mods, batch.column("payload").to_pylist(), batch.column("dtype").to_pylist(),
-                           batch.column("shape").to_pylist()):
-        if m in ehr_modalities and p is not None:
-            new.append(array_to_payload(standardise(payload_to_array(p, d, sh), stats))["payload"])
-        else:
-            new.append(p)
-    return batch.set_column(batch.schema.get_field_index("payload"), "payload", pa.array(new, pa.binary()))
+    One file per write task, named by the task index: the input blocks are in key order and
+    Ray Data numbers the tasks in that order, so the files are sorted by name and content.
+    """
+    from ray.data.block import BlockAccessor
+    from ray.data.datasource import Datasink
+
+    class _Sink(Datasink):
+        def __init__(self):
+            self.out_dir = out_dir
+            self.result = None
+
+        def on_write_start(self, schema=None) -> None:
+            os.makedirs(self.out_dir, exist_ok=True)
+
+        def write(self, blocks, ctx) -> dict:
+            import pyarrow.compute as pc
+            import pyarrow.parquet as pq
+
+            tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+            tables = [t for t in tables if t.num_rows]
+            if not tables:
+                return {"files": [], "errors": [], "records": 0}
+            rows = pa.concat_tables(tables)
+            is_rec = pc.equal(rows.column("kind"), "record")
+            rec = rows.filter(is_rec)
+            if rec.num_rows:
+                rec = rec.select(RECORDS_SCHEMA.names).cast(RECORDS_SCHEMA)
+                pq.write_table(rec, os.path.join(self.out_dir, f"part-{ctx.task_idx:05d}.parquet"))
+            err = rows.filter(pc.invert(is_rec)).select(["file", "error_class", "message"]).to_pylist()
+            return {"files": sorted(set(rows.filter(is_rec).column("file").to_pylist())), "errors": err,
+                    "records": rec.num_rows}
+
+        def on_write_complete(self, write_result) -> None:
+            self.result = write_result
+
+    return _Sink()
 
 
-# ----------------------------------------------------------------------------- driver
+# ----------------------------------------------------------------------------- driver helpers
 def _samples(cfg: Config, secret: bytes, root: str) -> tuple[pd.DataFrame, dict[str, str]]:
     from raypipe.ingest.manifest import read_labels
     from raypipe.train.splits import holdout_mask
@@ -176,14 +231,102 @@ def _samples(cfg: Config, secret: bytes, root: str) -> tuple[pd.DataFrame, dict[
     return df, ids
 
 
-def _blocks(n: int) -> int:
-    from raypipe.runtime import cluster_resources
+def public_path(rel_path: str, patient_id: str, sample_id: str) -> str:
+    """``rel_path`` with the raw patient id replaced by the sample id (folder layouts often name it)."""
+    if not patient_id:
+        return rel_path
+    return re.sub(rf"(?<![A-Za-z0-9]){re.escape(patient_id)}(?![A-Za-z0-9])", sample_id, rel_path)
 
-    return max(1, min(n, 4 * max(1, int(cluster_resources()["CPU"]))))
+
+def _num_blocks(n_items: int, per_task: int) -> int:
+    # depends on the input only (not on the cluster), so the output files are the same everywhere
+    return max(1, math.ceil(n_items / per_task))
 
 
+def _load_stats(path: str) -> dict:
+    from raypipe.ingest.ehr import CONTINUOUS_COLUMNS
+
+    with open(path) as fh:
+        stats = json.load(fh)
+    stats = stats.get("ehr", stats)
+    if stats.get("columns") != CONTINUOUS_COLUMNS or len(stats.get("mean", [])) != len(CONTINUOUS_COLUMNS):
+        raise ValueError(f"{path}: not an ehr_normalisation.json of this feature layout (columns "
+                         f"{CONTINUOUS_COLUMNS}); use the file written by the ingest run of the training data")
+    return stats
+
+
+def _fit_stats(train_items: list[dict], cfg: Config) -> dict:
+    """EHR statistics of the training split (a Ray Data pass that returns sums only)."""
+    import ray.data
+
+    from raypipe.ingest.ehr import fit_normalisation
+
+    if not train_items:
+        return {}
+    ds = ray.data.from_items([{"path": it["path"]} for it in train_items],
+                             override_num_blocks=_num_blocks(len(train_items), cfg.ingest.items_per_task))
+    sums = ds.map_batches(_ehr_sums_batch, fn_kwargs={"ehr_cfg": cfg.ingest.ehr.model_dump()},
+                          batch_format="pyarrow", batch_size=cfg.ingest.items_per_task).take_all()
+    n = float(sum(r["n"] for r in sums))
+    if n == 0:
+        return {}
+    s = np.sum([r["s"] for r in sums], axis=0)
+    sq = np.sum([r["sq"] for r in sums], axis=0)
+    stats = fit_normalisation(np.asarray(s), np.asarray(sq), n)
+    stats["fitted_on"] = "train"
+    return stats
+
+
+def _plan_dicom(dicom_items: list[dict], mods: dict, secret: bytes, cfg: Config,
+                errors: list[dict], states: dict[int, str]) -> list[dict]:
+    """Header pass, series grouping, anatomical order and slice selection -> one work item per selected slice."""
+    import ray.data
+
+    from raypipe.ingest.dicom import EXPECTED_MODALITY, SliceHeader, order_slices, slice_refs
+
+    if not dicom_items:
+        return []
+    hdr = ray.data.from_items(
+        [{"file": it["file"], "path": it["path"], "expected": sorted(EXPECTED_MODALITY.get(it["modality"], []))}
+         for it in dicom_items],
+        override_num_blocks=_num_blocks(len(dicom_items), 4 * cfg.ingest.items_per_task))
+    headers = hdr.map_batches(_header_batch, batch_format="pyarrow", batch_size=4 * cfg.ingest.items_per_task)
+    by_file = {it["file"]: it for it in dicom_items}
+    series: dict[tuple, list] = defaultdict(list)
+    for batch in headers.iter_batches(batch_format="pyarrow", batch_size=None):
+        for h in batch.to_pylist():
+            it = by_file[h["file"]]
+            if h["error_class"] is not None:
+                errors.append({"file": it["file"], "error_class": h["error_class"], "message": h["message"]})
+                continue
+            series[(it["sample_id"], it["modality"], h["series"])].append(
+                SliceHeader(it["path"], h["series"], it["modality"], h["position"], h["instance"], h["frames"],
+                            frame_positions=h["frame_positions"]))
+    path_item = {it["path"]: it for it in dicom_items}
+    work = []
+    for (sid, modality, uid), headers_ in sorted(series.items()):
+        sel = mods[modality]["slices"]
+        key = pseudonym(secret, uid)
+        ordered = order_slices(slice_refs(headers_))
+        pick = select_indices(len(ordered), sel["policy"], sel["n"], sel["k"])
+        chosen = set(pick)
+        for rank, ref in enumerate(ordered):
+            it = path_item[ref.path]
+            if rank in chosen:
+                work.append({**it, "frame": ref.frame, "position": pick.index(rank), "source_key": key,
+                             "z_mm": ref.position})
+            elif it["file"] not in states:
+                states[it["file"]] = "not_selected"  # upgraded to ingested if another frame of it is chosen
+    return work
+
+
+# ----------------------------------------------------------------------------- entry point
 def run_ingest(cfg: Config) -> dict:
-    """Ingest ``cfg.ingest_input`` into ``cfg.records_dir``; returns the reconciliation summary."""
+    """Ingest ``cfg.ingest_input`` into ``cfg.records_dir``; returns the reconciliation summary.
+
+    The summary's ``ok`` is False when the reconciliation fails or the quarantined share of
+    files exceeds ``ingest.error_budget`` (the CLI then exits non-zero).
+    """
     import pyarrow.parquet as pq
     import ray.data
 
@@ -200,160 +343,163 @@ def run_ingest(cfg: Config) -> dict:
     manifest = read_manifest(root)
     mods = {k: v.model_dump(mode="json") for k, v in cfg.ingest.modalities.items()}
 
-    seen: dict[str, int] = defaultdict(int)
-    errors: list[dict] = []
-    skipped_modalities: dict[str, int] = defaultdict(int)
+    # --- one entry per manifest file; files of unconfigured modalities are counted as skipped
+    files: list[dict] = []
+    skipped: Counter = Counter()
     items: list[dict] = []
+    errors: list[dict] = []  # {"file", "error_class", "message"}
     for row in manifest.itertuples(index=False):
         if row.modality not in mods:
-            skipped_modalities[row.modality] += 1
+            skipped[row.modality] += 1
             continue
-        seen[row.modality] += 1
-        if row.patient_id not in ids:
-            errors.append({"source_path": row.path, "stage": "ingest", "modality": row.modality,
-                           "error_class": "NoLabel", "message": "patient not in labels.csv"})
+        pid = str(row.patient_id)
+        sid = ids.get(pid) or pseudonym(secret, pid)
+        f = {"file": len(files), "modality": row.modality, "public_path": public_path(str(row.path), pid, sid),
+             "path": os.path.join(root, str(row.path))}
+        files.append(f)
+        if pid not in ids:
+            errors.append({"file": f["file"], "error_class": "NoLabel",
+                           "message": "patient not in labels.csv: add a labels row or drop the file from the manifest"})
             continue
-        sid = ids[row.patient_id]
-        items.append({"item": len(items), "sample_id": sid, "source_id": str(row.patient_id), "modality": row.modality,
-                      "format": str(row.format), "path": os.path.join(root, row.path), "rel_path": row.path,
-                      "frame": None, "position": 0, "source_key": pseudonym(secret, row.path), "train": sid in train_ids,
-                      "z_mm": None})
-    n_files = sum(seen.values())
-    log.info("ingest: %d files of %d modalities, %d patients", n_files, len(seen), len(samples))
+        items.append({"file": f["file"], "sample_id": sid, "source_id": pid, "modality": row.modality,
+                      "format": str(row.format), "path": f["path"], "frame": None, "position": 0,
+                      "source_key": pseudonym(secret, str(row.path)), "z_mm": None, "train": sid in train_ids})
+    log.info("ingest: %d files of %d modalities, %d patients", len(files), len({f["modality"] for f in files}),
+             len(samples))
 
-    # --- DICOM: header pass, then group by series, order anatomically, select slices (metadata only)
-    dicom_items = [it for it in items if it["format"] == "dicom"]
-    work = [it for it in items if it["format"] != "dicom"]
-    not_selected = defaultdict(int)
-    if dicom_items:
-        hdr = ray.data.from_items([{"item": it["item"], "path": it["path"]} for it in dicom_items],
-                                  override_num_blocks=_blocks(len(dicom_items)))
-        headers = hdr.map_batches(_header_batch, batch_format="pyarrow", batch_size=64).to_pandas()
-        by_item = {it["item"]: it for it in dicom_items}
-        series: dict[tuple, list] = defaultdict(list)
-        from raypipe.ingest.dicom import SliceHeader, order_series
+    states: dict[int, str] = {}
+    dicom_items = [it for it in items if it["format"] == "dicom" and mods[it["modality"]]["kind"] == "volume"]
+    dicom_files = {it["file"] for it in dicom_items}
+    work = [it for it in items if it["file"] not in dicom_files]
+    work += _plan_dicom(dicom_items, mods, secret, cfg, errors, states)
+    # sorted by the output key: Ray Data keeps this order, so the records need no global sort
+    work.sort(key=lambda it: (it["sample_id"], it["modality"], it["source_key"], it["position"], it["file"]))
 
-        for h in headers.itertuples(index=False):
-            it = by_item[int(h.item)]
-            if h.error_class is not None and isinstance(h.error_class, str):
-                errors.append({"source_path": it["rel_path"], "stage": "ingest", "modality": it["modality"],
-                               "error_class": h.error_class, "message": h.message})
-                continue
-            pos = None if pd.isna(h.position) else float(h.position)
-            inst = None if pd.isna(h.instance) else int(h.instance)
-            series[(it["sample_id"], it["modality"], h.series)].append(
-                (SliceHeader(it["path"], h.series, "", pos, inst, int(h.frames), ""), it))
-        for (sid, modality, uid), members in sorted(series.items()):
-            sel = mods[modality]["slices"]
-            key = pseudonym(secret, uid)
-            if len(members) == 1 and members[0][0].frames > 1:  # one multi-frame file: select frames
-                it = members[0][1]
-                for pos, f in enumerate(select_indices(members[0][0].frames, sel["policy"], sel["n"], sel["k"])):
-                    work.append({**it, "frame": f, "position": pos, "source_key": key})
-                continue
-            ordered = order_series([h for h, _ in members])
-            pick = set(select_indices(len(ordered), sel["policy"], sel["n"], sel["k"]))
-            lookup = {h.path: it for h, it in members}
-            for rank, h in enumerate(ordered):
-                it = lookup[h.path]
-                if rank in pick:
-                    work.append({**it, "position": sorted(pick).index(rank), "source_key": key, "z_mm": h.position})
-                else:
-                    not_selected[modality] += 1
-    # --- decode pass
-    ingested_files: dict[str, set] = defaultdict(set)
-    records_dir = cfg.records_dir
-    parent = os.path.dirname(os.path.abspath(records_dir)) or "."
+    # --- EHR statistics: fitted on the training split only, or loaded unchanged
+    ehr_mods = {m for m, c in mods.items() if c["kind"] == "ehr"}
+    ehr_items = [it for it in work if it["modality"] in ehr_mods]
+    if cfg.ingest.ehr.normalisation:
+        stats = _load_stats(cfg.ingest.ehr.normalisation)
+        stats["fitted_on"] = f"loaded: {os.path.basename(cfg.ingest.ehr.normalisation)}"
+    else:
+        stats = _fit_stats([it for it in ehr_items if it["train"]], cfg)
+    if ehr_items and not stats:
+        log.warning("no training-split EHR stays: EHR records are written unstandardised (meta standardised=false)")
+
+    records_dir = os.path.abspath(cfg.records_dir)
+    parent = os.path.dirname(records_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".ingest-", dir=parent)
     try:
-        norm_stats: dict[str, Any] = {}
         n_records = 0
+        rec_dir = os.path.join(tmp, "records")
+        os.makedirs(rec_dir)
         if work:
-            work.sort(key=lambda it: it["item"])
-            ds = ray.data.from_items(work, override_num_blocks=_blocks(len(work)))
-            rows = ds.map_batches(_decode_batch, fn_kwargs={"modalities": mods, "ehr_cfg": cfg.ingest.ehr.model_dump()},
-                                  batch_format="pyarrow", batch_size=16)
-            rows = rows.materialize()
-            ehr_mods = [m for m, c in mods.items() if c["kind"] == "ehr"]
-            if ehr_mods:
-                # statistics of the training split only (applied unchanged to test and at inference)
-                train_ehr = rows.filter(lambda r: r["kind"] == "record" and r["modality"] in ehr_mods and r["train"])
-                sums = train_ehr.map_batches(_ehr_sums, batch_format="pyarrow").take_all()
-                if sums:
-                    from raypipe.ingest.ehr import fit_normalisation
-
-                    s = np.sum([r["s"] for r in sums], axis=0)
-                    sq = np.sum([r["sq"] for r in sums], axis=0)
-                    n = float(np.sum([r["n"] for r in sums]))
-                    norm_stats = fit_normalisation(np.asarray(s), np.asarray(sq), n)
-                    rows = rows.map_batches(_standardise_batch, fn_kwargs={"ehr_modalities": ehr_mods,
-                                                                           "stats": norm_stats},
-                                            batch_format="pyarrow").materialize()
-            bad = rows.filter(lambda r: r["kind"] == "error").to_pandas()
-            for r in bad.itertuples(index=False):
-                errors.append({"source_path": r.source_path, "stage": "ingest", "modality": r.modality,
-                               "error_class": r.error_class, "message": r.message})
-            good = rows.filter(lambda r: r["kind"] == "record")
-            for r in good.select_columns(["modality", "source_path"]).iter_rows():
-                ingested_files[r["modality"]].add(r["source_path"])
-            out = (good.select_columns(RECORDS_SCHEMA.names)
-                   .sort(["sample_id", "modality", "source_key", "position"]))
-            n_records = out.count()
-            if n_records:
-                out.write_parquet(os.path.join(tmp, "records"), schema=RECORDS_SCHEMA.with_metadata(None))
+            for it in work:
+                it.pop("train", None)
+            ds = ray.data.from_items(work, override_num_blocks=_num_blocks(len(work), cfg.ingest.items_per_task))
+            rows = ds.map_batches(_decode_batch, batch_format="pyarrow", batch_size=cfg.ingest.items_per_task,
+                                  fn_kwargs={"modalities": mods, "ehr_cfg": cfg.ingest.ehr.model_dump(),
+                                             "stats": stats or None})
+            sink = _records_sink(rec_dir)
+            rows.write_datasink(sink)
+            for ret in sink.result.write_returns:
+                n_records += ret["records"]
+                errors.extend(ret["errors"])
+                for fid in ret["files"]:
+                    states[fid] = "ingested"
         if not n_records:
-            os.makedirs(os.path.join(tmp, "records"), exist_ok=True)
-            pq.write_table(RECORDS_SCHEMA.empty_table(), os.path.join(tmp, "records", "empty.parquet"))
-        # --- samples, errors, statistics, summary
-        label_cols, group_cols = cfg.ingest.label_columns, cfg.ingest.group_columns
-        sschema = samples_schema(label_cols, group_cols + ["split"])
-        if norm_stats:
-            sschema = with_json_metadata(sschema, NORMALISATION_KEY, {"ehr": norm_stats})
-        pq.write_table(pa.Table.from_pandas(samples[sschema.names], schema=sschema, preserve_index=False),
-                       os.path.join(tmp, "samples.parquet"))
-        err_df = pd.DataFrame(errors, columns=ERRORS_SCHEMA.names).sort_values(
-            ["modality", "source_path", "error_class"], kind="stable")
+            pq.write_table(RECORDS_SCHEMA.empty_table(), os.path.join(rec_dir, "part-00000.parquet"))
+
+        # --- file states, errors table, summary
+        err_rows = []
+        for e in errors:
+            f = files[e["file"]]
+            if states.get(e["file"]) != "ingested":
+                states[e["file"]] = "empty_as_missing" if e["error_class"] in MISSING_CLASSES else "quarantined"
+            msg = str(e["message"]).replace(f["path"], f["public_path"]).replace(root, "<input>")
+            err_rows.append({"source_path": f["public_path"], "stage": "ingest", "modality": f["modality"],
+                             "error_class": e["error_class"], "message": msg})
+        err_df = pd.DataFrame(err_rows, columns=ERRORS_SCHEMA.names).sort_values(
+            ["modality", "source_path", "error_class", "message"], kind="stable")
         pq.write_table(pa.Table.from_pandas(err_df, schema=ERRORS_SCHEMA, preserve_index=False),
                        os.path.join(tmp, "errors.parquet"))
+
+        label_cols, group_cols = cfg.ingest.label_columns, cfg.ingest.group_columns
+        sschema = samples_schema(label_cols, group_cols + ["split"])
+        if stats:
+            sschema = with_json_metadata(sschema, NORMALISATION_KEY, {"ehr": stats})
+        pq.write_table(pa.Table.from_pandas(samples[sschema.names], schema=sschema, preserve_index=False),
+                       os.path.join(tmp, "samples.parquet"))
         with open(os.path.join(tmp, "ehr_normalisation.json"), "w") as fh:
-            json.dump(norm_stats, fh, indent=2)
-        summary = _summary(seen, ingested_files, errors, not_selected, skipped_modalities, n_records, len(samples),
-                           cfg.ingest.error_budget)
+            json.dump(stats, fh, indent=2, sort_keys=True)
+        summary = summarise(files, states, errors, skipped, n_records, len(samples), cfg.ingest.error_budget)
         with open(os.path.join(tmp, "ingest_summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2, sort_keys=True)
-        if os.path.exists(records_dir):
-            shutil.rmtree(records_dir)
-        os.replace(tmp, records_dir)
+        _swap_into_place(tmp, records_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    summary["records_dir"] = os.path.abspath(records_dir)
-    return summary
+    log.info("ingest: %d files seen, %d ingested, %d quarantined, %d records -> %s", summary["files_seen"],
+             summary["files_ingested"], summary["files_quarantined"], n_records, records_dir)
+    return {**summary, "records_dir": records_dir, "printed": reconciliation_table(summary)}
 
 
-def _summary(seen, ingested_files, errors, not_selected, skipped_modalities, n_records, n_samples, budget) -> dict:
-    quarantined = defaultdict(set)
-    missing = defaultdict(set)
+def _swap_into_place(tmp: str, final: str) -> None:
+    """Rename the finished ``tmp`` directory to ``final`` (a previous output is moved aside first, then removed)."""
+    old = None
+    if os.path.lexists(final):
+        old = tempfile.mkdtemp(prefix=".ingest-old-", dir=os.path.dirname(final))
+        os.rmdir(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def summarise(files: list[dict], states: dict[int, str], errors: list[dict], skipped: Counter, n_records: int,
+              n_samples: int, budget: float) -> dict:
+    """Per-modality reconciliation: every file seen is in exactly one state; error budget verdict."""
+    per: dict[str, dict[str, Any]] = {}
+    by_class: dict[str, Counter] = defaultdict(Counter)
     for e in errors:
-        (missing if e["error_class"] == "EmptyReport" else quarantined)[e["modality"]].add(e["source_path"])
-    per = {}
-    ok = True
-    for m in sorted(seen):
-        ing = ingested_files.get(m, set())
-        q = quarantined.get(m, set()) - ing
-        em = missing.get(m, set())
-        per[m] = {"seen": seen[m], "ingested": len(ing), "quarantined": len(q), "empty_as_missing": len(em),
-                  "not_selected": not_selected.get(m, 0)}
-        per[m]["reconciled"] = per[m]["seen"] == len(ing) + len(q) + len(em) + per[m]["not_selected"]
-        ok &= per[m]["reconciled"]
-    total_seen = sum(seen.values())
-    total_q = sum(v["quarantined"] for v in per.values())
-    rate = total_q / total_seen if total_seen else 0.0
+        if states.get(e["file"]) == "quarantined":
+            by_class[files[e["file"]]["modality"]][e["error_class"]] += 1
+    lost = 0
+    for f in files:
+        m = per.setdefault(f["modality"], {"seen": 0, **{s: 0 for s in STATES}})
+        m["seen"] += 1
+        state = states.get(f["file"])
+        if state in STATES:
+            m[state] += 1
+        else:
+            lost += 1  # a bug: a file neither ingested nor reported
+    for mod, m in per.items():
+        m["reconciled"] = m["seen"] == sum(m[s] for s in STATES)
+        m["quarantined_by_class"] = dict(sorted(by_class[mod].items()))
+    total = {s: sum(m[s] for m in per.values()) for s in ("seen", *STATES)}
+    rate = total["quarantined"] / total["seen"] if total["seen"] else 0.0
+    reconciled = lost == 0 and all(m["reconciled"] for m in per.values())
     within = rate <= budget
-    return {"ok": bool(ok and within), "reconciled": bool(ok), "files_seen": total_seen,
-            "files_ingested": sum(v["ingested"] for v in per.values()), "files_quarantined": total_q,
-            "files_empty_as_missing": sum(v["empty_as_missing"] for v in per.values()),
-            "files_not_selected": sum(v["not_selected"] for v in per.values()), "records": int(n_records),
-            "samples": n_samples, "per_modality": per, "error_rate": round(rate, 4), "error_budget": budget,
-            "within_error_budget": bool(within), "skipped_modalities": dict(skipped_modalities)}
+    return {"ok": bool(reconciled and within), "reconciled": bool(reconciled), "files_seen": total["seen"],
+            "files_ingested": total["ingested"], "files_quarantined": total["quarantined"],
+            "files_empty_as_missing": total["empty_as_missing"], "files_not_selected": total["not_selected"],
+            "records": int(n_records), "samples": n_samples, "per_modality": dict(sorted(per.items())),
+            "error_rate": round(rate, 4), "error_budget": budget, "within_error_budget": bool(within),
+            "skipped_modalities": dict(sorted(skipped.items()))}
+
+
+def reconciliation_table(summary: dict) -> str:
+    """The human-readable reconciliation the CLI prints."""
+    head = f"{'modality':<12}{'seen':>8}{'ingested':>10}{'quarantined':>13}{'empty':>7}{'not sel.':>10}  ok"
+    lines = ["files seen = ingested + quarantined + empty (missing modality) + not selected (slice policy)", head]
+    for m, v in summary["per_modality"].items():
+        lines.append(f"{m:<12}{v['seen']:>8}{v['ingested']:>10}{v['quarantined']:>13}{v['empty_as_missing']:>7}"
+                     f"{v['not_selected']:>10}  {'yes' if v['reconciled'] else 'NO'}")
+    lines.append(f"{'total':<12}{summary['files_seen']:>8}{summary['files_ingested']:>10}"
+                 f"{summary['files_quarantined']:>13}{summary['files_empty_as_missing']:>7}"
+                 f"{summary['files_not_selected']:>10}  {'yes' if summary['reconciled'] else 'NO'}")
+    verdict = "within" if summary["within_error_budget"] else "EXCEEDS"
+    lines.append(f"quarantined {summary['error_rate']:.2%} of files: {verdict} the error budget of "
+                 f"{summary['error_budget']:.2%}; {summary['records']} records for {summary['samples']} samples")
+    return "\n".join(lines)
