@@ -360,6 +360,9 @@ def run_train(cfg: Config) -> dict:
     with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
         json.dump(metrics_doc, fh, indent=2, default=float)
     _write_test_predictions(os.path.join(run_dir, "predictions_test.parquet"), test, natural)
+    proj = imputation_projection(method, test)
+    if proj is not None:
+        proj.to_parquet(os.path.join(run_dir, "projection.parquet"), index=False)
     from raypipe.config import dump_config
 
     with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
@@ -367,6 +370,39 @@ def run_train(cfg: Config) -> dict:
     return {"ok": True, "method": cfg.train.method, "run_dir": os.path.abspath(run_dir),
             f"test_{main}": test_metrics["natural"].get(main), "fit_seconds": round(fit_seconds, 1),
             "epochs": len(json.load(open(os.path.join(run_dir, "history.json"))))}
+
+
+def imputation_projection(method, test: EmbeddingTable, max_samples: int = 500):
+    """PCA (2-D) of each modality's observed encoding vs its imputation when hidden (OmniFuse Fig. 8).
+
+    Uses test samples that have every modality: the observed slice of v comes from the full input,
+    the imputed one from v' with that modality masked. None for methods without imputation.
+    """
+    import pandas as pd
+    import torch
+
+    if not getattr(method, "use_imp_forward", False):
+        return None
+    full = np.flatnonzero(test.mask.all(axis=1))[:max_samples]
+    if len(full) < 3:
+        return None
+    x = {m: torch.as_tensor(v[full], dtype=torch.float32) for m, v in test.x.items()}
+    d = method.hidden_dim
+    rows = []
+    with torch.no_grad():
+        mask = torch.ones(len(full), len(test.modalities), dtype=torch.bool)
+        v_obs = torch.cat(method.encode(x, mask), dim=1)
+        for i, m in enumerate(test.modalities):
+            hidden = mask.clone()
+            hidden[:, i] = False
+            v_imp, _ = method.impute(torch.cat(method.encode(x, hidden), dim=1))
+            both = torch.cat([v_obs[:, i * d:(i + 1) * d], v_imp[:, i * d:(i + 1) * d]]).numpy()
+            centred = both - both.mean(0)
+            _, _, vt = np.linalg.svd(centred, full_matrices=False)
+            xy = centred @ vt[:2].T
+            for j, kind in enumerate(["observed"] * len(full) + ["imputed"] * len(full)):
+                rows.append({"modality": m, "kind": kind, "x": float(xy[j, 0]), "y": float(xy[j, 1])})
+    return pd.DataFrame(rows)
 
 
 def _write_test_predictions(path: str, test: EmbeddingTable, natural: dict[str, Any]) -> None:
