@@ -99,21 +99,30 @@ def scrub(message: str, ds) -> str:
     return message
 
 
-def _read(path: str, stop_before_pixels: bool):
-    """dcmread with a fallback for files without the 128-byte preamble / 'DICM' prefix."""
+def _dcmread(path: str, stop_before_pixels: bool, force: bool = False):
+    """(dataset, file offset where reading stopped: the Pixel Data tag when ``stop_before_pixels``)."""
     import pydicom
+
+    with open(path, "rb") as fh:
+        ds = pydicom.dcmread(fh, stop_before_pixels=stop_before_pixels, force=force)
+        return ds, fh.tell()
+
+
+def _read(path: str, stop_before_pixels: bool, with_offset: bool = False):
+    """dcmread with a fallback for files without the 128-byte preamble / 'DICM' prefix."""
     from pydicom.errors import InvalidDicomError
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns with element values (possible PHI) on odd files
         try:
-            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+            ds, offset = _dcmread(path, stop_before_pixels)
+            return (ds, offset) if with_offset else ds
         except InvalidDicomError as err:
             reason = str(err).split(".")[0]
             try:  # raw datasets without a preamble are still DICOM if they carry an image
-                ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+                ds, offset = _dcmread(path, stop_before_pixels, force=True)
                 if "SOPClassUID" in ds and "Rows" in ds and "Columns" in ds:
-                    return ds
+                    return (ds, offset) if with_offset else ds
             except Exception:  # noqa: BLE001 - forced parsing of a non-DICOM file fails in many ways
                 pass
             raise DecodeError("NotDicom", f"not a DICOM file ({reason})") from None
@@ -195,7 +204,7 @@ def read_header(path: str, expected: set[str] | None = None) -> SliceHeader:
 
 
 def _read_header(path: str, expected: set[str] | None) -> SliceHeader:
-    ds = _read(path, stop_before_pixels=True)
+    ds, pixel_offset = _read(path, stop_before_pixels=True, with_offset=True)
     try:
         if "Rows" not in ds or "Columns" not in ds:
             # stop_before_pixels hides PixelData; Rows/Columns must accompany any image
@@ -214,10 +223,10 @@ def _read_header(path: str, expected: set[str] | None) -> SliceHeader:
             from pydicom.pixels.utils import get_expected_length
 
             need = get_expected_length(ds)
-            have = os.path.getsize(path)
+            have = os.path.getsize(path) - pixel_offset - 8  # after the Pixel Data tag and its length
             if have < need:
-                raise DecodeError("TruncatedFile", f"file has {have} bytes, its pixel data alone needs {need}: "
-                                                   "the file is truncated")
+                raise DecodeError("TruncatedFile", f"pixel data needs {need} bytes, the file holds at most "
+                                                   f"{max(have, 0)}: the file is truncated")
         try:
             inst = int(ds.get("InstanceNumber"))
         except (TypeError, ValueError):
