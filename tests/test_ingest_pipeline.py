@@ -337,3 +337,21 @@ def test_synthetic_cohort_order_hu_ehr_phi_and_counts(ray_session, clinical_coho
     for value in phi:
         assert not any(value.encode() in b for b in blobs.values()), f"PHI leaked: {value[:3]}..."
     shutil.rmtree(cfg.records_dir)
+
+
+def test_regions_cohort_geotiff_patches_and_tabular(ray_session, regions_cohort, tmp_path):
+    from raypipe.ingest.pipeline import run_ingest
+
+    root, truth = regions_cohort
+    cfg = _cfg(tmp_path, root, "ingest.group_columns=[zone]",
+               "ingest.modalities={sat: {kind: geotiff, size: 32}, covariates: {kind: tabular}}")
+    summary = run_ingest(cfg)
+    assert summary["ok"] and summary["reconciled"]
+    rec = pd.read_parquet(os.path.join(cfg.records_dir, "records"))
+    sat = rec[rec.modality == "sat"]
+    assert set(map(tuple, sat["shape"])) == {(6, 32, 32)}  # all six bands kept
+    metas = [json.loads(m) for m in sat.meta]
+    assert all(len(m["geotransform"]) == 6 and m["bands"][3] == "nir" for m in metas)
+    assert sat.sample_id.nunique() == truth["available"]["sat"]
+    cov = rec[rec.modality == "covariates"]
+    assert set(map(tuple, cov["shape"])) == {(6,)} and json.loads(cov.meta.iloc[0])["columns"][0] == "pop_density"

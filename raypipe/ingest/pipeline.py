@@ -224,8 +224,17 @@ def _samples(cfg: Config, secret: bytes, root: str) -> tuple[pd.DataFrame, dict[
     df = labels.copy()
     df.insert(0, "sample_id", df["patient_id"].map(ids))
     y = df[cfg.ingest.label_columns[0]].to_numpy()
-    test = holdout_mask(df["sample_id"].to_numpy(), y, fraction=cfg.ingest.test_fraction, seed=cfg.run.seed) \
-        if cfg.ingest.test_fraction > 0 else np.zeros(len(df), bool)
+    test = np.zeros(len(df), bool)
+    if cfg.ingest.test_fraction > 0:
+        sid = df["sample_id"].to_numpy()
+        try:
+            test = holdout_mask(sid, y, fraction=cfg.ingest.test_fraction, seed=cfg.run.seed)
+        except ValueError as err:  # e.g. a small cohort with a label value held by one patient
+            log.warning("cannot stratify the test split by label (%s); splitting by patient only", err)
+            try:
+                test = holdout_mask(sid, np.zeros(len(df)), fraction=cfg.ingest.test_fraction, seed=cfg.run.seed)
+            except ValueError as err2:
+                raise ValueError(f"ingest.test_fraction={cfg.ingest.test_fraction}: {err2}; lower it or set 0") from None
     df["split"] = np.where(test, "test", "train")
     df = df.drop(columns=["patient_id"]).sort_values("sample_id").reset_index(drop=True)
     return df, ids
