@@ -284,3 +284,17 @@ def test_regions_cohort_geotiff_and_tabular(ray_session, regions_cohort, tmp_pat
     out = run_embed(cfg)
     assert out["modalities"]["sat"]["dim"] == 512 and out["modalities"]["covariates"]["dim"] == 6
     assert out["modalities"]["sat"]["present"] == truth["available"]["sat"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (documented check)")
+def test_report_renders_in_headless_chromium(trained, tmp_path):
+    import subprocess
+
+    from raypipe.report.html import write_report
+
+    cfg, _ = trained
+    write_report(cfg)
+    out = tmp_path / "shot.png"
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "check_report_browser.sh")
+    r = subprocess.run(["bash", script, cfg.train_dir(), str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and out.stat().st_size > 20_000, r.stderr

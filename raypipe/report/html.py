@@ -109,14 +109,21 @@ def _history_figure(history: list[dict]) -> str | None:
 
     if not history:
         return None
-    keys = [k for k in history[0] if k.startswith(("train_", "val_")) and isinstance(history[0][k], (int, float))]
-    if not keys:
+    losses = [k for k in history[0] if k.startswith("train_loss") and isinstance(history[0][k], (int, float))]
+    scores = [k for k in history[0] if k.startswith("val_") and "threshold" not in k
+              and isinstance(history[0][k], (int, float))]
+    if not losses and not scores:
         return None
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for k in keys:
-        ax.plot([h["epoch"] for h in history], [h.get(k, np.nan) for h in history], lw=1.5, label=k)
-    ax.set(xlabel="epoch", title="Training history")
-    ax.legend(fontsize=7)
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    for k in losses:
+        ax[0].plot(epochs, [max(h.get(k, np.nan), 1e-6) for h in history], lw=1.5, label=k[len("train_"):])
+    ax[0].set(xlabel="epoch", title="Training losses", yscale="log")
+    ax[0].legend(fontsize=7)
+    for k in scores:
+        ax[1].plot(epochs, [h.get(k, np.nan) for h in history], lw=1.5, label=k)
+    ax[1].set(xlabel="epoch", title="Validation metrics")
+    ax[1].legend(fontsize=7)
     return _png(fig)
 
 
