@@ -210,51 +210,61 @@ def test_identical_across_runs_and_pool_sizes(first_run, records, tmp_path):
 
 
 def test_crash_then_resume_gives_the_same_table(first_run, records, tmp_path, monkeypatch):
+    """Crash 1 inside the image stream (after chunk 0's image part), crash 2 while committing chunk 1."""
     from raypipe.embed import pipeline as ep
 
     root, _ = records
     out = str(tmp_path / "embeddings")
     cfg = _cfg(root, out, "embed.pool_size=1", "embed.chunk_samples=3")
-    real, calls, crashed = ep._embed_chunk, [], []
 
-    def crash_on_second(*a, **k):
-        calls.append(a[2])
-        if len(calls) == 2 and not crashed:
-            crashed.append(True)
-            raise RuntimeError("simulated crash")
-        return real(*a, **k)
+    def crash_on_call(name, n):
+        real, calls = getattr(ep, name), []
 
-    monkeypatch.setattr(ep, "_embed_chunk", crash_on_second)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+        def wrapped(*a, **k):
+            calls.append(a)
+            if len(calls) == n:
+                raise RuntimeError(f"simulated crash in {name}")
+            return real(*a, **k)
+
+        monkeypatch.setattr(ep, name, wrapped)
+        return real
+
+    real = crash_on_call("_write_family_part", 2)
+    with pytest.raises(RuntimeError, match="simulated crash in _write_family_part"):
         ep.run_embed(cfg)
-    assert sorted(os.listdir(out + ".partial")) == ["chunk-00000.errors.parquet", "chunk-00000.parquet"]
+    assert sorted(os.listdir(out + ".partial")) == ["chunk-00000.image.errors.parquet", "chunk-00000.image.parquet"]
     assert not os.path.exists(out)
-    calls.clear()
+    monkeypatch.setattr(ep, "_write_family_part", real)
+
+    real = crash_on_call("_embed_chunk", 2)
+    with pytest.raises(RuntimeError, match="simulated crash in _embed_chunk"):
+        ep.run_embed(cfg)
+    left = sorted(os.listdir(out + ".partial"))
+    assert "chunk-00000.parquet" in left and "chunk-00000.image.parquet" not in left  # committed, parts folded in
+    monkeypatch.setattr(ep, "_embed_chunk", real)
+
     summary = ep.run_embed(cfg)
-    assert summary["chunks_resumed"] == 1 and [c[0] for c in calls] == ["s3", "s6"]  # s0..s2 skipped
+    assert summary["chunks_resumed"] == 1 and summary["parts_resumed"] == 4  # chunks 1-2: image + text parts
     a, ea = _read(first_run[0])
     b, eb = _read(out)
     assert a.equals(b, check_metadata=True)
     assert ea.equals(eb) and summary["errors"] == 6 and summary["records"] == records[1]["n_records"]
 
 
-def test_a_changed_config_does_not_reuse_stale_chunks(records, tmp_path, ray_session, monkeypatch):
-    from raypipe.embed import pipeline as ep
+def test_a_changed_config_does_not_reuse_stale_chunks(records, tmp_path, ray_session):
+    from raypipe.embed.pipeline import run_embed
 
-    root, _ = records
+    root, ref = records
     out = str(tmp_path / "embeddings")
     partial = out + ".partial"
     os.makedirs(partial)
     stale = pa.table({"sample_id": ["s0"]})
     pq.write_table(with_json_metadata(stale.schema, b"unused", {}).empty_table(), f"{partial}/chunk-00000.parquet")
     pq.write_table(pa.table({"x": [1]}), f"{partial}/chunk-00000.errors.parquet")
-    seen = []
-    monkeypatch.setattr(ep, "_embed_chunk", lambda *a, **k: (seen.append(a[2]), ({}, [], 0))[1])
-    cfg = _cfg(root, out, "embed.pool_size=1", "embed.chunk_samples=4",
-               "ingest.modalities={ehr: {kind: ehr}}")
-    summary = ep.run_embed(cfg)
-    assert summary["chunks_resumed"] == 0 and len(seen) == 2  # the untagged chunk was redone
-    assert pq.read_table(os.path.join(out, "part-00000.parquet")).column("mask_ehr").to_pylist() == [False] * 8
+    summary = run_embed(_cfg(root, out, "embed.chunk_samples=4", "ingest.modalities={ehr: {kind: ehr}}"))
+    assert summary["chunks_resumed"] == 0  # the untagged chunk was redone
+    mask = pq.read_table(os.path.join(out, "part-00000.parquet")).column("mask_ehr").to_pylist()
+    assert mask == [s in ref["ehr"] and s != "s0" for s in IDS]
 
 
 def test_keep_all_slices_shape(records, tmp_path, ray_session):

@@ -328,109 +328,229 @@ def _error_row(sid: str, modality: str, key: str, position: Any, error: str) -> 
                                         "other modalities)"}
 
 
-# ----------------------------------------------------------------------------- one chunk
-def _collect(ds) -> tuple[dict[str, list], list[np.ndarray]]:
-    keys: dict[str, list] = {k: [] for k in (*KEY_COLUMNS, "error")}
-    embs: list[np.ndarray] = []
-    for b in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for k in keys:
-            keys[k].extend(b[k].tolist())
-        embs.append(np.asarray(b["embedding"], np.float32))
-    return keys, embs
+# ----------------------------------------------------------------------------- model families, streamed
+#: model families run as actor pools; pass-through kinds are read on the driver
+FAMILIES = {"image": IMAGE_KINDS, "text": TEXT_KINDS}
 
 
-def _embed_chunk(cfg: Config, records_path: str, ids: list[str], kinds: dict[str, str],
-                 plan: Mapping[str, Any], pass_shapes: Mapping[str, Sequence[int]]
-                 ) -> tuple[dict[str, dict[str, np.ndarray]], list[dict], int]:
-    """({modality: {sample_id: embedding}}, error rows, records seen) for the samples ``ids``."""
-    import pyarrow.dataset as pads
+def _family_dataset(cfg: Config, family: str, records_path: str, mods: list[str], ids: list[str] | None,
+                    plan: Mapping[str, Any]):
+    """read (+ filter pushed into Parquet) -> [CPU decode tasks] -> model actor pool, as one Ray Dataset."""
     import ray.data
     from ray.data.expressions import col
 
-    out: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
-    errors: list[dict] = []
-    seen = 0
-    image_mods = [m for m, k in kinds.items() if k in IMAGE_KINDS]
-    text_mods = [m for m, k in kinds.items() if k in TEXT_KINDS]
-    pass_mods = [m for m, k in kinds.items() if k in PASS_KINDS]
+    pred = col("modality").is_in(mods)
+    if ids is not None:
+        pred = pred & col("sample_id").is_in(ids)
+    columns = [*KEY_COLUMNS, "payload", "dtype", "shape"] if family == "image" else [*KEY_COLUMNS, "text"]
+    ds = ray.data.read_parquet(records_path).select_columns(columns).filter(expr=pred)
+    # one block per model batch (streaming, no shuffle): a few large files would otherwise reach the
+    # pool as a few blocks and leave actors idle; small blocks also spread the decode over the CPUs
+    ds = ds.repartition(target_num_rows_per_block=plan["batch_size"])
     pool = dict(compute=ray.data.ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
-                num_gpus=plan["num_gpus"])
-
-    def read(mods: list[str], columns: list[str]):
-        # records are sorted by sample_id, so the pushed-down predicate skips other chunks' row groups
-        return ray.data.read_parquet(records_path).select_columns(columns).filter(
-            expr=col("sample_id").is_in(ids) & col("modality").is_in(mods))
-
-    if image_mods:
+                num_gpus=plan["num_gpus"], batch_size=plan["batch_size"])
+    common = {"seed": cfg.run.seed, "precision": cfg.embed.precision, "threads": plan["threads"]}
+    if family == "image":
         ic = cfg.embed.image
-        ds = read(image_mods, [*KEY_COLUMNS, "payload", "dtype", "shape"]).map_batches(
-            decode_image_batch, batch_format="pyarrow", batch_size=plan["batch_size"],
-            fn_kwargs={"input_size": ic.input_size, "band_projection": ic.band_projection,
-                       "band_indices": ic.band_indices}).map_batches(
-            ImageActor, batch_format="numpy", batch_size=plan["batch_size"],
-            fn_constructor_kwargs={"image_cfg": ic.model_dump(), "seed": cfg.run.seed,
-                                   "precision": cfg.embed.precision, "threads": plan["threads"],
-                                   "batch_size": plan["batch_size"]}, **pool)
-        keys, embs = _collect(ds)
-        seen += len(keys["sample_id"])
-        flat = np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)
-        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
-        for i, (sid, m, key, pos, err) in enumerate(zip(keys["sample_id"], keys["modality"], keys["source_key"],
-                                                        keys["position"], keys["error"])):
-            if err:
-                errors.append(_error_row(sid, m, key, pos, err))
-            else:
-                groups[(sid, m)].append(i)
-        for (sid, m), rows in groups.items():
-            out[m][sid] = aggregate(((keys["source_key"][i], keys["position"][i], flat[i]) for i in rows),
-                                    ic.aggregation, ic.keep_slices)
-    if text_mods:
-        ds = read(text_mods, [*KEY_COLUMNS, "text"]).map_batches(
-            TextActor, batch_format="numpy", batch_size=plan["batch_size"],
-            fn_constructor_kwargs={"text_cfg": cfg.embed.text.model_dump(), "seed": cfg.run.seed,
-                                   "precision": cfg.embed.precision, "threads": plan["threads"]}, **pool)
-        keys, embs = _collect(ds)
-        seen += len(keys["sample_id"])
-        flat = np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)
-        order = sorted(range(len(keys["sample_id"])), key=lambda i: (keys["source_key"][i], keys["position"][i]))
-        for i in order:
-            sid, m, key, pos, err = (keys[k][i] for k in (*KEY_COLUMNS, "error"))
-            if err:
-                errors.append(_error_row(sid, m, key, pos, err))
-            elif sid in out[m]:  # one report per sample and modality: the first by (source_key, position)
-                errors.append(_error_row(sid, m, key, pos, "DuplicateRecord: more than one report for this sample"))
-            else:
-                out[m][sid] = flat[i]
-    if pass_mods:
-        table = pads.dataset(records_path, format="parquet").to_table(
-            columns=[*KEY_COLUMNS, "payload", "dtype", "shape"],
-            filter=pads.field("sample_id").isin(ids) & pads.field("modality").isin(pass_mods))
-        seen += table.num_rows
-        table = table.sort_by([("sample_id", "ascending"), ("modality", "ascending"), ("source_key", "ascending"),
-                               ("position", "ascending")])
-        for r in table.to_pylist():
-            sid, m = r["sample_id"], r["modality"]
-            try:
-                a = payload_to_array(r["payload"], r["dtype"], r["shape"]).astype(np.float32)
-                if tuple(a.shape) != tuple(pass_shapes[m]):
-                    raise ValueError(f"shape {list(a.shape)} differs from the modality's {list(pass_shapes[m])}")
-                if sid in out[m]:
-                    raise LookupError("more than one record for this sample")
-                out[m][sid] = a
-            except Exception as e:  # noqa: BLE001
-                cls = "DuplicateRecord" if isinstance(e, LookupError) else type(e).__name__
-                errors.append(_error_row(sid, m, r["source_key"], r["position"], f"{cls}: {e}"))
-    return out, errors, seen
+        # a task stage (fused with the read): decoding and resizing overlap with the model actors
+        ds = ds.map_batches(decode_image_batch, batch_format="pyarrow", batch_size=plan["batch_size"],
+                            fn_kwargs={"input_size": ic.input_size, "band_projection": ic.band_projection,
+                                       "band_indices": ic.band_indices})
+        return ds.map_batches(ImageActor, batch_format="numpy", **pool, fn_constructor_kwargs={
+            "image_cfg": ic.model_dump(), "batch_size": plan["batch_size"], **common})
+    return ds.map_batches(TextActor, batch_format="numpy", **pool,
+                          fn_constructor_kwargs={"text_cfg": cfg.embed.text.model_dump(), **common})
 
 
-def _fixed_list(values: dict[str, np.ndarray], ids: Sequence[str], width: int) -> tuple[pa.Array, pa.Array]:
+def _part_path(partial: str, ci: int, family: str) -> tuple[str, str]:
+    base = os.path.join(partial, f"chunk-{ci:05d}.{family}")
+    return base + ".parquet", base + ".errors.parquet"
+
+
+def _write_atomic(table: pa.Table, path: str) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def _write_family_part(partial: str, ci: int, family: str, tag: bytes, vectors: Mapping[tuple[str, str], np.ndarray],
+                       errors: list[dict], seen: int) -> None:
+    """One chunk's results of one model family: (sample_id, modality, embedding) rows; errors written first."""
+    part, err = _part_path(partial, ci, family)
+    keys = sorted(vectors)
+    table = pa.table({"sample_id": pa.array([k[0] for k in keys], pa.string()),
+                      "modality": pa.array([k[1] for k in keys], pa.string()),
+                      "embedding": pa.array([np.asarray(vectors[k], np.float32).reshape(-1) for k in keys],
+                                            pa.list_(pa.float32()))})
+    _write_atomic(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), err)
+    _write_atomic(table.replace_schema_metadata({CHUNK_TAG_KEY: tag, b"raypipe.records_seen": str(seen).encode()}),
+                  part)
+
+
+def _has_part(path: str, tag: bytes, errors_path: str | None = None) -> bool:
+    import pyarrow.parquet as pq
+
+    if not os.path.isfile(path) or (errors_path and not os.path.isfile(errors_path)):
+        return False
+    try:
+        return (pq.read_schema(path).metadata or {}).get(CHUNK_TAG_KEY) == tag
+    except Exception:  # noqa: BLE001 - a torn or foreign file is redone
+        return False
+
+
+def _finish_family_chunk(family: str, cfg: Config, rows: Mapping[tuple[str, str], list], errors: list[dict]
+                         ) -> dict[tuple[str, str], np.ndarray]:
+    """Per-record vectors of one chunk -> one embedding per (sample, modality)."""
+    out: dict[tuple[str, str], np.ndarray] = {}
+    for (sid, m), recs in sorted(rows.items()):
+        if family == "image":
+            out[(sid, m)] = aggregate(recs, cfg.embed.image.aggregation, cfg.embed.image.keep_slices)
+            continue
+        recs = sorted(recs, key=lambda r: (r[0], r[1]))
+        out[(sid, m)] = recs[0][2]  # one report per sample and modality: the first by (source_key, position)
+        for key, pos, _ in recs[1:]:
+            errors.append(_error_row(sid, m, key, pos, "DuplicateRecord: more than one report for this sample"))
+    return out
+
+
+def _stream_family(cfg: Config, family: str, records_path: str, mods: list[str], chunks: Mapping[int, list[str]],
+                   all_chunks: bool, plan: Mapping[str, Any], partial: str, tags: Mapping[int, bytes]) -> int:
+    """Embed ``family``'s records of ``chunks`` in ONE Ray Data pass (one actor pool for the whole run).
+
+    Each chunk's part is written as soon as all of its records have come back, so
+    a crash loses at most the chunks in flight. Returns the number of records embedded.
+    """
+    import pyarrow.dataset as pads
+
+    chunk_of = {s: ci for ci, ids in chunks.items() for s in ids}
+    id_filter = None if all_chunks else [s for ids in chunks.values() for s in ids]
+    flt = pads.field("modality").isin(mods)
+    if id_filter is not None:
+        flt = flt & pads.field("sample_id").isin(id_filter)
+    index = pads.dataset(records_path, format="parquet").to_table(columns=["sample_id"], filter=flt)
+    remaining = Counter(chunk_of[s] for s in index.column("sample_id").to_pylist() if s in chunk_of)
+    rows: dict[int, dict[tuple[str, str], list]] = defaultdict(lambda: defaultdict(list))
+    errors: dict[int, list[dict]] = defaultdict(list)
+    seen: Counter = Counter()
+
+    def finish(ci: int) -> None:
+        vectors = _finish_family_chunk(family, cfg, rows.pop(ci, {}), errors[ci])
+        _write_family_part(partial, ci, family, tags[ci], vectors, errors.pop(ci, []), seen[ci])
+        log.info("embed: %s part of chunk %d written (%d records)", family, ci, seen[ci])
+
+    for ci in chunks:
+        if not remaining[ci]:
+            finish(ci)  # nothing of this family in the chunk: an empty part
+    if not sum(remaining.values()):
+        return 0
+    ds = _family_dataset(cfg, family, records_path, mods, id_filter, plan)
+    total = 0
+    for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+        emb = np.asarray(b["embedding"], np.float32)
+        for i, (sid, m, key, pos, err) in enumerate(zip(b["sample_id"].tolist(), b["modality"].tolist(),
+                                                        b["source_key"].tolist(), b["position"].tolist(),
+                                                        b["error"].tolist())):
+            ci = chunk_of.get(sid)
+            if ci is None:
+                continue  # records of samples not in samples.parquet are not embedded
+            if err:
+                errors[ci].append(_error_row(sid, m, key, pos, err))
+            else:
+                rows[ci][(sid, m)].append((key, pos, emb[i].copy()))
+            seen[ci] += 1
+            total += 1
+            remaining[ci] -= 1
+            if remaining[ci] == 0:
+                finish(ci)
+    short = {ci: n for ci, n in remaining.items() if n > 0}
+    if short:
+        raise RuntimeError(f"embed: the {family} pipeline returned fewer records than the records table holds "
+                           f"(missing per chunk: {short}); re-run to resume")
+    return total
+
+
+# ----------------------------------------------------------------------------- one chunk
+def _pass_through(records_path: str, ids: list[str], mods: list[str], pass_shapes: Mapping[str, Sequence[int]]
+                  ) -> tuple[dict[tuple[str, str], np.ndarray], list[dict], int]:
+    """EHR/tabular records of ``ids``, unchanged (shape-checked); one per sample and modality."""
+    import pyarrow.dataset as pads
+
+    if not mods:
+        return {}, [], 0
+    table = pads.dataset(records_path, format="parquet").to_table(
+        columns=[*KEY_COLUMNS, "payload", "dtype", "shape"],
+        filter=pads.field("sample_id").isin(ids) & pads.field("modality").isin(mods))
+    table = table.sort_by([(k, "ascending") for k in KEY_COLUMNS])
+    out: dict[tuple[str, str], np.ndarray] = {}
+    errors: list[dict] = []
+    for r in table.to_pylist():
+        sid, m = r["sample_id"], r["modality"]
+        try:
+            a = payload_to_array(r["payload"], r["dtype"], r["shape"]).astype(np.float32)
+            if tuple(a.shape) != tuple(pass_shapes[m]):
+                raise ValueError(f"shape {list(a.shape)} differs from the modality's {list(pass_shapes[m])}")
+            if (sid, m) in out:
+                raise LookupError("more than one record for this sample")
+            out[(sid, m)] = a
+        except Exception as e:  # noqa: BLE001 - a bad record is an errors row
+            cls = "DuplicateRecord" if isinstance(e, LookupError) else type(e).__name__
+            errors.append(_error_row(sid, m, r["source_key"], r["position"], f"{cls}: {e}"))
+    return out, errors, table.num_rows
+
+
+def _fixed_list(values: Mapping[str, np.ndarray], ids: Sequence[str], width: int) -> tuple[pa.Array, pa.Array]:
     present = np.array([s in values for s in ids], dtype=bool)
-    flat = np.zeros((len(ids), width), np.float32)
+    flat = np.zeros((len(ids), width), np.float32)  # storage under the null mask only: never read as data
     for j, s in enumerate(ids):
         if present[j]:
             flat[j] = np.asarray(values[s], np.float32).reshape(-1)
     arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width, mask=pa.array(~present))
     return arr, pa.array(present)
+
+
+def _embed_chunk(ci: int, ids: list[str], samples_part: pa.Table, schema: pa.Schema,
+                 shapes: Mapping[str, tuple[int, ...]], kinds: Mapping[str, str], records_path: str,
+                 pass_shapes: Mapping[str, Sequence[int]], partial: str, tag: bytes) -> None:
+    """Assemble chunk ``ci``: the model families' parts + the pass-through records -> its final rows (atomic)."""
+    import pyarrow.parquet as pq
+
+    vectors: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    errors: list[dict] = []
+    seen = 0
+    used_parts = []
+    for family, fam_kinds in FAMILIES.items():
+        if not any(k in fam_kinds for k in kinds.values()):
+            continue
+        part, err = _part_path(partial, ci, family)
+        t = pq.read_table(part)
+        seen += int((t.schema.metadata or {}).get(b"raypipe.records_seen", b"0"))
+        for sid, m, v in zip(t.column("sample_id").to_pylist(), t.column("modality").to_pylist(),
+                             t.column("embedding").to_numpy(zero_copy_only=False)):
+            vectors[m][sid] = v
+        errors += pq.read_table(err).to_pylist()
+        used_parts += [part, err]
+    passed, pass_errors, n_pass = _pass_through(records_path, ids, [m for m, k in kinds.items() if k in PASS_KINDS],
+                                                pass_shapes)
+    for (sid, m), v in passed.items():
+        vectors[m][sid] = v
+    errors += pass_errors
+    seen += n_pass
+    cols: dict[str, pa.Array] = {}
+    for f in schema:
+        if f.name in samples_part.column_names:
+            cols[f.name] = samples_part.column(f.name).cast(f.type)
+    for m in shapes:
+        cols[embedding_column(m)], cols[mask_column(m)] = _fixed_list(vectors.get(m, {}), ids, int(np.prod(shapes[m])))
+    table = pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
+    errors.sort(key=lambda r: (r["source_path"], r["error_class"]))
+    path = os.path.join(partial, f"chunk-{ci:05d}.parquet")
+    # errors first: the chunk file is the commit marker of the whole chunk
+    _write_atomic(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), path.replace(".parquet", ".errors.parquet"))
+    _write_atomic(table.replace_schema_metadata({**schema.metadata, CHUNK_TAG_KEY: tag,
+                                                 b"raypipe.records_seen": str(seen).encode()}), path)
+    for p in used_parts:
+        os.remove(p)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -443,9 +563,8 @@ def _scan_records(records_path: str, kinds: Mapping[str, str]) -> tuple[set[str]
     pass_mods = [m for m, k in kinds.items() if k in PASS_KINDS and m in present]
     shapes: dict[str, tuple[int, ...]] = {}
     if pass_mods:
-        mods = t.column("modality").to_pylist()
         counts: dict[str, Counter] = defaultdict(Counter)
-        for m, s in zip(mods, t.column("shape").to_pylist()):
+        for m, s in zip(t.column("modality").to_pylist(), t.column("shape").to_pylist()):
             if m in pass_mods and s:
                 counts[m][tuple(s)] += 1
         for m in pass_mods:
@@ -455,7 +574,12 @@ def _scan_records(records_path: str, kinds: Mapping[str, str]) -> tuple[set[str]
 
 
 def run_embed(cfg: Config) -> dict:
-    """Embed ``cfg.embed_input`` (records dir) into ``cfg.embeddings_dir``; resumable by chunk. Returns a summary."""
+    """Embed ``cfg.embed_input`` (records dir) into ``cfg.embeddings_dir``; resumable by chunk. Returns a summary.
+
+    The summary has ``ok`` (errors within ``ingest.error_budget`` of the records),
+    per-modality ``dim``/``shape``/``present`` counts, ``records``, ``errors``,
+    ``chunks``/``chunks_resumed``/``parts_resumed``, the actor ``pool`` plan and the paths.
+    """
     import pyarrow.parquet as pq
 
     from raypipe.runtime import cluster_resources, init_ray
@@ -502,45 +626,34 @@ def run_embed(cfg: Config) -> dict:
     fingerprint = _records_fingerprint(records_path)
     n = cfg.embed.chunk_samples
     chunks = [ids[i:i + n] for i in range(0, len(ids), n)]
-    resumed, seen_total = 0, 0
-    log.info("embed: %d samples in %d chunks, modalities %s, pool %s", len(ids), len(chunks), kinds, plan)
-    for ci, chunk in enumerate(chunks):
-        path = os.path.join(partial, f"chunk-{ci:05d}.parquet")
-        err_path = os.path.join(partial, f"chunk-{ci:05d}.errors.parquet")
-        tag = _chunk_tag(spec, plan, fingerprint, chunk).encode()
-        if os.path.isfile(path) and os.path.isfile(err_path) and \
-                (pq.read_schema(path).metadata or {}).get(CHUNK_TAG_KEY) == tag:
-            resumed += 1
+    tags = {ci: _chunk_tag(spec, plan, fingerprint, chunk).encode() for ci, chunk in enumerate(chunks)}
+    chunk_file = {ci: os.path.join(partial, f"chunk-{ci:05d}.parquet") for ci in range(len(chunks))}
+    todo = [ci for ci in range(len(chunks))
+            if not _has_part(chunk_file[ci], tags[ci], chunk_file[ci].replace(".parquet", ".errors.parquet"))]
+    log.info("embed: %d samples in %d chunks (%d to do), modalities %s, pool %s", len(ids), len(chunks), len(todo),
+             kinds, plan)
+    parts_resumed = 0
+    for family, fam_kinds in FAMILIES.items():
+        mods = [m for m, k in kinds.items() if k in fam_kinds]
+        if not mods or not todo:
             continue
-        vectors, errors, seen = _embed_chunk(cfg, records_path, chunk, kinds, plan, pass_shapes)
-        seen_total += seen
-        part = samples.slice(ci * n, len(chunk))
-        cols: dict[str, pa.Array] = {}
-        for f in schema:
-            if f.name in samples.column_names:
-                cols[f.name] = part.column(f.name).cast(f.type)
-        for m in shapes:
-            cols[embedding_column(m)], cols[mask_column(m)] = _fixed_list(vectors.get(m, {}), chunk,
-                                                                          int(np.prod(shapes[m])))
-        table = pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
-        table = table.replace_schema_metadata({**schema.metadata, CHUNK_TAG_KEY: tag, b"raypipe.records_seen":
-                                               str(seen).encode()})
-        err_table = pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)
-        # errors first: the chunk file is the commit marker of the whole chunk
-        pq.write_table(err_table, err_path + ".tmp")
-        os.replace(err_path + ".tmp", err_path)
-        pq.write_table(table, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        log.info("embed: chunk %d/%d done (%d samples, %d records, %d errors)", ci + 1, len(chunks), len(chunk),
-                 seen, len(errors))
+        need = {ci: chunks[ci] for ci in todo
+                if not _has_part(_part_path(partial, ci, family)[0], tags[ci], _part_path(partial, ci, family)[1])}
+        parts_resumed += len(todo) - len(need)
+        if need:
+            _stream_family(cfg, family, records_path, mods, need, len(need) == len(chunks), plan, partial, tags)
+    for ci in todo:
+        _embed_chunk(ci, chunks[ci], samples.slice(ci * n, len(chunks[ci])), schema, shapes, kinds, records_path,
+                     pass_shapes, partial, tags[ci])
+        log.info("embed: chunk %d/%d committed", ci + 1, len(chunks))
 
     # --- assemble: every chunk already has the final schema
     parts, err_parts, records_seen = [], [], 0
     for ci in range(len(chunks)):
-        p = pq.read_table(os.path.join(partial, f"chunk-{ci:05d}.parquet"))
+        p = pq.read_table(chunk_file[ci])
         records_seen += int((p.schema.metadata or {}).get(b"raypipe.records_seen", b"0"))
         parts.append(p.replace_schema_metadata(schema.metadata))
-        err_parts.append(pq.read_table(os.path.join(partial, f"chunk-{ci:05d}.errors.parquet")))
+        err_parts.append(pq.read_table(chunk_file[ci].replace(".parquet", ".errors.parquet")))
     final = pa.concat_tables(parts) if parts else schema.empty_table()
     errors = pa.concat_tables(err_parts) if err_parts else ERRORS_SCHEMA.empty_table()
 
@@ -561,13 +674,14 @@ def run_embed(cfg: Config) -> dict:
         "errors": errors.num_rows,
         "error_rate": round(error_rate, 6),
         "chunks": len(chunks),
-        "chunks_resumed": resumed,
+        "chunks_resumed": len(chunks) - len(todo),
+        "parts_resumed": parts_resumed,
         "pool": plan,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     with open(os.path.join(tmp, SUMMARY_FILE), "w") as fh:
         json.dump(summary, fh, indent=2, sort_keys=True)
-    # swap in atomically: the old table (if any) stays until the new one is in place
+    # swap in: the old table (if any) stays until the new one is in place
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(out_dir):
         os.replace(out_dir, old)
