@@ -150,6 +150,39 @@ def test_multiframe_rtdose_frames_decode_individually():
         dicom.decode_slice(path, 8, None, frame=15)
 
 
+def test_native_fast_path_equals_pydicom_pixel_array(tmp_path):
+    import pydicom
+
+    checked = 0
+    for f in _pydicom_files():
+        try:
+            ds = pydicom.dcmread(f)
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+        except Exception:  # noqa: BLE001 - not DICOM (or malformed): nothing to compare
+            continue
+        fast = dicom.native_frame(ds, 0 if frames > 1 else None)
+        if fast is None:
+            continue
+        try:
+            ref = ds.pixel_array
+        except Exception:  # noqa: BLE001 - pydicom cannot decode it either
+            continue
+        np.testing.assert_array_equal(fast, ref[0] if frames > 1 else ref, err_msg=os.path.basename(f))
+        assert fast.dtype.kind == ref.dtype.kind
+        checked += 1
+    assert checked >= 8
+    # 12 of 16 bits stored, signed, with garbage in the unused high bits: masked and sign-extended
+    p = write_slice(str(tmp_path / "b12.dcm"), np.zeros((4, 4)), intercept=0.0)
+    ds = pydicom.dcmread(p)
+    ds.BitsStored, ds.HighBit = 12, 11
+    vals = np.array([-2048, -1, 0, 2047] * 4, np.int16).reshape(4, 4)
+    ds.PixelData = ((vals.astype(np.uint16) & 0x0FFF) | 0xA000).astype("<u2").tobytes()
+    ds.save_as(p)
+    ds = pydicom.dcmread(p)
+    np.testing.assert_array_equal(dicom.native_frame(ds), vals)
+    np.testing.assert_array_equal(dicom.native_frame(ds), ds.pixel_array)
+
+
 # ----------------------------------------------------------------------------- DICOM: hand-built series
 def _volume(n=6, size=8):
     return [np.full((size, size), -1000.0 + 150.0 * z) for z in range(n)]  # HU rises with z

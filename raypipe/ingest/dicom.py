@@ -332,23 +332,58 @@ def suv_factor(ds) -> tuple[float | None, str]:
     return weight_g / (dose * 2.0 ** (-delay / half)), "SUVbw"
 
 
+_NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit / explicit VR little endian
+
+
+def native_frame(ds, frame: int | None = None) -> np.ndarray | None:
+    """One frame of uncompressed little-endian grayscale pixel data, read straight from the bytes.
+
+    Same values as pydicom's ``pixel_array`` (BitsStored masking and sign extension included), without
+    its per-call overhead; None when the data is anything else (pydicom then decodes it).
+    """
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is None or str(ts) not in _NATIVE_LE or "PixelData" not in ds:
+        return None
+    try:
+        bits, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        signed, spp = int(ds.PixelRepresentation) == 1, int(ds.get("SamplesPerPixel", 1) or 1)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if bits not in (8, 16, 32) or spp != 1 or not 0 < stored <= bits:
+        return None
+    n, size = rows * cols, bits // 8
+    offset = (frame or 0) * n * size
+    buf = ds.PixelData
+    if not isinstance(buf, (bytes, bytearray)) or len(buf) < offset + n * size:
+        return None  # short data: pydicom's decoder reports it
+    raw = np.frombuffer(buf, dtype=f"<u{size}", count=n, offset=offset).reshape(rows, cols)
+    if stored < bits:
+        raw = raw & np.array((1 << stored) - 1, raw.dtype)
+        if signed:  # sign-extend the stored bits
+            shift = bits - stored
+            return ((raw << shift).view(f"<i{size}") >> shift).astype(f"i{size}")
+        return raw.copy()
+    return raw.view(f"<i{size}") if signed else raw
+
+
 def decode_pixels(ds, frame: int | None = None) -> np.ndarray:
     """Stored pixel values of one frame (or the single frame); a compressed syntax without a decoder is a clear error."""
     from pydicom.pixels import pixel_array
 
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frame is not None and not 0 <= frame < frames:
+        raise DecodeError("FrameOutOfRange", f"frame {frame} of a {frames}-frame file")
+    fast = native_frame(ds, frame if frames > 1 else None)
+    if fast is not None:
+        return fast
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
             if frames > 1:
-                f = frame or 0
-                if not 0 <= f < frames:
-                    raise DecodeError("FrameOutOfRange", f"frame {f} of a {frames}-frame file")
-                return pixel_array(ds, index=f)
+                return pixel_array(ds, index=frame or 0)
             return ds.pixel_array
-    except DecodeError:
-        raise
     except Exception as err:  # noqa: BLE001 - every decoder failure becomes a quarantine reason
         if ts is not None and getattr(ts, "is_compressed", False):
             raise DecodeError("UnsupportedTransferSyntax",

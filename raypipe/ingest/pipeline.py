@@ -56,6 +56,14 @@ HEADER_SCHEMA = pa.schema([
     pa.field("message", pa.string()),
 ])
 UNEXPECTED = "UnexpectedError"
+#: Parquet settings of the records files: statistics (for predicate pushdown) and dictionaries on the
+#: key columns only; pixel payloads (float32 in [0, 1], barely compressible) stored uncompressed
+KEY_COLUMNS = ["sample_id", "modality", "source_key", "position"]
+PARQUET_OPTIONS = dict(
+    use_dictionary=["sample_id", "modality", "source_key", "dtype"],
+    write_statistics=KEY_COLUMNS,
+    compression={c: ("none" if c == "payload" else "snappy") for c in RECORDS_SCHEMA.names},
+)
 #: error classes that mean "this modality is missing for the patient", not a bad file
 MISSING_CLASSES = {"EmptyReport"}
 #: the file states the summary reconciles
@@ -200,13 +208,15 @@ def _records_sink(out_dir: str):
                 return {"files": [], "errors": [], "records": 0}
             rows = pa.concat_tables(tables)
             is_rec = pc.equal(rows.column("kind"), "record")
-            rec = rows.filter(is_rec)
-            if rec.num_rows:
-                rec = rec.select(RECORDS_SCHEMA.names).cast(RECORDS_SCHEMA)
-                pq.write_table(rec, os.path.join(self.out_dir, f"part-{ctx.task_idx:05d}.parquet"))
-            err = rows.filter(pc.invert(is_rec)).select(["file", "error_class", "message"]).to_pylist()
-            return {"files": sorted(set(rows.filter(is_rec).column("file").to_pylist())), "errors": err,
-                    "records": rec.num_rows}
+            n_rec = pc.sum(is_rec).as_py() or 0
+            rec = rows if n_rec == rows.num_rows else rows.filter(is_rec)  # no copy when nothing failed
+            if n_rec:
+                table = rec.select(RECORDS_SCHEMA.names).cast(RECORDS_SCHEMA)
+                pq.write_table(table, os.path.join(self.out_dir, f"part-{ctx.task_idx:05d}.parquet"),
+                               **PARQUET_OPTIONS)
+            err = [] if n_rec == rows.num_rows else \
+                rows.filter(pc.invert(is_rec)).select(["file", "error_class", "message"]).to_pylist()
+            return {"files": sorted(set(rec.column("file").to_pylist())), "errors": err, "records": n_rec}
 
         def on_write_complete(self, write_result) -> None:
             self.result = write_result
