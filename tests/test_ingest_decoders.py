@@ -564,3 +564,12 @@ def test_geotiff_synthetic_scene(regions_cohort):
     path = glob.glob(os.path.join(root, "regions", "*", "scene_0.tif"))[0]
     patches = geotiff.decode_scene(path, 32)
     assert patches and patches[0][1].shape == (6, 32, 32) and patches[0][2]["bands"][3] == "nir"
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    ramp = np.tile(np.linspace(-1000, 400, 8), (8, 1))
+    m2, _ = dicom.decode_slice(write_slice(str(tmp_path / "m2.dcm"), ramp), 8, (-1000, 400))
+    p1 = write_slice(str(tmp_path / "m1.dcm"), ramp, extra={"PhotometricInterpretation": "MONOCHROME1"})
+    m1, meta = dicom.decode_slice(p1, 8, (-1000, 400))
+    np.testing.assert_allclose(m1, 1 - m2, atol=1e-6)
+    assert meta["inverted"] is True

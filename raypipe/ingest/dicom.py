@@ -471,7 +471,11 @@ def _decode_slice(path: str, size: int, window, frame: int | None, expected: set
         meta["frame"] = int(frame)
     meta["window"] = list(window) if window is not None else None
     meta["original_shape"] = list(arr.shape)
-    img = resize_plane(apply_window(values, window), size)
+    windowed = apply_window(values, window)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        windowed = 1.0 - windowed  # MONOCHROME1 (some DX/CR images): minimum value is white
+        meta["inverted"] = True
+    img = resize_plane(windowed, size)
     return np.clip(img, 0, 1)[None].astype(np.float32), meta
 
 
