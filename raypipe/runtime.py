@@ -122,5 +122,7 @@ def actor_cpus(pool_size: int, cpus: float) -> float:
     Ray Data's read tasks need a free CPU; an actor pool that takes them all hangs the
     pipeline. One CPU per actor when there is room, a fraction otherwise.
     """
-    spare = max(cpus - 1.0, 0.5)
+    # 1 whole CPU stays free for a read task, plus a margin for small reservations such as a
+    # Tune trial's driver ({"CPU": 0.01}); 0.99 free CPUs would not fit a 1-CPU read task.
+    spare = max(cpus - 1.1, 0.5)
     return min(1.0, spare / max(pool_size, 1))
