@@ -352,10 +352,14 @@ def _family_dataset(cfg: Config, family: str, records_path: str, mods: list[str]
     common = {"seed": cfg.run.seed, "precision": cfg.embed.precision, "threads": plan["threads"]}
     if family == "image":
         ic = cfg.embed.image
-        # a task stage (fused with the read): decoding and resizing overlap with the model actors
+        # CPU tasks, one per batch, run by Ray Data beside the model actors so decoding overlaps with the
+        # model. Their CPU request differs from the actors' on purpose: with equal remote args Ray Data
+        # fuses a task stage into the next actor stage, which would serialise decode and model again.
+        decode_cpus = 0.25 if plan["num_cpus"] == 0.5 else 0.5
         ds = ds.map_batches(decode_image_batch, batch_format="pyarrow", batch_size=plan["batch_size"],
-                            fn_kwargs={"input_size": ic.input_size, "band_projection": ic.band_projection,
-                                       "band_indices": ic.band_indices})
+                            num_cpus=decode_cpus, fn_kwargs={"input_size": ic.input_size,
+                                                             "band_projection": ic.band_projection,
+                                                             "band_indices": ic.band_indices})
         return ds.map_batches(ImageActor, batch_format="numpy", **pool, fn_constructor_kwargs={
             "image_cfg": ic.model_dump(), "batch_size": plan["batch_size"], **common})
     return ds.map_batches(TextActor, batch_format="numpy", **pool,
