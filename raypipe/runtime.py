@@ -95,7 +95,10 @@ def init_ray(cfg: Config, address: str | None = None) -> RayContext:
     kwargs = dict(
         num_cpus=cfg.ray.num_cpus or os.cpu_count(),
         log_to_driver=cfg.ray.log_to_driver,
-        include_dashboard=False,
+        # The dashboard process also serves Ray's state API, which Ray Train V2's controller
+        # polls; without it every training run logs tracebacks. Bound to localhost only.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         _temp_dir=temp_dir,
     )
     if cfg.ray.num_gpus is not None:
