@@ -146,6 +146,8 @@ def test_gpu_path_autocast_channels_last_matches_fp32():
     assert out.dtype == np.float32 and out.shape == (8, 512)
     assert np.corrcoef(out.ravel(), fp32.ravel())[0, 1] > 0.99
     np.testing.assert_array_equal(out, gpu(x))  # deterministic on the GPU too (same batch shape)
+    half = gpu.embed_pixels(gpu.preprocess(x).astype(np.float16))  # what the decode stage sends under autocast
+    assert half.dtype == np.float32 and np.corrcoef(half.ravel(), out.ravel())[0, 1] > 0.999
     text = TextEmbedder(model=MINILM, pooling="mean", device="cuda")
     cpu_text = TextEmbedder(model=MINILM, pooling="mean", device="cpu")
     t = ["a report", "pleural effusion on the right"]

@@ -294,3 +294,7 @@ def test_pool_plan_never_takes_every_cpu():
     assert gpu["size"] * gpu["num_cpus"] < 16
     forced = pool_plan(load_config(None, ["embed.pool_size=8", "embed.batch_size=7"]), {"CPU": 4, "GPU": 0})
     assert forced["size"] == 8 and forced["size"] * forced["num_cpus"] < 4 and forced["batch_size"] == 7
+    with pytest.raises(ValueError, match="need 8 GPUs, the cluster has 2"):
+        pool_plan(load_config(None, ["embed.pool_size=8"]), {"CPU": 16, "GPU": 2})
+    with pytest.raises(ValueError, match="no GPU"):
+        pool_plan(load_config(None, ["embed.num_gpus_per_actor=1"]), {"CPU": 4, "GPU": 0})

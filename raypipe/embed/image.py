@@ -200,13 +200,16 @@ class ImageEmbedder:
         step = self.fixed_batch or n
         out = []
         for i in range(0, n, step):
-            chunk = np.ascontiguousarray(pixels[i:i + step], dtype=np.float32)
+            chunk = np.ascontiguousarray(pixels[i:i + step])
+            if self.device.type != "cuda" or chunk.dtype != np.float16:
+                chunk = chunk.astype(np.float32, copy=False)  # float16 only travels to the GPU, never computes
             k = len(chunk)
             if self.fixed_batch and k < step:  # same batch shape every call: batch-independent bytes
-                chunk = np.concatenate([chunk, np.zeros((step - k,) + chunk.shape[1:], np.float32)])
+                chunk = np.concatenate([chunk, np.zeros((step - k,) + chunk.shape[1:], chunk.dtype)])
             x = torch.from_numpy(chunk)
             if self.device.type == "cuda":
-                x = x.pin_memory().to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                x = x.pin_memory().to(self.device, non_blocking=True).float().contiguous(
+                    memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
                 pooled = self.model(pixel_values=x).pooler_output  # (B, dim, 1, 1)
             out.append(pooled.flatten(1)[:k].float().cpu().numpy())

@@ -108,8 +108,12 @@ def check_embedding_spec(expected: Mapping[str, Any], table_schema: pa.Schema) -
 
 # ----------------------------------------------------------------------------- CPU stage
 def decode_image_batch(batch: pa.Table, input_size: int, band_projection: str = "mean_groups",
-                       band_indices: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-    """Ray Data task (CPU): image records -> normalised ``pixels`` (N, 3, S, S) float32 and ``error``.
+                       band_indices: Sequence[int] | None = None, pixel_dtype: str = "float32"
+                       ) -> dict[str, np.ndarray]:
+    """Ray Data task (CPU): image records -> normalised ``pixels`` (N, 3, S, S) and ``error``.
+
+    ``pixel_dtype`` is float32, or float16 when the model runs under fp16/bf16 autocast on
+    a GPU anyway (half the bytes through the object store and over PCIe).
 
     A record that cannot be decoded keeps zero pixels and a non-empty ``error``;
     the model stage skips it and the driver turns it into an errors row (the
@@ -138,7 +142,7 @@ def decode_image_batch(batch: pa.Table, input_size: int, band_projection: str = 
             by_shape[a.shape].append((i, a))
         except Exception as e:  # noqa: BLE001 - a corrupt record is data, not a crash
             errors[i] = f"{type(e).__name__}: {e}"
-    pixels = np.zeros((n, 3, input_size, input_size), np.float32)
+    pixels = np.zeros((n, 3, input_size, input_size), np.dtype(pixel_dtype))
     for rows in by_shape.values():
         idx = [i for i, _ in rows]
         try:
@@ -255,6 +259,11 @@ def pool_plan(cfg: Config, resources: Mapping[str, float]) -> dict[str, Any]:
         size = max(1, int(gpus // ngpu))
     else:
         size = max(1, int(cpus) - 1)
+    if ngpu > 0 and gpus > 0 and size * ngpu > gpus + 1e-9:
+        raise ValueError(f"embed.pool_size={size} actors x {ngpu:g} GPU each need {size * ngpu:g} GPUs, the cluster "
+                         f"has {gpus:g}: lower embed.pool_size or embed.num_gpus_per_actor (the pool would wait forever)")
+    if ngpu > 0 and gpus == 0 and e.num_gpus_per_actor:
+        raise ValueError("embed.num_gpus_per_actor > 0 but the cluster has no GPU: set it to 0 or leave it unset")
     cpu_per = actor_cpus(size, cpus)
     return {"size": size, "num_cpus": cpu_per, "num_gpus": float(ngpu), "threads": max(1, int(cpu_per)),
             "batch_size": int(e.batch_size or (256 if ngpu > 0 else 32))}
@@ -356,10 +365,12 @@ def _family_dataset(cfg: Config, family: str, records_path: str, mods: list[str]
         # model. Their CPU request differs from the actors' on purpose: with equal remote args Ray Data
         # fuses a task stage into the next actor stage, which would serialise decode and model again.
         decode_cpus = 0.25 if plan["num_cpus"] == 0.5 else 0.5
+        half = plan["num_gpus"] > 0 and cfg.embed.precision != "fp32"
         ds = ds.map_batches(decode_image_batch, batch_format="pyarrow", batch_size=plan["batch_size"],
                             num_cpus=decode_cpus, fn_kwargs={"input_size": ic.input_size,
                                                              "band_projection": ic.band_projection,
-                                                             "band_indices": ic.band_indices})
+                                                             "band_indices": ic.band_indices,
+                                                             "pixel_dtype": "float16" if half else "float32"})
         return ds.map_batches(ImageActor, batch_format="numpy", **pool, fn_constructor_kwargs={
             "image_cfg": ic.model_dump(), "batch_size": plan["batch_size"], **common})
     return ds.map_batches(TextActor, batch_format="numpy", **pool,
