@@ -30,11 +30,13 @@ class PeakRSS:
     """Samples the summed RSS of this process and all its descendants (Ray's raylet and workers)."""
 
     def __init__(self, interval: float = 0.1):
+        import ray  # noqa: F401 - Ray ships psutil in its vendored packages
         import psutil
 
         self.proc, self.peak, self.interval, self._stop = psutil.Process(), 0, interval, threading.Event()
 
     def _total(self) -> int:
+        import ray  # noqa: F401
         import psutil
 
         total = 0
@@ -101,7 +103,11 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="timed runs per variant (the best is reported)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs given to the local Ray (the goal is set for 2)")
     p.add_argument("--work", help="directory for cohorts and outputs (default: a temporary one)")
+    p.add_argument("--worker-niceness", type=int, default=0,
+                   help="nice value of the local Ray's workers (Ray's default is 15: on a machine shared with "
+                        "other work they would get less CPU than the plain loop at nice 0)")
     args = p.parse_args(argv)
+    os.environ.setdefault("RAY_worker_niceness", str(args.worker_niceness))
 
     from raypipe.config import load_config
     from raypipe.ingest.pipeline import run_ingest
@@ -139,7 +145,8 @@ def main(argv=None):
             assert summary["records"] == len(files) and summary["reconciled"], summary
         rows.append((scale, len(files), len(files) / t_plain, len(files) / t_dec, len(files) / min(t_ray),
                      statistics.median(peaks)))
-    print(f"\ningest benchmark: {os.cpu_count()} CPUs on the machine, Ray with {args.num_cpus}; CT DICOM "
+    print(f"\ningest benchmark: {os.cpu_count()} CPUs on the machine (load average {os.getloadavg()[0]:.1f} at the end), "
+          f"Ray with {args.num_cpus} (worker niceness {os.environ['RAY_worker_niceness']}); CT DICOM "
           f"{args.image_size}px -> {args.size}px, best of {args.repeats}")
     print(f"{'scale':>5} {'slices':>7} {'(a) pydicom/s':>14} {'(a2) decoder/s':>15} {'(b) ray/s':>10} "
           f"{'(b)/(a)':>8} {'(b)/(a2)':>9} {'peak RSS (b)':>13}")

@@ -21,6 +21,7 @@ Outputs are written to a temporary directory and renamed into place when complet
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -178,7 +179,8 @@ def _ehr_sums_batch(batch: pa.Table, ehr_cfg: dict) -> pa.Table:
             s += v.sum(0)
             sq += (v ** 2).sum(0)
             n += v.shape[0]
-    return pa.table({"s": [s.tolist()], "sq": [sq.tolist()], "n": [n]})
+    first = batch.column("path")[0].as_py() if batch.num_rows else ""
+    return pa.table({"first": [first], "s": [s.tolist()], "sq": [sq.tolist()], "n": [n]})
 
 
 def _records_sink(out_dir: str):
@@ -262,6 +264,59 @@ def _num_blocks(n_items: int, per_task: int) -> int:
     return max(1, math.ceil(n_items / per_task))
 
 
+def _opt_float(v) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _item_weight(it: dict, mods: dict) -> float:
+    """Rough decode cost of a work item, in slices: a NIfTI volume yields many, a report almost nothing."""
+    c = mods[it["modality"]]
+    if it["format"] == "nifti":
+        return float(c["slices"]["n"]) if c["slices"]["policy"] in ("even", "central") else 32.0
+    if it["format"] == "geotiff":
+        return 8.0
+    if c["kind"] in ("text", "tabular"):
+        return 0.25
+    return 1.0
+
+
+def _task_blocks(work: list[dict], mods: dict, per_task: int) -> list[pa.Table]:
+    """Consecutive runs of the (sorted) work items of about ``per_task`` slices each: one Ray task per block.
+
+    The cut points depend on the items only, never on the cluster, so each task -- and the Parquet
+    file it writes -- holds the same records on a laptop and on a cluster.
+    """
+    blocks, current, weight = [], [], 0.0
+    for it in work:
+        current.append(it)
+        weight += _item_weight(it, mods)
+        if weight >= per_task:
+            blocks.append(current)
+            current, weight = [], 0.0
+    if current:
+        blocks.append(current)
+    return [pa.Table.from_pylist(b) for b in blocks]
+
+
+@contextlib.contextmanager
+def _unordered():
+    """Run a pass without Ray Data's output reordering (``preserve_order``).
+
+    The passes below do not need it: the header and statistics passes are reduced on the driver
+    order-independently, and each decode task writes its own file named by its task index, which
+    Ray Data assigns in input order. Reordering only makes finished tasks wait for slower ones.
+    """
+    import ray.data
+
+    opts = ray.data.DataContext.get_current().execution_options
+    old = opts.preserve_order
+    opts.preserve_order = False
+    try:
+        yield
+    finally:
+        opts.preserve_order = old
+
+
 def _load_stats(path: str) -> dict:
     from raypipe.ingest.ehr import CONTINUOUS_COLUMNS
 
@@ -282,10 +337,12 @@ def _fit_stats(train_items: list[dict], cfg: Config) -> dict:
 
     if not train_items:
         return {}
-    ds = ray.data.from_items([{"path": it["path"]} for it in train_items],
-                             override_num_blocks=_num_blocks(len(train_items), cfg.ingest.items_per_task))
-    sums = ds.map_batches(_ehr_sums_batch, fn_kwargs={"ehr_cfg": cfg.ingest.ehr.model_dump()},
-                          batch_format="pyarrow", batch_size=cfg.ingest.items_per_task).take_all()
+    with _unordered():
+        ds = ray.data.from_items([{"path": it["path"]} for it in train_items],
+                                 override_num_blocks=_num_blocks(len(train_items), cfg.ingest.items_per_task))
+        sums = ds.map_batches(_ehr_sums_batch, fn_kwargs={"ehr_cfg": cfg.ingest.ehr.model_dump()},
+                              batch_format="pyarrow", batch_size=None).take_all()
+    sums.sort(key=lambda r: r["first"])  # a fixed summation order: the same statistics bytes every run
     n = float(sum(r["n"] for r in sums))
     if n == 0:
         return {}
@@ -305,22 +362,24 @@ def _plan_dicom(dicom_items: list[dict], mods: dict, secret: bytes, cfg: Config,
 
     if not dicom_items:
         return []
-    hdr = ray.data.from_items(
-        [{"file": it["file"], "path": it["path"], "expected": sorted(EXPECTED_MODALITY.get(it["modality"], []))}
-         for it in dicom_items],
-        override_num_blocks=_num_blocks(len(dicom_items), 4 * cfg.ingest.items_per_task))
-    headers = hdr.map_batches(_header_batch, batch_format="pyarrow", batch_size=4 * cfg.ingest.items_per_task)
+    with _unordered():
+        hdr = ray.data.from_items(
+            [{"file": it["file"], "path": it["path"], "expected": sorted(EXPECTED_MODALITY.get(it["modality"], []))}
+             for it in dicom_items],
+            override_num_blocks=_num_blocks(len(dicom_items), 4 * cfg.ingest.items_per_task))
+        headers = hdr.map_batches(_header_batch, batch_format="pyarrow", batch_size=None).take_all()
     by_file = {it["file"]: it for it in dicom_items}
     series: dict[tuple, list] = defaultdict(list)
-    for batch in headers.iter_batches(batch_format="pyarrow", batch_size=None):
-        for h in batch.to_pylist():
-            it = by_file[h["file"]]
-            if h["error_class"] is not None:
-                errors.append({"file": it["file"], "error_class": h["error_class"], "message": h["message"]})
-                continue
-            series[(it["sample_id"], it["modality"], h["series"])].append(
-                SliceHeader(it["path"], h["series"], it["modality"], h["position"], h["instance"], h["frames"],
-                            frame_positions=h["frame_positions"]))
+    for h in sorted(headers, key=lambda r: int(r["file"])):
+        it = by_file[int(h["file"])]
+        if h["error_class"] is not None:
+            errors.append({"file": it["file"], "error_class": h["error_class"], "message": h["message"]})
+            continue
+        fpos = h["frame_positions"]
+        series[(it["sample_id"], it["modality"], h["series"])].append(
+            SliceHeader(it["path"], h["series"], it["modality"], _opt_float(h["position"]),
+                        None if h["instance"] is None else int(h["instance"]), int(h["frames"]),
+                        frame_positions=None if fpos is None else [_opt_float(v) for v in fpos]))
     path_item = {it["path"]: it for it in dicom_items}
     work = []
     for (sid, modality, uid), headers_ in sorted(series.items()):
@@ -374,7 +433,7 @@ def run_ingest(cfg: Config) -> dict:
         pid = str(row.patient_id)
         sid = ids.get(pid) or pseudonym(secret, pid)
         f = {"file": len(files), "modality": row.modality, "public_path": public_path(str(row.path), pid, sid),
-             "path": os.path.join(root, str(row.path))}
+             "path": os.path.join(root, str(row.path)), "patient_id": pid, "sample_id": sid}
         files.append(f)
         if pid not in ids:
             errors.append({"file": f["file"], "error_class": "NoLabel",
@@ -416,12 +475,13 @@ def run_ingest(cfg: Config) -> dict:
         if work:
             for it in work:
                 it.pop("train", None)
-            ds = ray.data.from_items(work, override_num_blocks=_num_blocks(len(work), cfg.ingest.items_per_task))
-            rows = ds.map_batches(_decode_batch, batch_format="pyarrow", batch_size=cfg.ingest.items_per_task,
-                                  fn_kwargs={"modalities": mods, "ehr_cfg": cfg.ingest.ehr.model_dump(),
-                                             "stats": stats or None})
             sink = _records_sink(rec_dir)
-            rows.write_datasink(sink)
+            with _unordered():
+                ds = ray.data.from_arrow(_task_blocks(work, mods, cfg.ingest.items_per_task))
+                rows = ds.map_batches(_decode_batch, batch_format="pyarrow", batch_size=None,
+                                      fn_kwargs={"modalities": mods, "ehr_cfg": cfg.ingest.ehr.model_dump(),
+                                                 "stats": stats or None})
+                rows.write_datasink(sink)
             for ret in sink.result.write_returns:
                 n_records += ret["records"]
                 errors.extend(ret["errors"])
@@ -437,6 +497,7 @@ def run_ingest(cfg: Config) -> dict:
             if states.get(e["file"]) != "ingested":
                 states[e["file"]] = "empty_as_missing" if e["error_class"] in MISSING_CLASSES else "quarantined"
             msg = str(e["message"]).replace(f["path"], f["public_path"]).replace(root, "<input>")
+            msg = public_path(msg, f["patient_id"], f["sample_id"])  # e.g. a companion file's path
             err_rows.append({"source_path": f["public_path"], "stage": "ingest", "modality": f["modality"],
                              "error_class": e["error_class"], "message": msg})
         err_df = pd.DataFrame(err_rows, columns=ERRORS_SCHEMA.names).sort_values(
