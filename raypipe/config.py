@@ -118,8 +118,9 @@ class IngestConfig(_Section):
     #: fraction of input files that may be quarantined before the run exits non-zero
     error_budget: float = Field(0.05, ge=0, le=1)
     test_fraction: float = Field(0.2, ge=0, lt=1)  # held-out patients (split fixed at ingest for EHR stats)
-    #: work items (slices, files) per Ray task: fixed, so output files do not depend on the cluster size
-    items_per_task: int = Field(32, ge=1)
+    #: work items (slices, files) per Ray task: fixed, so output files do not depend on the cluster size;
+    #: larger amortises Ray's per-task cost (benchmarks/RESULTS.md), smaller streams in finer steps
+    items_per_task: int = Field(128, ge=1)
 
 
 # ---------------------------------------------------------------------------- embed
