@@ -62,6 +62,22 @@ class PeakRSS:
         self._t.join()
 
 
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live descendants (Ray's raylet, GCS, workers)."""
+    import ray  # noqa: F401 - Ray ships psutil in its vendored packages
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def plain_pydicom_loop(files: list[str], size: int, window=(-1000.0, 400.0)) -> int:
     """(a): the loop one writes with pydicom alone (plus the same window and resize as raypipe)."""
     import numpy as np
@@ -93,6 +109,12 @@ def _timed(fn, *args):
     return time.perf_counter() - t0
 
 
+def _cpu(fn, *args):
+    c0 = tree_cpu_seconds()
+    fn(*args)
+    return tree_cpu_seconds() - c0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--patients", type=int, default=90)
@@ -102,6 +124,7 @@ def main(argv=None):
     p.add_argument("--scales", default="1,4", help="cohort multiples (memory must stay flat)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per variant (the best is reported)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs given to the local Ray (the goal is set for 2)")
+    p.add_argument("--items-per-task", type=int, default=None, help="ingest.items_per_task (default: the config's)")
     p.add_argument("--work", help="directory for cohorts and outputs (default: a temporary one)")
     p.add_argument("--worker-niceness", type=int, default=0,
                    help="nice value of the local Ray's workers (Ray's default is 15: on a machine shared with "
@@ -127,6 +150,7 @@ def main(argv=None):
         files = sorted(glob.glob(os.path.join(cohort, "patients", "*", "ct", "*.dcm")))
         cfg = load_config(None, [f"run.out_dir={os.path.join(work, f'run{scale}')}", f"ingest.input={cohort}",
                                  "ray.progress_bars=false", f"ray.num_cpus={args.num_cpus}",
+                                 *([f"ingest.items_per_task={args.items_per_task}"] if args.items_per_task else []),
                                  f"ingest.modalities={{ct: {{kind: volume, window: [-1000, 400], size: {args.size}, "
                                  "slices: {policy: all}}}"])
         if not ray_started:
@@ -135,26 +159,32 @@ def main(argv=None):
             run_ingest(cfg)  # warm-up: worker processes and imports, as on a long-running cluster
         t_plain = min(_timed(plain_pydicom_loop, files, args.size) for _ in range(args.repeats))
         t_dec = min(_timed(raypipe_decoder_loop, files, args.size) for _ in range(args.repeats))
-        t_ray, peaks = [], []
+        cpu_plain = _cpu(plain_pydicom_loop, files, args.size)
+        t_ray, peaks, cpu_ray = [], [], []
         for _ in range(args.repeats):
             with PeakRSS() as mem:
-                t0 = time.perf_counter()
+                c0, t0 = tree_cpu_seconds(), time.perf_counter()
                 summary = run_ingest(cfg)
                 t_ray.append(time.perf_counter() - t0)
+                cpu_ray.append(tree_cpu_seconds() - c0)
             peaks.append(mem.peak)
             assert summary["records"] == len(files) and summary["reconciled"], summary
         rows.append((scale, len(files), len(files) / t_plain, len(files) / t_dec, len(files) / min(t_ray),
-                     statistics.median(peaks)))
+                     statistics.median(peaks), cpu_plain / len(files), min(cpu_ray) / len(files)))
     print(f"\ningest benchmark: {os.cpu_count()} CPUs on the machine (load average {os.getloadavg()[0]:.1f} at the end), "
           f"Ray with {args.num_cpus} (worker niceness {os.environ['RAY_worker_niceness']}); CT DICOM "
           f"{args.image_size}px -> {args.size}px, best of {args.repeats}")
     print(f"{'scale':>5} {'slices':>7} {'(a) pydicom/s':>14} {'(a2) decoder/s':>15} {'(b) ray/s':>10} "
-          f"{'(b)/(a)':>8} {'(b)/(a2)':>9} {'peak RSS (b)':>13}")
-    for scale, n, a, a2, b, mb in rows:
+          f"{'(b)/(a)':>8} {'(b)/(a2)':>9} {'peak RSS (b)':>13} {'CPU ms/slice (a)':>17} {'(b)':>6}")
+    for scale, n, a, a2, b, mb, ca, cb in rows:
         print(f"{scale:>5} {n:>7} {a:>14.1f} {a2:>15.1f} {b:>10.1f} {b / a:>8.2f} {b / a2:>9.2f} "
-              f"{mb / 2**20:>11.0f}MB")
+              f"{mb / 2**20:>11.0f}MB {ca * 1e3:>17.2f} {cb * 1e3:>6.2f}")
     if len(rows) > 1:
         print(f"peak memory {rows[-1][0]}x / {rows[0][0]}x cohort: {rows[-1][5] / rows[0][5]:.2f}")
+    # CPU seconds do not depend on what else the machine runs: the ceiling of (b)/(a) on N idle cores
+    ca, cb = rows[0][6], rows[0][7]
+    print(f"CPU per slice: (a) {ca * 1e3:.2f} ms, (b) {cb * 1e3:.2f} ms (driver + Ray processes + workers); "
+          f"on {args.num_cpus} idle cores (b)/(a) can reach at most {args.num_cpus * ca / cb:.2f}")
 
 
 if __name__ == "__main__":
