@@ -37,8 +37,9 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
+# torch/transformers are imported where they are used: the CPU decode tasks only need
+# numpy (and torch only to resize), which keeps their worker start-up short.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: ResNet34 as transformers describes it (same as microsoft/resnet-34's config.json).
@@ -63,6 +64,7 @@ def load_image_model(model: Any = "microsoft/resnet-34", weights: str | None = N
     dict) whose ``model``/``weights``/``revision`` are used. ``weights="random"``
     builds ResNet34 from ``ResNetConfig`` with weights drawn from ``seed``.
     """
+    import torch
     from transformers import ResNetConfig, ResNetModel
 
     if not isinstance(model, (str, os.PathLike)):
@@ -140,17 +142,20 @@ def preprocess_images(images: np.ndarray | Sequence[np.ndarray], input_size: int
     if x.ndim == 3:
         x = x[:, None]
     x = np.ascontiguousarray(to_three_channels(x, projection, band_indices), dtype=np.float32)
-    t = torch.from_numpy(x)
-    if t.shape[-2:] != (input_size, input_size):
-        t = torch.nn.functional.interpolate(t, size=(input_size, input_size), mode="bilinear", antialias=True,
-                                            align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return ((t - mean) / std).numpy()
+    if x.shape[-2:] != (input_size, input_size):
+        import torch
+
+        x = torch.nn.functional.interpolate(torch.from_numpy(x), size=(input_size, input_size), mode="bilinear",
+                                            antialias=True, align_corners=False).numpy()
+    mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
+    return (x - mean) / std
 
 
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+def autocast_dtype(device: "torch.device", precision: str) -> "torch.dtype | None":
     """Autocast dtype for ``precision`` on ``device``: bf16/fp16 on CUDA, None (fp32) on CPU or for fp32."""
+    import torch
+
     if device.type != "cuda" or precision == "fp32":
         return None
     if precision == "fp16":
@@ -168,6 +173,8 @@ class ImageEmbedder:
     def __init__(self, model: str = "microsoft/resnet-34", weights: str = "pretrained", revision: str | None = None,
                  input_size: int = 224, band_projection: str = "mean_groups", band_indices=None, seed: int = 0,
                  device: str | None = None, precision: str = "auto", fixed_batch: int | None = 64):
+        import torch
+
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_image_model(model, weights, revision, seed).to(self.device)
         self.input_size, self.projection, self.band_indices = input_size, band_projection, band_indices
@@ -191,9 +198,16 @@ class ImageEmbedder:
         """CPU stage: channels -> 3, resize, ImageNet normalisation."""
         return preprocess_images(images, self.input_size, self.projection, self.band_indices)
 
-    @torch.inference_mode()
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Model stage: normalised (B, 3, S, S) -> (B, dim) float32."""
+        import torch
+
+        with torch.inference_mode():
+            return self._embed_pixels(pixels)
+
+    def _embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        import torch
+
         n = len(pixels)
         if n == 0:
             return np.zeros((0, self.dim), np.float32)

@@ -353,26 +353,27 @@ def _family_dataset(cfg: Config, family: str, records_path: str, mods: list[str]
         pred = pred & col("sample_id").is_in(ids)
     columns = [*KEY_COLUMNS, "payload", "dtype", "shape"] if family == "image" else [*KEY_COLUMNS, "text"]
     ds = ray.data.read_parquet(records_path).select_columns(columns).filter(expr=pred)
-    # one block per model batch (streaming, no shuffle): a few large files would otherwise reach the
-    # pool as a few blocks and leave actors idle; small blocks also spread the decode over the CPUs
-    ds = ds.repartition(target_num_rows_per_block=plan["batch_size"])
     pool = dict(compute=ray.data.ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
                 num_gpus=plan["num_gpus"], batch_size=plan["batch_size"])
     common = {"seed": cfg.run.seed, "precision": cfg.embed.precision, "threads": plan["threads"]}
+    # One block per model batch (streaming, no shuffle): a few large files would otherwise reach the
+    # pool as a few blocks and leave actors idle.
+    rebatch = {"target_num_rows_per_block": plan["batch_size"]}
     if family == "image":
         ic = cfg.embed.image
-        # CPU tasks, one per batch, run by Ray Data beside the model actors so decoding overlaps with the
-        # model. Their CPU request differs from the actors' on purpose: with equal remote args Ray Data
-        # fuses a task stage into the next actor stage, which would serialise decode and model again.
-        decode_cpus = 0.25 if plan["num_cpus"] == 0.5 else 0.5
         half = plan["num_gpus"] > 0 and cfg.embed.precision != "fp32"
-        ds = ds.map_batches(decode_image_batch, batch_format="pyarrow", batch_size=plan["batch_size"],
-                            num_cpus=decode_cpus, fn_kwargs={"input_size": ic.input_size,
-                                                             "band_projection": ic.band_projection,
-                                                             "band_indices": ic.band_indices,
-                                                             "pixel_dtype": "float16" if half else "float32"})
-        return ds.map_batches(ImageActor, batch_format="numpy", **pool, fn_constructor_kwargs={
+        # Decoding runs inside the read tasks (Ray Data fuses read -> decode -> repartition into one task
+        # operator), on the CPUs beside the model actors, so it overlaps with the model. The decode asks
+        # for 1 CPU like the read; should the actors ask for exactly that too, Ray Data would fuse the
+        # task stage into the actors and serialise decode and model again, so then it asks for less.
+        decode_cpus = 0.5 if (plan["num_cpus"] == 1.0 and not plan["num_gpus"]) else None
+        ds = ds.map_batches(decode_image_batch, batch_format="pyarrow", num_cpus=decode_cpus,
+                            fn_kwargs={"input_size": ic.input_size, "band_projection": ic.band_projection,
+                                       "band_indices": ic.band_indices,
+                                       "pixel_dtype": "float16" if half else "float32"})
+        return ds.repartition(**rebatch).map_batches(ImageActor, batch_format="numpy", **pool, fn_constructor_kwargs={
             "image_cfg": ic.model_dump(), "batch_size": plan["batch_size"], **common})
+    ds = ds.repartition(**rebatch)
     return ds.map_batches(TextActor, batch_format="numpy", **pool,
                           fn_constructor_kwargs={"text_cfg": cfg.embed.text.model_dump(), **common})
 
