@@ -9,13 +9,24 @@ import pytest
 import torch
 
 from raypipe.config import TrainConfig
-from raypipe.fusion.base import ModalitySpec, down_weighting, nonempty_subsets
+import torch.nn.functional as F
+
+from raypipe.fusion.base import ModalitySpec, down_weighting, nonempty_subsets, true_value_probability
 from raypipe.fusion.omnifuse import OmniFuse
 from raypipe.fusion.registry import build_method
 from raypipe.train.data import simulate_missing
 from raypipe.train.loop import HookContext
 
 SPECS = [ModalitySpec("a", (6,)), ModalitySpec("b", (5,)), ModalitySpec("c", (4,))]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models on a shared 2-core machine: intra-op threads only contend
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _batch(n=12, seed=0, specs=SPECS):
@@ -65,6 +76,41 @@ def test_dwfuse_weights_are_detached_and_used(monkeypatch):
     mask = torch.ones(12, 3, dtype=torch.bool)
     out = model({"x": x, "mask": mask, "y": y}, full_mask=mask)
     assert not out["weights"].requires_grad and out["weights"].shape == (12, 3)
+
+
+def test_true_value_probability_per_task():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    p = logits.softmax(-1)
+    q = true_value_probability(logits, torch.tensor([0, 2]), "multiclass")
+    torch.testing.assert_close(q, torch.stack([p[0, 0], p[1, 2]]))
+    ml = torch.tensor([[0.0, 2.0]])  # sigmoid: 0.5 and 0.8808; labels (1, 0)
+    q = true_value_probability(ml, torch.tensor([[1.0, 0.0]]), "multilabel")
+    assert q.item() == pytest.approx((0.5 + (1 - 1 / (1 + math.exp(-2)))) / 2)
+    q = true_value_probability(torch.tensor([[1.5]]), torch.tensor([0.5]), "regression", var_y=2.0)
+    assert q.item() == pytest.approx(math.exp(-1.0 / 2.0))
+
+
+def test_dwfuse_loss_is_the_closed_form():
+    """L_DWFuse = (1/M) sum_m w_m CE_m + alpha CE_joint with w_m from the heads' own probabilities,
+    and the total is lambda2 * L_DWFuse when IMP and TLA are off."""
+    model = _model(use_imp_forward=False, use_imp_backward=False, use_tla=False, alpha=0.3, beta=0.8, lambda2=7.0)
+    model.eval()
+    x, y = _batch(9)
+    mask = torch.ones(9, 3, dtype=torch.bool)
+    out = model({"x": x, "mask": mask, "y": y}, full_mask=mask)
+    with torch.no_grad():
+        v = torch.cat(model.encode(x, mask), 1)
+        d = model.hidden_dim
+        probs = [model.unimodal_heads[m](v[:, i * d:(i + 1) * d]).softmax(-1) for i, m in enumerate("abc")]
+        q = [p[torch.arange(9), y.long()] for p in probs]
+        manual_uni = torch.zeros(9)
+        for m in range(3):
+            w = ((1 - q[(m + 1) % 3]) * (1 - q[(m + 2) % 3])) ** (0.8 / 2)
+            manual_uni += w * -probs[m][torch.arange(9), y.long()].log() / 3
+        joint = F.cross_entropy(model.joint_head(v), y.long())
+        manual = manual_uni.mean() + 0.3 * joint
+    assert out["loss_dwfuse"].item() == pytest.approx(manual.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(7.0 * manual.item(), rel=1e-5)
 
 
 # ------------------------------------------------------------------ cascade
@@ -171,6 +217,51 @@ def test_tla_mining_all_reduces_statistics():
         assert reduced[s] == pytest.approx(local[s])
 
 
+def test_subset_loss_is_mean_ce_over_samples_that_have_the_subset():
+    model = _model()
+    x, y = _batch(16)
+    mask = torch.ones(16, 3, dtype=torch.bool)
+    mask[:5, 0] = False  # 5 samples lack a: they cannot show {a} nor any subset with a
+    d = model.subset_losses([{"x": x, "mask": mask, "y": y}])
+    model.eval()
+    with torch.no_grad():
+        only_a = torch.tensor([[True, False, False]]).expand(11, -1)
+        lg = model.joint_logits({m: t[5:] for m, t in x.items()}, only_a)
+        manual_a = F.cross_entropy(lg, y[5:].long()).item()
+        only_bc = torch.tensor([[False, True, True]]).expand(16, -1)
+        manual_bc = F.cross_entropy(model.joint_logits(x, only_bc), y.long()).item()
+    assert d[(0,)] == pytest.approx(manual_a, rel=1e-5)
+    assert d[(1, 2)] == pytest.approx(manual_bc, rel=1e-5)
+
+
+def test_tla_mining_with_four_modalities_enumerates_fifteen_subsets():
+    specs = SPECS + [ModalitySpec("d", (3,))]
+    torch.manual_seed(0)
+    model = OmniFuse(specs, "binary", 2, hidden_dim=4, depth=1)
+    x, y = _batch(12, specs=specs)
+    seen = []
+    orig = model.joint_logits
+    model.joint_logits = lambda xx, mm: (seen.append(tuple(mm[0].tolist())), orig(xx, mm))[1]
+    mask = torch.ones(12, 4, dtype=torch.bool)
+    trace = model.on_epoch_end(HookContext(train_batches=lambda: [{"x": x, "mask": mask, "y": y}]))["tla"]
+    assert len(seen) == len(set(seen)) == 15 == len(trace["d"])
+    assert all(any(p) for p in seen)
+
+
+def test_tla_picks_the_argmax_subset(monkeypatch):
+    model = _model()
+    fake = {s: 0.1 * len(s) for s in nonempty_subsets(3)}
+    fake[(0, 2)] = 5.0
+    monkeypatch.setattr(model, "subset_losses", lambda batches, all_reduce=None: fake)
+    trace = model.on_epoch_end(HookContext(train_batches=lambda: []))["tla"]
+    assert model.lazy_subset == (0, 2) and trace["lazy"] == "a+c"
+    assert trace["d"]["a+c"] == 5.0 and len(trace["d"]) == 7
+    fake = {s: 1.0 for s in nonempty_subsets(3)}  # ties: the smaller subset
+    monkeypatch.setattr(model, "subset_losses", lambda batches, all_reduce=None: fake)
+    model.on_epoch_end(HookContext(train_batches=lambda: []))
+    assert model.lazy_subset == (0,)
+
+
 def test_lazy_loss_covers_only_samples_with_the_whole_lazy_subset():
     model = _model(use_imp_forward=False, use_imp_backward=False)
     model.lazy_subset = (1, 2)  # b + c
@@ -187,7 +278,20 @@ def test_lazy_loss_covers_only_samples_with_the_whole_lazy_subset():
     model.joint_logits = spy
     out = model({"x": x, "mask": full, "y": y}, full_mask=full)
     assert rows_seen == [(7, [False, True, True])]
-    assert out["loss_tla"].item() > 0
+    model.joint_logits = orig
+    model.eval()
+    out = model({"x": x, "mask": full, "y": y}, full_mask=full)
+    with torch.no_grad():
+        lazy_mask = torch.tensor([[False, True, True]]).expand(7, -1)
+        manual = F.cross_entropy(model.joint_logits({m: t[3:] for m, t in x.items()}, lazy_mask), y[3:].long())
+    assert out["loss_tla"].item() == pytest.approx(manual.item(), rel=1e-5)
+    # the lazy view also counts for samples whose *simulated* pattern hides part of the subset
+    seen = full.clone()
+    seen[3:6, 1] = False
+    rows_seen.clear()
+    model.joint_logits = spy
+    model({"x": x, "mask": seen, "y": y}, full_mask=full)
+    assert rows_seen == [(7, [False, True, True])]
 
 
 # ------------------------------------------------------------------ switches and registry
@@ -221,6 +325,10 @@ def test_trace_outputs_reliability_and_imputed_flags():
     for m in "abc":
         assert out[f"prob_{m}"].shape == (12, 2)
         assert ((out[f"weight_{m}"] >= 0) & (out[f"weight_{m}"] <= 1)).all()
+    # label-free reliability: w_m with the joint prediction in place of y
+    pred = out["probabilities"].argmax(1)
+    q = torch.stack([out[f"prob_{m}"][torch.arange(12), pred] for m in "abc"], 1)
+    torch.testing.assert_close(torch.stack([out[f"weight_{m}"] for m in "abc"], 1), down_weighting(q, model.beta))
 
 
 # ------------------------------------------------------------------ missing-pattern simulation

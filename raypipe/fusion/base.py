@@ -153,6 +153,18 @@ class FusionMethod(nn.Module):
             hs.append(self.encoders[m](xi * keep, present))
         return hs
 
+    @torch.no_grad()
+    def encode_reference(self, x: dict[str, torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
+        """h_m as a fixed target: encoders in eval mode (no dropout noise in the target, no update
+        of the running input statistics from a second pass over the same batch), detached."""
+        modes = [e.training for e in self.encoders.values()]
+        self.encoders.eval()
+        try:
+            return self.encode(x, mask)
+        finally:
+            for e, mode in zip(self.encoders.values(), modes):
+                e.train(mode)
+
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return per_sample_loss(logits, y, self.task).mean()
 

@@ -341,9 +341,14 @@ class OGMGE(FusionMethod):
     out = sum_m W_m h_m + b, unimodal contributions out_m = W_m h_m + b/M; s_m = sum_i softmax(out_m)_i[y_i];
     rho_m = s_m / mean_{n != m} s_n [decision for M > 2; = s_a/s_b for two]. Encoder gradients of every
     dominant modality (rho_m > 1) are scaled by 1 - tanh(alpha (rho_m - 1)) and get Gaussian noise with the
-    gradient's std (GE); the others are left unscaled."""
+    gradient's std (GE); the others are left unscaled.
 
-    info = MethodInfo("ogm_ge", "training-strategy", hooks=("on_after_backward",),
+    Under DDP the gradients are already averaged over workers when ``on_after_backward`` runs, so
+    every worker must apply the *same* coefficient and the *same* noise or the replicas drift apart:
+    the per-batch scores s_m are summed with ``ctx.all_reduce`` before rho is formed, and the noise
+    comes from a generator seeded by (ctx.seed, epoch, step), identical on every worker."""
+
+    info = MethodInfo("ogm_ge", "training-strategy", hooks=("on_epoch_start", "on_after_backward"),
                       tasks=("binary", "multiclass", "multilabel", "regression"),
                       description="on-the-fly gradient modulation + generalisation enhancement")
 
@@ -352,7 +357,9 @@ class OGMGE(FusionMethod):
         self.alpha, self.noise = alpha, noise
         self.W = nn.ModuleDict({m: nn.Linear(hidden_dim, n_outputs, bias=False) for m in self.modalities})
         self.bias = nn.Parameter(torch.zeros(n_outputs))
-        self.coefficients: dict[str, float] = {m: 1.0 for m in self.modalities}
+        self.scores: torch.Tensor | None = None  # s_m of the last training batch (local to this worker)
+        self.coefficients: dict[int, float] = {i: 1.0 for i in range(len(self.modalities))}
+        self._step = 0
 
     def forward(self, batch, full_mask=None):
         hs = self.encode(batch["x"], batch["mask"])
@@ -363,9 +370,9 @@ class OGMGE(FusionMethod):
             out["loss"] = self.task_loss(logits, batch["y"])
             with torch.no_grad():
                 M = len(self.modalities)
-                s = torch.stack([true_value_probability(c + self.bias / M, batch["y"], self.task, float(self.var_y)).sum()
-                                 for c in contrib])
-                self.coefficients = self.modulation(s, self.alpha)
+                self.scores = torch.stack([
+                    true_value_probability(c + self.bias / M, batch["y"], self.task, float(self.var_y)).sum()
+                    for c in contrib]).double().cpu()
         return out
 
     @staticmethod
@@ -379,7 +386,17 @@ class OGMGE(FusionMethod):
             out[i if names is None else names[i]] = 1 - math.tanh(alpha * (rho - 1)) if rho > 1 else 1.0
         return out
 
+    def on_epoch_start(self, ctx):
+        self._step = 0
+
     def on_after_backward(self, ctx):
+        if self.scores is None:
+            return
+        s = self.scores if ctx.all_reduce is None else ctx.all_reduce(self.scores.clone())
+        self.coefficients = self.modulation(s, self.alpha)
+        self.scores = None
+        gen = torch.Generator().manual_seed(((int(ctx.seed) * 1_000_003 + int(ctx.epoch)) * 1_000_003 + self._step) % 2**31)
+        self._step += 1
         for i, m in enumerate(self.modalities):
             k = self.coefficients.get(i, 1.0)
             if k >= 1.0:
@@ -389,7 +406,9 @@ class OGMGE(FusionMethod):
                     continue
                 p.grad.mul_(k)
                 if self.noise and p.grad.numel() > 1:
-                    p.grad.add_(torch.randn_like(p.grad) * p.grad.std())
+                    # drawn on the CPU from the shared generator, so every worker adds the same noise
+                    eps = torch.randn(p.grad.shape, generator=gen, dtype=p.grad.dtype)
+                    p.grad.add_(eps.to(p.grad.device) * p.grad.std())
 
 
 class PMR(FusionMethod):

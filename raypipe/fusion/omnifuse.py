@@ -125,8 +125,7 @@ class OmniFuse(FusionMethod):
         if self.use_imp_forward and full_mask is not None:
             dropped = full_mask & ~mask
             if dropped.any():
-                with torch.no_grad():
-                    v_full = torch.cat(self.encode(x, full_mask), dim=1)
+                v_full = torch.cat(self.encode_reference(x, full_mask), dim=1)
                 pm = self._position_mask(dropped)
                 losses["imp_forward"] = (((v_imp - v_full) ** 2) * pm).sum() / pm.sum()
             else:

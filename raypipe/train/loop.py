@@ -22,11 +22,24 @@ from raypipe.train.data import simulate_missing, tensor_batches
 log = logging.getLogger(__name__)
 
 
+def identity_all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """The single-process ``all_reduce``: the sum over one worker is the tensor itself."""
+    return tensor
+
+
 @dataclass
 class HookContext:
-    """What a method's hooks may use. Identity ``all_reduce`` and local data outside Ray Train."""
+    """What a method's hooks may use.
 
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ``all_reduce(t) -> t`` sums a CPU float64 tensor of epoch statistics over all workers and
+    returns the sum (every worker gets the same result). It is the identity locally; under DDP the
+    wrapper passes a collective (moving the tensor to the backend's device if it must), and every
+    worker calls it the same number of times in the same order, because hooks run on every
+    worker. ``train_batches()`` / ``val_batches()`` iterate this worker's share of the training
+    split (natural masks, fixed order) and of the validation split.
+    """
+
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = identity_all_reduce
     world_size: int = 1
     rank: int = 0
     epoch: int = 0
@@ -92,6 +105,13 @@ def predict_arrays(model, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarr
     return np.concatenate(ys), np.concatenate(ps)
 
 
+def evaluate(model, batches: Iterable[dict], task: str | None = None) -> dict[str, float]:
+    """METHOD section 3 metrics of the method's prediction path over ``batches`` (masks as given)."""
+    task = task or unwrap(model).task
+    y, p = predict_arrays(model, batches)
+    return M.compute_metrics(task, y, p)
+
+
 def make_predict_fn(method, task: str, device=None):
     """numpy in, numpy out: ``fn(x: {m: array}, mask: (B, M) bool) -> {"probabilities", "prob_<m>", ...}``."""
     method.eval()
@@ -105,39 +125,77 @@ def make_predict_fn(method, task: str, device=None):
     return predict
 
 
-def fit(method, train: tuple, val: tuple, task: str, epochs: int = 30, batch_size: int = 64, lr: float = 1e-3,
-        weight_decay: float = 1e-4, p_drop: float = 0.5, patience: int = 8, seed: int = 0) -> dict[str, Any]:
-    """Train ``method`` on in-memory ``train=(x, mask, y)``, early-stop on ``val``; keeps the best weights.
+def fit_batches(method, train_batches: Callable[[int | None], Iterable[dict]],
+                val_batches: Callable[[], Iterable[dict]], task: str | None = None, cfg=None, *,
+                epochs: int | None = None, lr: float | None = None, weight_decay: float | None = None,
+                p_drop: float | None = None, patience: int | None = None, seed: int = 0,
+                var_y: float | None = None) -> dict[str, Any]:
+    """Train ``method`` on batch iterables and early-stop on the validation metric; keeps the best weights.
 
-    Returns {"history": [...], "best_epoch": int, "best_val": float}.
+    ``train_batches(epoch)`` yields the training batches of an epoch (shuffled as the caller likes);
+    ``train_batches(None)`` must yield them in a fixed order with natural masks (what the hooks see,
+    e.g. TLA's subset mining). ``val_batches()`` yields the validation batches. Hyper-parameters come
+    from ``cfg`` (a ``TrainConfig``; defaults if None) unless given as keywords. ``var_y`` is the
+    training-label variance (regression confidence).
+
+    Returns ``{"history": [per-epoch dict], "best_epoch": int, "best_val": float}``. Each history
+    entry holds ``epoch``, ``seconds``, ``train_<loss>``, ``val_<metric>`` and what the method's
+    ``on_epoch_end`` returned (OmniFuse: ``train_tla = {"lazy": "ct+pet", "d": {"ct": 0.41, ...}}``).
     """
+    import time
+
+    from raypipe.config import TrainConfig
+
+    cfg = cfg or TrainConfig()
+    task = task or method.task
+    epochs = cfg.epochs if epochs is None else epochs
+    lr = cfg.lr if lr is None else lr
+    weight_decay = cfg.weight_decay if weight_decay is None else weight_decay
+    p_drop = cfg.p_drop if p_drop is None else p_drop
+    patience = cfg.patience if patience is None else patience
     torch.manual_seed(seed)
-    x_tr, m_tr, y_tr = train
-    x_va, m_va, y_va = val
-    if task == "regression":
-        method.set_label_variance(float(np.var(y_tr)) or 1.0)
+    if task == "regression" and var_y is not None:
+        method.set_label_variance(var_y)
     optimizer = torch.optim.AdamW(method.parameters(), lr=lr, weight_decay=weight_decay)
     main = M.main_metric_name(task)
-    ctx = HookContext(p_drop=p_drop, seed=seed,
-                      train_batches=lambda: tensor_batches(x_tr, m_tr, y_tr, task, 512),
-                      val_batches=lambda: tensor_batches(x_va, m_va, y_va, task, 512))
+    ctx = HookContext(p_drop=p_drop, seed=seed, train_batches=lambda: train_batches(None), val_batches=val_batches)
     history, best, best_state, best_epoch, since = [], -np.inf, None, 0, 0
     for epoch in range(epochs):
-        stats = train_epoch(method, tensor_batches(x_tr, m_tr, y_tr, task, batch_size, shuffle=True,
-                                                   seed=seed * 1000 + epoch), optimizer, ctx, epoch)
-        y, p = predict_arrays(method, tensor_batches(x_va, m_va, y_va, task, 512))
-        val = M.compute_metrics(task, y, p)
+        t0 = time.perf_counter()
+        stats = train_epoch(method, train_batches(epoch), optimizer, ctx, epoch)
+        val = evaluate(method, val_batches(), task)
         score = val.get(main, np.nan)
-        history.append({"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()},
-                        **{f"val_{k}": v for k, v in val.items()}})
+        history.append({"epoch": epoch + 1, "seconds": time.perf_counter() - t0,
+                        **{f"train_{k}": v for k, v in stats.items()}, **{f"val_{k}": v for k, v in val.items()}})
         if score > best + 1e-6:
             best, best_epoch, since = score, epoch + 1, 0
             best_state = (copy.deepcopy(method.state_dict()), copy.deepcopy(method.extra_state()))
         else:
             since += 1
             if since >= patience:
+                log.info("early stop after epoch %d (best %s %.4f at epoch %d)", epoch + 1, main, best, best_epoch)
                 break
     if best_state is not None:
         method.load_state_dict(best_state[0])
         method.load_extra_state(best_state[1])
     return {"history": history, "best_epoch": best_epoch, "best_val": float(best)}
+
+
+def fit(method, train: tuple, val: tuple, task: str, epochs: int = 30, batch_size: int = 64, lr: float = 1e-3,
+        weight_decay: float = 1e-4, p_drop: float = 0.5, patience: int = 8, seed: int = 0) -> dict[str, Any]:
+    """:func:`fit_batches` on in-memory arrays ``train = (x: {m: array}, mask: (N, M) bool, y)`` and ``val``.
+
+    Training batches are reshuffled every epoch (seeded by ``seed`` and the epoch); hooks and
+    validation see fixed-order batches of 512.
+    """
+    x_tr, m_tr, y_tr = train
+    x_va, m_va, y_va = val
+
+    def train_batches(epoch: int | None):
+        if epoch is None:
+            return tensor_batches(x_tr, m_tr, y_tr, task, 512)
+        return tensor_batches(x_tr, m_tr, y_tr, task, batch_size, shuffle=True, seed=seed * 1000 + epoch)
+
+    return fit_batches(method, train_batches, lambda: tensor_batches(x_va, m_va, y_va, task, 512), task,
+                       epochs=epochs, lr=lr, weight_decay=weight_decay, p_drop=p_drop, patience=patience, seed=seed,
+                       var_y=(float(np.var(y_tr)) or 1.0) if task == "regression" else None)

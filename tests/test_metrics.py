@@ -1,0 +1,70 @@
+"""METHOD section 3 metrics against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from raypipe.train.metrics import compute_metrics, main_metric_name
+
+
+def test_binary_by_hand():
+    y = np.array([0, 0, 1, 1])
+    p1 = np.array([0.1, 0.4, 0.35, 0.8])
+    out = compute_metrics("binary", y, np.stack([1 - p1, p1], 1))
+    # positive/negative pairs: (0.35 > 0.1), (0.35 < 0.4), (0.8 > both) -> 3 of 4
+    assert out["auroc"] == pytest.approx(0.75)
+    # ranking 0.8(+), 0.4(-), 0.35(+), 0.1(-): AP = 1/2 * (1/1 + 2/3)
+    assert out["auprc"] == pytest.approx((1 + 2 / 3) / 2)
+    assert out["brier"] == pytest.approx(np.mean((p1 - y) ** 2))
+    # at 0.5 only 0.8 is positive: precision 1, recall 0.5 -> F1 2/3
+    assert out["f1"] == pytest.approx(2 / 3)
+    # Youden: threshold 0.35 gives tpr 1, fpr 0.5 (J = 0.5) and 0.8 gives tpr .5, fpr 0 (J = .5): first max
+    assert out["f1_youden"] in (pytest.approx(2 / 3), pytest.approx(0.8))
+    assert main_metric_name("binary") == "auroc"
+
+
+def test_binary_youden_threshold_separates():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p1 = np.array([0.05, 0.1, 0.2, 0.3, 0.35, 0.4])  # perfectly ranked, all below 0.5
+    out = compute_metrics("binary", y, p1)
+    assert out["auroc"] == 1.0 and out["f1"] == 0.0
+    assert out["youden_threshold"] == pytest.approx(0.3) and out["f1_youden"] == 1.0
+
+
+def test_binary_single_class_is_nan():
+    out = compute_metrics("binary", np.zeros(4), np.full(4, 0.3))
+    assert math.isnan(out["auroc"]) and math.isnan(out["auprc"])
+
+
+def test_multiclass_by_hand():
+    y = np.array([0, 1, 2, 2])
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.6, 0.3], [0.1, 0.1, 0.8]])
+    out = compute_metrics("multiclass", y, probs)
+    assert out["accuracy"] == pytest.approx(0.75)  # the third sample is predicted 1
+    # per class F1: c0 1, c1 (P 1/2, R 1) 2/3, c2 (P 1, R 1/2) 2/3
+    assert out["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    # OvR AUROC: c0 1; c1: positive 0.5 vs negatives .2 .6 .1 -> 2/3; c2: positives .3 .8 vs .1 .3 -> (0.5 + 1 + 1 + 1)/4
+    assert out["auroc"] == pytest.approx((1 + 2 / 3 + 3.5 / 4) / 3)
+
+
+def test_multilabel_macro_auroc():
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    probs = np.array([[0.9, 0.2], [0.1, 0.6], [0.8, 0.3], [0.3, 0.4]])
+    out = compute_metrics("multilabel", y, probs)
+    # label 0 ranked perfectly (1.0); label 1: positives .6 .3 vs negatives .2 .4 -> 2 of 4 pairs... (.6>.2,.6>.4,.3>.2)
+    assert out["auroc_label0"] == 1.0 and out["auroc_label1"] == pytest.approx(0.75)
+    assert out["auroc"] == pytest.approx(0.875)
+
+
+def test_regression_by_hand():
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    pred = np.array([1.5, 2.0, 2.0, 5.0])
+    out = compute_metrics("regression", y, pred.reshape(-1, 1))
+    assert out["mae"] == pytest.approx((0.5 + 0 + 1 + 1) / 4)
+    assert out["r2"] == pytest.approx(1 - (0.25 + 0 + 1 + 1) / 5.0)
+    smape = np.mean([2 * 0.5 / 2.5, 0.0, 2 * 1 / 5, 2 * 1 / 9]) * 100
+    assert out["smape"] == pytest.approx(smape)
+    assert main_metric_name("regression") == "r2"
