@@ -47,6 +47,25 @@ def test_registry_has_omnifuse_and_thirteen_baselines():
         build_method("concat", SPECS, "binary", 2, TrainConfig(method_args={"rho": 1}))
 
 
+def test_declared_hooks_are_the_overridden_ones():
+    from raypipe.fusion.base import FusionMethod
+
+    for name, cls in REGISTRY.items():
+        overridden = {h for h in ("on_epoch_start", "on_after_backward", "on_epoch_end")
+                      if getattr(cls, h) is not getattr(FusionMethod, h)}
+        assert set(cls.info.hooks) == overridden, name
+        assert cls.info.name == name
+
+
+def test_tensor_fusion_stays_small_for_many_modalities():
+    specs = [ModalitySpec(f"m{i}", (3,)) for i in range(7)]
+    model = build_method("tensor", specs, "binary", 2, TrainConfig(hidden_dim=4))
+    assert model.head[0].in_features <= 100_000
+    x = {s.name: torch.randn(3, 3) for s in specs}
+    out = model({"x": x, "mask": torch.ones(3, 7, dtype=torch.bool), "y": torch.tensor([0.0, 1.0, 1.0])})
+    assert out["logits"].shape == (3, 2)
+
+
 @pytest.mark.parametrize("task", list(TASKS))
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_shapes_and_one_training_step(name, task):

@@ -188,7 +188,8 @@ class TensorFusion(FusionMethod):
 
     def __init__(self, specs, task, n_outputs, hidden_dim=128):
         super().__init__(specs, task, n_outputs, hidden_dim)
-        r = self.REDUCED if len(specs) <= 4 else 8  # keep (r+1)^M manageable
+        # keep (r+1)^M manageable: 16-d up to M = 4 (METHOD), then the largest r with (r+1)^M <= 1e5
+        r = self.REDUCED if len(specs) <= 4 else max(1, int(round(1e5 ** (1 / len(specs)), 6)) - 1)
         self.reduce = nn.ModuleDict({m: nn.Linear(hidden_dim, r) for m in self.modalities})
         self.head = mlp((r + 1) ** len(specs), 64, n_outputs)
         self.uni = nn.ModuleDict({m: nn.Linear(hidden_dim, n_outputs) for m in self.modalities})
