@@ -44,6 +44,17 @@ def test_random_and_directory_models_go_through_the_same_loader(tmp_path, resnet
     assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is left alone
 
 
+def test_an_uncached_hub_model_offline_fails_with_what_to_do(tmp_path):
+    from raypipe.embed.image import image_model_info
+
+    missing = str(tmp_path / "no-such-model")  # a directory that does not exist: nothing to download offline
+    with pytest.raises(OSError, match="weights=random"):
+        image_model_info(ImageEmbed(model=missing))
+    with pytest.raises(OSError, match="local directory"):
+        load_image_model(ImageEmbed(model=missing))
+    assert image_model_info(ImageEmbed(weights="random"))["dim"] == 512
+
+
 def test_image_embedding_does_not_depend_on_batch_composition(resnet):
     x = np.random.default_rng(1).random((11, 1, 32, 32), dtype=np.float32)
     whole = resnet(x)

@@ -93,7 +93,12 @@ def image_model_info(image_cfg: Any) -> dict[str, Any]:
     from transformers import AutoConfig
 
     name, revision = str(_field(image_cfg, "model")), _field(image_cfg, "revision")
-    conf = AutoConfig.from_pretrained(name, revision=revision)
+    try:
+        conf = AutoConfig.from_pretrained(name, revision=revision)
+    except OSError as err:
+        raise OSError(f"cannot load the config of image model {name!r} (revision {revision}): {err}. Offline, point "
+                      "embed.image.model at a local directory (save_pretrained) or set embed.image.weights=random"
+                      ) from err
     sizes = getattr(conf, "hidden_sizes", None)
     if not sizes:
         raise ValueError(f"image model {name!r} is a {type(conf).__name__}, not a ResNet-style model with hidden_sizes")

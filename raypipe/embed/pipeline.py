@@ -156,6 +156,16 @@ def decode_image_batch(batch: pa.Table, input_size: int, band_projection: str = 
     return out
 
 
+def decode_image_blocks(block: pa.Table, rows: int, **kwargs: Any) -> Iterable[dict[str, np.ndarray]]:
+    """Ray Data task over a whole read block: :func:`decode_image_batch` on ``rows`` records at a time.
+
+    A generator, so memory stays at one small batch of decoded pixels however large
+    the block is (a 128 MB block of 224x224 slices would be ~400 MB decoded at once).
+    """
+    for start in range(0, block.num_rows, max(1, rows)):
+        yield decode_image_batch(block.slice(start, rows), **kwargs)
+
+
 # ----------------------------------------------------------------------------- actors
 def _ok_rows(errors: np.ndarray) -> np.ndarray:
     return np.array([not e for e in errors], dtype=bool)
@@ -367,9 +377,10 @@ def _family_dataset(cfg: Config, family: str, records_path: str, mods: list[str]
         # for 1 CPU like the read; should the actors ask for exactly that too, Ray Data would fuse the
         # task stage into the actors and serialise decode and model again, so then it asks for less.
         decode_cpus = 0.5 if (plan["num_cpus"] == 1.0 and not plan["num_gpus"]) else None
-        ds = ds.map_batches(decode_image_batch, batch_format="pyarrow", num_cpus=decode_cpus,
-                            fn_kwargs={"input_size": ic.input_size, "band_projection": ic.band_projection,
-                                       "band_indices": ic.band_indices,
+        # whole blocks (batch_size=None keeps the stage fusable with the read), decoded batch by batch
+        ds = ds.map_batches(decode_image_blocks, batch_format="pyarrow", batch_size=None, num_cpus=decode_cpus,
+                            fn_kwargs={"rows": plan["batch_size"], "input_size": ic.input_size,
+                                       "band_projection": ic.band_projection, "band_indices": ic.band_indices,
                                        "pixel_dtype": "float16" if half else "float32"})
         return ds.repartition(**rebatch).map_batches(ImageActor, batch_format="numpy", **pool, fn_constructor_kwargs={
             "image_cfg": ic.model_dump(), "batch_size": plan["batch_size"], **common})

