@@ -3,33 +3,37 @@
 ::
 
     samples.parquet (ids, labels, groups, split) --sorted, chunks of embed.chunk_samples ids-->
-      image records --read+filter+decode (CPU tasks: payload -> 3 channels, resize, ImageNet norm)
+      image records --[read + filter + decode + re-block] (CPU tasks: payload -> 3 channels, resize,
+                      ImageNet norm; one block per model batch)
                     --ActorPool(ImageActor: ResNet loaded once, inference_mode, GPU: autocast+channels_last)
                     --> per-slice vectors --mean/max/all per series, then per sample--> emb_<m>
       text records  --ActorPool(TextActor: BERT-style encoder, CLS/mean pooling)--> emb_<m>
       EHR / tabular records --pass-through (fixed shape)--> emb_<m>
-    --> <out>.partial/chunk-NNNNN.parquet (+ .errors.parquet), each written atomically
+
+    one Ray Data pass (one actor pool) per model family for the whole run; as soon as all
+    records of a chunk are back: <out>.partial/chunk-N.<family>.parquet (+ .errors.parquet)
+    per chunk, then chunk-N.parquet (families + pass-through, final schema; the commit marker)
     --all chunks--> <out>/part-00000.parquet, <out>/_errors.parquet, <out>/_embed_summary.json
 
-The CPU decode stage is a task operator fused with the Parquet read; Ray Data's
-streaming executor runs it concurrently with the model actors, so decoding and
-resizing overlap with the GPU. ``_errors.parquet`` and ``_embed_summary.json`` start
-with an underscore so that reading ``<out>`` as a Parquet dataset sees only the table.
+The decode stage is fused with the Parquet read into one task operator; Ray Data's
+streaming executor runs it on the CPUs concurrently with the model actors, so decoding
+and resizing overlap with the GPU. ``_errors.parquet`` and ``_embed_summary.json``
+start with an underscore so that reading ``<out>`` as a Parquet dataset sees only the table.
 
 Guarantees
 - every sample of samples.parquet gets a row (sorted by sample_id); a modality a
   sample lacks (or whose records all failed) is a null embedding with
   ``mask_<m> = False``, never a zero vector;
 - a record that cannot be embedded (corrupt payload, wrong rank or shape,
-  non-finite values, empty text) becomes an ``errors`` row; the run goes on;
+  non-finite values, empty text, duplicates) becomes an ``errors`` row; the run goes on;
 - the embedding spec (per modality: model, revision, weights, dim, shape, pooling
   or aggregation, preprocessing) is stored under ``EMBEDDING_SPEC_KEY``;
   :func:`check_embedding_spec` is the check later stages call;
-- resumable: a chunk file is the commit marker of its samples, tagged with a
-  hash of the spec, the batch size, the records' file list and the chunk's ids. A
-  restarted run skips finished chunks; since the models' outputs do not depend on
-  batch composition (see image.py/text.py), the final table is byte-identical to
-  an uninterrupted run's.
+- resumable: every partial file is written under a temporary name and renamed, and
+  tagged with a hash of the spec, the batch size, the records' file list and the
+  chunk's ids. A restarted run skips committed chunks and finished family parts;
+  since the models' outputs do not depend on batch composition (see image.py and
+  text.py), the final table is byte-identical to an uninterrupted run's.
 """
 
 from __future__ import annotations
