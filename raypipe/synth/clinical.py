@@ -20,7 +20,6 @@ de-identification can be tested.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import shutil
@@ -30,6 +29,8 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
+
+from raypipe.synth.publish import publish_cohort
 
 from raypipe.synth.latent import MODALITIES, ClinicalParams, bayes_auroc, generate_truth
 
@@ -435,11 +436,7 @@ def write_clinical_cohort(out_dir: str, n: int = 200, seed: int = 0, slices: int
             "available": {m: int(truth[f"avail_{m}"].sum()) for m in MODALITIES},
             "files": len(manifest),
         }
-        with open(os.path.join(tmp, "truth.json"), "w") as fh:
-            json.dump(summary, fh, indent=2, sort_keys=True)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        publish_cohort(tmp, out_dir, summary)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,13 +22,14 @@ Layout::
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 
 import numpy as np
 import pandas as pd
+
+from raypipe.synth.publish import publish_cohort
 
 BANDS = ("blue", "green", "red", "nir", "swir1", "swir2")
 _BASE = np.array([0.06, 0.08, 0.09, 0.25, 0.20, 0.14])  # bare-soil-ish reflectance
@@ -143,11 +144,7 @@ def write_regions_cohort(out_dir: str, n: int = 200, seed: int = 0, scene_size: 
                    "coef": COEF, "noise_sd": NOISE_SD, "missing_rate": missing_rate,
                    "bayes_r2": var_s / (var_s + NOISE_SD**2), "files": len(manifest),
                    "available": {"sat": int(avail_sat.sum()), "covariates": int(avail_cov.sum())}}
-        with open(os.path.join(tmp, "truth.json"), "w") as fh:
-            json.dump(summary, fh, indent=2, sort_keys=True)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        publish_cohort(tmp, out_dir, summary)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
