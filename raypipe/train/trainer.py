@@ -115,10 +115,17 @@ def _all_gather(obj):
 
 
 def _all_reduce_sum(tensor):
+    """Sum a (CPU) statistics tensor over the workers; NCCL needs it on the GPU and back."""
+    import torch
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    if dist.get_backend() == "nccl":
+        on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        return on_gpu.to(tensor.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
