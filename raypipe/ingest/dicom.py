@@ -203,20 +203,26 @@ def read_header(path: str, expected: set[str] | None = None) -> SliceHeader:
         return _read_header(path, expected)
 
 
+def _check_slice_kind(ds, expected: set[str] | None) -> str:
+    """The file's Modality, after checking it is the expected one and a single-sample (gray) image."""
+    modality = str(ds.get("Modality", "") or "")
+    if expected and modality not in expected:
+        raise DecodeError("WrongModality", f"DICOM Modality is {modality or 'missing'}, expected "
+                                           f"{' or '.join(sorted(expected))}")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise DecodeError("UnsupportedPhotometric",
+                          f"{ds.get('PhotometricInterpretation')} with {ds.get('SamplesPerPixel')} samples per pixel "
+                          "is not a CT/PET slice")
+    return modality
+
+
 def _read_header(path: str, expected: set[str] | None) -> SliceHeader:
     ds, pixel_offset = _read(path, stop_before_pixels=True, with_offset=True)
     try:
         if "Rows" not in ds or "Columns" not in ds:
             # stop_before_pixels hides PixelData; Rows/Columns must accompany any image
             raise DecodeError("NoPixelData", f"DICOM object without an image (SOP class {ds.get('SOPClassUID', '?')})")
-        modality = str(ds.get("Modality", "") or "")
-        if expected and modality not in expected:
-            raise DecodeError("WrongModality", f"DICOM Modality is {modality or 'missing'}, expected "
-                                               f"{' or '.join(sorted(expected))}")
-        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-            raise DecodeError("UnsupportedPhotometric",
-                              f"{ds.get('PhotometricInterpretation')} with {ds.get('SamplesPerPixel')} samples per "
-                              "pixel is not a CT/PET slice")
+        modality = _check_slice_kind(ds, expected)
         ts_uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         if ts_uid is not None and not ts_uid.is_compressed and not ts_uid.is_deflated:
             # native pixel data: the file must hold every pixel byte (catches truncated copies early)
@@ -445,14 +451,7 @@ def decode_slice(path: str, size: int, window: tuple[float, float] | None, frame
 
 def _decode_slice(path: str, size: int, window, frame: int | None, expected: set[str] | None):
     ds = _read(path, stop_before_pixels=False)
-    modality = str(ds.get("Modality", "") or "")
-    if expected and modality not in expected:
-        raise DecodeError("WrongModality", f"DICOM Modality is {modality or 'missing'}, expected "
-                                           f"{' or '.join(sorted(expected))}")
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise DecodeError("UnsupportedPhotometric",
-                          f"{ds.get('PhotometricInterpretation')} with {ds.get('SamplesPerPixel')} samples per pixel "
-                          "is not a CT/PET slice")
+    modality = _check_slice_kind(ds, expected)
     arr = decode_pixels(ds, frame)
     if arr.ndim != 2:
         raise DecodeError("UnsupportedShape", f"pixel array of shape {arr.shape} (expected one 2-D frame)")
