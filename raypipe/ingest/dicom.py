@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from raypipe.ingest.common import DecodeError, apply_window, check_finite, resize_plane
+from raypipe.ingest.common import DecodeError, apply_window, check_finite, resize_plane, select_indices
 
 DICOM_EXTRA_HINT = "install the optional decoders: pip install 'raypipe[dicom]' (pylibjpeg plugins)"
 
@@ -218,21 +218,31 @@ def _check_slice_kind(ds, expected: set[str] | None) -> str:
 
 def _read_header(path: str, expected: set[str] | None) -> SliceHeader:
     ds, pixel_offset = _read(path, stop_before_pixels=True, with_offset=True)
+    return header_of(ds, path, expected, os.path.getsize(path) - pixel_offset - 8)  # after the tag and its length
+
+
+def header_of(ds, path: str, expected: set[str] | None, pixel_bytes: int | None = None) -> SliceHeader:
+    """Header facts of a parsed dataset (checks included); ``pixel_bytes``: how many pixel-data bytes the
+    file holds (None: a full read, measured from the dataset's Pixel Data)."""
     try:
         if "Rows" not in ds or "Columns" not in ds:
             # stop_before_pixels hides PixelData; Rows/Columns must accompany any image
             raise DecodeError("NoPixelData", f"DICOM object without an image (SOP class {ds.get('SOPClassUID', '?')})")
         modality = _check_slice_kind(ds, expected)
         ts_uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if ts_uid is not None and ts_uid.is_compressed and not _decoder_plugins(ts_uid)[0]:
+            raise _compressed_error(ts_uid, None)  # no decoder at all: no need to wait for the decode
         if ts_uid is not None and not ts_uid.is_compressed and not ts_uid.is_deflated:
             # native pixel data: the file must hold every pixel byte (catches truncated copies early)
             from pydicom.pixels.utils import get_expected_length
 
             need = get_expected_length(ds)
-            have = os.path.getsize(path) - pixel_offset - 8  # after the Pixel Data tag and its length
-            if have < need:
+            if pixel_bytes is None:
+                data = ds.get("PixelData")
+                pixel_bytes = len(data) if isinstance(data, (bytes, bytearray)) else need
+            if pixel_bytes < need:
                 raise DecodeError("TruncatedFile", f"pixel data needs {need} bytes, the file holds at most "
-                                                   f"{max(have, 0)}: the file is truncated")
+                                                   f"{max(pixel_bytes, 0)}: the file is truncated")
         try:
             inst = int(ds.get("InstanceNumber"))
         except (TypeError, ValueError):
@@ -373,6 +383,36 @@ def native_frame(ds, frame: int | None = None) -> np.ndarray | None:
     return raw.view(f"<i{size}") if signed else raw
 
 
+def _decoder_plugins(ts) -> tuple[list[str], list[str]]:
+    """(installed, missing) pydicom decoder plugins for transfer syntax ``ts`` (both empty if pydicom has none)."""
+    try:
+        from pydicom.pixels import get_decoder
+
+        dec = get_decoder(ts)
+    except Exception:  # noqa: BLE001 - an unknown or private syntax: no decoder
+        return [], []
+    return sorted(dec.available_plugins), sorted(dec.missing_dependencies)
+
+
+def _compressed_error(ts, err: Exception | None) -> DecodeError:
+    """The quarantine reason for compressed pixel data that did not decode.
+
+    Without the ``dicom`` extra's plugin for the syntax (pylibjpeg, or GDCM if the user has it) the
+    syntax is unsupported *here*: the message names it and the extra to install. With the plugin
+    installed, the data itself is at fault (every installed decoder failed): CorruptPixelData.
+    """
+    name = f"{ts} ({getattr(ts, 'name', '?')})"
+    installed, missing = _decoder_plugins(ts)
+    why = " ".join(f"{type(err).__name__}: {err}".split()) if err is not None else ""
+    if not {"pylibjpeg", "gdcm"} & set(installed):
+        have = f"installed decoders ({', '.join(installed)}) failed" if installed else "no decoder is installed"
+        return DecodeError("UnsupportedTransferSyntax",
+                           f"compressed transfer syntax {name}: {have}{f' ({why})' if why and installed else ''}; "
+                           f"{DICOM_EXTRA_HINT}")
+    return DecodeError("CorruptPixelData", f"{name} pixel data could not be decoded by the installed decoders "
+                                           f"({', '.join(installed)}): {why}")
+
+
 def decode_pixels(ds, frame: int | None = None) -> np.ndarray:
     """Stored pixel values of one frame (or the single frame); a compressed syntax without a decoder is a clear error."""
     from pydicom.pixels import pixel_array
@@ -392,9 +432,8 @@ def decode_pixels(ds, frame: int | None = None) -> np.ndarray:
             return ds.pixel_array
     except Exception as err:  # noqa: BLE001 - every decoder failure becomes a quarantine reason
         if ts is not None and getattr(ts, "is_compressed", False):
-            raise DecodeError("UnsupportedTransferSyntax",
-                              f"compressed transfer syntax {ts} ({getattr(ts, 'name', '?')}) cannot be decoded here "
-                              f"({type(err).__name__}): {DICOM_EXTRA_HINT}") from None
+            e = _compressed_error(ts, err)
+            raise DecodeError(e.error_class, scrub(str(e), ds)) from None
         raise DecodeError("CorruptPixelData", scrub(f"cannot decode pixel data: {type(err).__name__}: {err}",
                                                     ds)) from None
 
@@ -415,27 +454,35 @@ def rescale(ds, frame: int | None = None) -> tuple[float, float] | None:
     return None
 
 
-def physical_values(ds, arr: np.ndarray, frame: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Modality LUT / rescale and, for PET, SUVbw; returns float64 values and PHI-free meta."""
+def physical_values(ds, arr: np.ndarray, frame: int | None = None,
+                    dtype=np.float64) -> tuple[np.ndarray, dict[str, Any]]:
+    """Modality LUT / rescale and, for PET, SUVbw; returns values of ``dtype`` and PHI-free meta.
+
+    The decode path uses float32 (exact for stored integers below 2**24 with the usual integer
+    slopes, and what the window produces anyway); :func:`hounsfield` keeps float64.
+    """
     modality = str(ds.get("Modality", "") or "")
     meta: dict[str, Any] = {"dicom_modality": modality}
     if ds.get("ModalityLUTSequence"):
         from pydicom.pixels import apply_modality_lut
 
-        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+        values = np.asarray(apply_modality_lut(arr, ds), dtype=dtype)
         meta["rescale"] = "modality_lut"
     else:
-        values = arr.astype(np.float64)
+        values = arr.astype(dtype)
         sl = rescale(ds, frame)
         if sl is not None:
-            values = values * sl[0] + sl[1]
+            if sl[0] != 1.0:
+                values *= values.dtype.type(sl[0])
+            if sl[1] != 0.0:
+                values += values.dtype.type(sl[1])
             meta["rescale"] = [sl[0], sl[1]]
     if modality == "CT":
         meta["units"] = "HU"
     elif modality == "PT":
         factor, why = suv_factor(ds)
         if factor is not None:
-            values = values * factor
+            values = values * values.dtype.type(factor)
             meta.update(units="SUVbw", suv=True)
         else:
             meta.update(units=str(ds.get("Units", "") or "unknown"), suv=False, suv_missing=why)
@@ -444,19 +491,29 @@ def physical_values(ds, arr: np.ndarray, frame: int | None = None) -> tuple[np.n
 
 def decode_slice(path: str, size: int, window: tuple[float, float] | None, frame: int | None = None,
                  expected: set[str] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """One slice (or one frame of a multi-frame file) -> float32 (1, size, size) in [0, 1] and meta."""
+    """One slice (or one frame of a multi-frame file) -> float32 (1, size, size) in [0, 1] and meta.
+
+    ``window`` None: min-max of the slice itself (per-slice normalisation, ``meta.normalisation``).
+    """
     with quiet_pydicom():
-        return _decode_slice(path, size, window, frame, expected)
+        ds = _read(path, stop_before_pixels=False)
+        return _decode_dataset(ds, size, window, frame, expected)
 
 
-def _decode_slice(path: str, size: int, window, frame: int | None, expected: set[str] | None):
-    ds = _read(path, stop_before_pixels=False)
-    modality = _check_slice_kind(ds, expected)
+def decode_dataset(ds, size: int, window: tuple[float, float] | None, frame: int | None = None,
+                   expected: set[str] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`decode_slice` of an already-parsed dataset (pixel data included)."""
+    with quiet_pydicom():
+        return _decode_dataset(ds, size, window, frame, expected)
+
+
+def _decode_dataset(ds, size: int, window, frame: int | None, expected: set[str] | None):
+    _check_slice_kind(ds, expected)
     arr = decode_pixels(ds, frame)
     if arr.ndim != 2:
         raise DecodeError("UnsupportedShape", f"pixel array of shape {arr.shape} (expected one 2-D frame)")
     try:
-        values, meta = physical_values(ds, arr, frame)
+        values, meta = physical_values(ds, arr, frame, dtype=np.float32)
         spacing = ds.get("PixelSpacing")
         if spacing is not None and len(spacing) == 2:
             meta["pixel_spacing_mm"] = [float(spacing[0]), float(spacing[1])]
@@ -469,13 +526,94 @@ def _decode_slice(path: str, size: int, window, frame: int | None, expected: set
     if frame is not None:
         meta["frame"] = int(frame)
     meta["window"] = list(window) if window is not None else None
+    meta["normalisation"] = "window" if window is not None else "slice_minmax"
     meta["original_shape"] = list(arr.shape)
     windowed = apply_window(values, window)
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         windowed = 1.0 - windowed  # MONOCHROME1 (some DX/CR images): minimum value is white
         meta["inverted"] = True
     img = resize_plane(windowed, size)
-    return np.clip(img, 0, 1)[None].astype(np.float32), meta
+    return np.clip(img, 0, 1)[None].astype(np.float32, copy=False), meta
+
+
+@dataclass
+class DecodedSlice:
+    """One decoded slice of a series (output of :func:`decode_series`)."""
+
+    path: str
+    series_uid: str
+    position: int  # rank among the selected slices of its series, inferior to superior
+    z_mm: float | None  # position along the slice normal
+    image: np.ndarray
+    meta: dict[str, Any]
+
+
+def decode_series(paths: list[str], size: int, window: tuple[float, float] | None, policy: str = "even",
+                  count: int = 16, k: int = 2, expected: set[str] | None = None
+                  ) -> tuple[list[DecodedSlice], list[tuple[str, DecodeError]], list[str]]:
+    """The files of one patient's modality -> (decoded slices, (path, error) per failure, unselected paths).
+
+    Groups by SeriesInstanceUID, orders anatomically (:func:`order_slices`), selects with
+    ``policy`` and decodes the selected slices, parsing each file once where possible: with
+    ``policy="all"`` every file is read in full a single time (header checks and pixels); otherwise
+    headers are read without pixel data and only the selected files are read again in full. A
+    slice that fails to decode leaves a gap in its series' positions (positions come from the
+    header order, as with any slice the policy skipped), so the other slices keep their places.
+    Results are sorted by (series_uid, position).
+    """
+    full_first = policy == "all"
+    errors: list[tuple[str, DecodeError]] = []
+    headers: list[SliceHeader] = []
+    decoded: dict[tuple[str, int | None], tuple[np.ndarray, dict] | DecodeError] = {}
+    with quiet_pydicom():
+        for path in paths:
+            try:
+                if full_first:
+                    ds = _read(path, stop_before_pixels=False)
+                    h = header_of(ds, path, expected)
+                    for f in ([None] if h.frames == 1 else range(h.frames)):
+                        try:
+                            decoded[(path, f)] = _decode_dataset(ds, size, window, f, expected)
+                        except DecodeError as err:
+                            decoded[(path, f)] = err
+                    del ds
+                else:
+                    h = _read_header(path, expected)
+            except DecodeError as err:
+                errors.append((path, err))
+                continue
+            headers.append(h)
+        by_series: dict[str, list[SliceHeader]] = {}
+        for h in headers:
+            by_series.setdefault(h.series_uid, []).append(h)
+        out: list[DecodedSlice] = []
+        unselected: set[str] = set()
+        chosen_paths: set[str] = set()
+        cache: tuple[str, Any] | None = None  # the last fully read file (frames of one multi-frame file)
+        for uid in sorted(by_series):
+            ordered = order_slices(slice_refs(by_series[uid]))
+            pick = select_indices(len(ordered), policy, count, k)
+            picked = set(pick)
+            unselected.update(ref.path for rank, ref in enumerate(ordered) if rank not in picked)
+            for pos, rank in enumerate(pick):
+                ref = ordered[rank]
+                chosen_paths.add(ref.path)
+                try:
+                    res = decoded.pop((ref.path, ref.frame), None)
+                    if res is None:
+                        if cache is None or cache[0] != ref.path:
+                            cache = (ref.path, _read(ref.path, stop_before_pixels=False))
+                        res = _decode_dataset(cache[1], size, window, ref.frame, expected)
+                    if isinstance(res, DecodeError):
+                        raise res
+                except DecodeError as err:
+                    errors.append((ref.path, err))
+                    continue
+                img, meta = res
+                if ref.position is not None:
+                    meta["z_mm"] = ref.position  # position along the slice normal: the order is checkable
+                out.append(DecodedSlice(ref.path, uid, pos, ref.position, img, meta))
+    return out, errors, sorted(unselected - chosen_paths)
 
 
 def hounsfield(path: str, frame: int | None = None) -> np.ndarray:

@@ -80,11 +80,14 @@ def age_band(age) -> str:
     return "<50" if a < 50 else "50-64" if a < 65 else "65-79" if a < 80 else "80+"
 
 
-def read_labels(root: str, label_columns: list[str], group_columns: list[str]) -> pd.DataFrame:
-    """labels.csv with the configured label and group columns (age_band derived from age)."""
+def read_labels(root: str, label_columns: list[str], group_columns: list[str]) -> pd.DataFrame | None:
+    """labels.csv with the configured label and group columns (age_band derived from age).
+
+    None when the cohort has no labels.csv (an unlabelled cohort, e.g. for inference).
+    """
     path = os.path.join(root, "labels.csv")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{root}: no labels.csv (patient_id, {', '.join(label_columns)}, groups...)")
+        return None
     df = pd.read_csv(path, dtype={"patient_id": str})
     if "age_band" in group_columns and "age_band" not in df.columns and "age" in df.columns:
         df["age_band"] = df["age"].map(age_band)

@@ -22,6 +22,8 @@ Outputs are written to a temporary directory and renamed into place when complet
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -50,12 +52,6 @@ ROW_SCHEMA = pa.schema([
     *[f for f in RECORDS_SCHEMA],
     pa.field("error_class", pa.string()), pa.field("message", pa.string()),
 ]).with_metadata(None)
-HEADER_SCHEMA = pa.schema([
-    pa.field("file", pa.int64()), pa.field("series", pa.string()), pa.field("position", pa.float64()),
-    pa.field("instance", pa.int64()), pa.field("frames", pa.int64()),
-    pa.field("frame_positions", pa.list_(pa.float64())), pa.field("error_class", pa.string()),
-    pa.field("message", pa.string()),
-])
 UNEXPECTED = "UnexpectedError"
 #: Parquet settings of the records files: statistics (for predicate pushdown) and dictionaries on the
 #: key columns only; pixel payloads (float32 in [0, 1], barely compressible) stored uncompressed
@@ -69,31 +65,13 @@ PARQUET_OPTIONS = dict(
 MISSING_CLASSES = {"EmptyReport"}
 #: the file states the summary reconciles
 STATES = ("ingested", "quarantined", "empty_as_missing", "not_selected")
+#: cost of reading a DICOM header without pixel data, in decoded slices (measured about 0.15-0.3)
+HEADER_READ_WEIGHT = 0.25
+#: the ``split`` of every sample of a cohort ingested without labels.csv (inference)
+UNLABELLED_SPLIT = "infer"
 
 
 # ----------------------------------------------------------------------------- UDFs (run in Ray tasks)
-def _header_batch(batch: pa.Table) -> pa.Table:
-    """DICOM header pass: one row per file (geometry and series) or its error."""
-    from raypipe.ingest import dicom
-
-    out = defaultdict(list)
-    for file, path, expected in zip(batch.column("file").to_pylist(), batch.column("path").to_pylist(),
-                                    batch.column("expected").to_pylist()):
-        row = dict.fromkeys(HEADER_SCHEMA.names)
-        row["file"] = file
-        try:
-            h = dicom.read_header(path, set(expected) if expected else None)
-            row.update(series=h.series_uid, position=h.position, instance=h.instance, frames=h.frames,
-                       frame_positions=h.frame_positions)
-        except DecodeError as e:
-            row.update(error_class=e.error_class, message=str(e))
-        except Exception as e:  # noqa: BLE001 - quarantine, never crash the run
-            row.update(error_class=UNEXPECTED, message=f"{type(e).__name__}: {e}")
-        for k in HEADER_SCHEMA.names:
-            out[k].append(row[k])
-    return pa.table(dict(out), schema=HEADER_SCHEMA)
-
-
 def _decode_item(it: dict, mod_cfg: dict, ehr_cfg: dict, stats: dict | None) -> Iterable[dict]:
     """One work item -> record dicts (RECORDS columns, ``meta`` as a dict)."""
     from raypipe.ingest import dicom, ehr, geotiff, image2d, nifti, report, tabular
@@ -101,12 +79,6 @@ def _decode_item(it: dict, mod_cfg: dict, ehr_cfg: dict, stats: dict | None) -> 
     fmt, kind = it["format"], mod_cfg["kind"]
     size, window, sel = mod_cfg["size"], mod_cfg["window"], mod_cfg["slices"]
     base = {"sample_id": it["sample_id"], "modality": it["modality"], "source_key": it["source_key"]}
-    if kind == "volume" and fmt == "dicom":
-        img, meta = dicom.decode_slice(it["path"], size, window, frame=it["frame"],
-                                       expected=dicom.EXPECTED_MODALITY.get(it["modality"]))
-        if it["z_mm"] is not None:
-            meta["z_mm"] = it["z_mm"]  # position along the slice normal: the order is checkable
-        return [{**base, "position": it["position"], **array_to_payload(img), "meta": meta}]
     if kind == "volume" and fmt == "nifti":
         return [{**base, "position": pos, **array_to_payload(img), "meta": meta}
                 for pos, img, meta in nifti.decode_volume(it["path"], size, window, sel["policy"], sel["n"], sel["k"],
@@ -140,26 +112,53 @@ def _decode_item(it: dict, mod_cfg: dict, ehr_cfg: dict, stats: dict | None) -> 
     raise DecodeError("UnsupportedFormat", f"format {fmt!r} cannot feed a {kind!r} modality (see docs/ingest.md)")
 
 
-def _decode_batch(batch: pa.Table, modalities: dict, ehr_cfg: dict, stats: dict | None) -> pa.Table:
-    """map_batches UDF: decode each item with its own try/except (a bad file becomes an error row)."""
-    out = defaultdict(list)
+def _decode_dicom_group(it: dict, mod_cfg: dict, source_secret: bytes) -> Iterable[dict]:
+    """One patient's DICOM files of one modality -> record, error and not-selected rows (one parse per file
+    where possible: see :func:`raypipe.ingest.dicom.decode_series`)."""
+    from raypipe.ingest import dicom
 
-    def emit(row: dict) -> None:
-        for name in ROW_SCHEMA.names:
-            out[name].append(row.get(name))
+    sel = mod_cfg["slices"]
+    file_of = dict(zip(it["group_paths"], it["group_files"]))
+    slices, errors, unselected = dicom.decode_series(
+        it["group_paths"], mod_cfg["size"], mod_cfg["window"], sel["policy"], sel["n"], sel["k"],
+        expected=dicom.EXPECTED_MODALITY.get(it["modality"]))
+    base = {"sample_id": it["sample_id"], "modality": it["modality"]}
+    keys: dict[str, str] = {}
+    for sl in slices:
+        key = keys.get(sl.series_uid) or keys.setdefault(sl.series_uid, pseudonym(source_secret, sl.series_uid))
+        yield {**base, "kind": "record", "file": file_of[sl.path], "source_key": key, "position": sl.position,
+               **array_to_payload(sl.image), "meta": json.dumps(sl.meta, sort_keys=True)}
+    for path, err in errors:
+        yield {**base, "kind": "error", "file": file_of[path], "source_key": it["source_key"], "position": 0,
+               "error_class": err.error_class, "message": str(err)}
+    for path in unselected:
+        yield {**base, "kind": "skip", "file": file_of[path], "source_key": it["source_key"], "position": 0}
 
+
+def _decode_batch(batch: pa.Table, modalities: dict, ehr_cfg: dict, stats: dict | None,
+                  source_secret: bytes = b"") -> pa.Table:
+    """map_batches UDF: decode each item with its own try/except (a bad file becomes an error row).
+
+    The rows come out sorted by the output key: a DICOM group's series keys are only known
+    once its files are read, so the task sorts its own rows (the groups never straddle tasks).
+    """
+    rows: list[dict] = []
     for it in batch.to_pylist():
         head = {"file": it["file"], "sample_id": it["sample_id"], "modality": it["modality"],
                 "source_key": it["source_key"], "position": it["position"]}
         try:
+            if it["format"] == "dicom_series":
+                rows.extend(_decode_dicom_group(it, modalities[it["modality"]], source_secret))
+                continue
             for rec in _decode_item(it, modalities[it["modality"]], ehr_cfg, stats):
                 rec["meta"] = json.dumps(rec.get("meta") or {}, sort_keys=True)
-                emit({**head, **rec, "kind": "record"})
+                rows.append({**head, **rec, "kind": "record"})
         except DecodeError as e:
-            emit({**head, "kind": "error", "error_class": e.error_class, "message": str(e)})
+            rows.append({**head, "kind": "error", "error_class": e.error_class, "message": str(e)})
         except Exception as e:  # noqa: BLE001 - quarantine, never crash the run
-            emit({**head, "kind": "error", "error_class": UNEXPECTED, "message": f"{type(e).__name__}: {e}"})
-    return pa.table(dict(out), schema=ROW_SCHEMA)
+            rows.append({**head, "kind": "error", "error_class": UNEXPECTED, "message": f"{type(e).__name__}: {e}"})
+    rows.sort(key=lambda r: (r["sample_id"], r["modality"], r["source_key"], r["position"], r["file"]))
+    return pa.table({name: [r.get(name) for r in rows] for name in ROW_SCHEMA.names}, schema=ROW_SCHEMA)
 
 
 def _ehr_sums_batch(batch: pa.Table, ehr_cfg: dict) -> pa.Table:
@@ -207,7 +206,7 @@ def _records_sink(out_dir: str):
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
             tables = [t for t in tables if t.num_rows]
             if not tables:
-                return {"files": [], "errors": [], "records": 0}
+                return {"files": [], "errors": [], "not_selected": [], "records": 0}
             rows = pa.concat_tables(tables)
             is_rec = pc.equal(rows.column("kind"), "record")
             n_rec = pc.sum(is_rec).as_py() or 0
@@ -216,9 +215,12 @@ def _records_sink(out_dir: str):
                 table = rec.select(RECORDS_SCHEMA.names).cast(RECORDS_SCHEMA)
                 pq.write_table(table, os.path.join(self.out_dir, f"part-{ctx.task_idx:05d}.parquet"),
                                **PARQUET_OPTIONS)
-            err = [] if n_rec == rows.num_rows else \
-                rows.filter(pc.invert(is_rec)).select(["file", "error_class", "message"]).to_pylist()
-            return {"files": sorted(set(rec.column("file").to_pylist())), "errors": err, "records": n_rec}
+            other = [] if n_rec == rows.num_rows else \
+                rows.filter(pc.invert(is_rec)).select(["kind", "file", "error_class", "message"]).to_pylist()
+            return {"files": sorted(set(rec.column("file").to_pylist())), "records": n_rec,
+                    "errors": [{k: r[k] for k in ("file", "error_class", "message")} for r in other
+                               if r["kind"] == "error"],
+                    "not_selected": sorted({r["file"] for r in other if r["kind"] == "skip"})}
 
         def on_write_complete(self, write_result) -> None:
             self.result = write_result
@@ -227,29 +229,56 @@ def _records_sink(out_dir: str):
 
 
 # ----------------------------------------------------------------------------- driver helpers
-def _samples(cfg: Config, secret: bytes, root: str) -> tuple[pd.DataFrame, dict[str, str]]:
+def _samples(cfg: Config, secret: bytes, root: str, manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The samples table (sample_id, labels, groups, split) and the patient id -> sample id map.
+
+    Without ``labels.csv`` (an unlabelled cohort, e.g. for inference) every patient of the manifest
+    is a sample: label columns null, group columns ``"unknown"``, split ``"infer"``.
+    """
     from raypipe.ingest.manifest import read_labels
     from raypipe.train.splits import holdout_mask
 
     labels = read_labels(root, cfg.ingest.label_columns, cfg.ingest.group_columns)
-    ids = {pid: pseudonym(secret, pid) for pid in labels["patient_id"]}
-    df = labels.copy()
+    if labels is None:
+        pids = sorted(set(manifest["patient_id"].astype(str)))
+        df = pd.DataFrame({"patient_id": pids})
+        for c in cfg.ingest.label_columns:
+            df[c] = np.full(len(df), np.nan)
+        for g in cfg.ingest.group_columns:
+            df[g] = "unknown"
+        df["split"] = UNLABELLED_SPLIT
+        log.info("ingest: no labels.csv in %s: %d unlabelled samples from the manifest (split %r)", root, len(df),
+                 UNLABELLED_SPLIT)
+    else:
+        df = labels.copy()
+    ids = {pid: pseudonym(secret, pid) for pid in df["patient_id"]}
     df.insert(0, "sample_id", df["patient_id"].map(ids))
-    y = df[cfg.ingest.label_columns[0]].to_numpy()
-    test = np.zeros(len(df), bool)
-    if cfg.ingest.test_fraction > 0:
-        sid = df["sample_id"].to_numpy()
-        try:
-            test = holdout_mask(sid, y, fraction=cfg.ingest.test_fraction, seed=cfg.run.seed)
-        except ValueError as err:  # e.g. a small cohort with a label value held by one patient
-            log.warning("cannot stratify the test split by label (%s); splitting by patient only", err)
+    if labels is not None:
+        y = df[cfg.ingest.label_columns[0]].to_numpy()
+        test = np.zeros(len(df), bool)
+        if cfg.ingest.test_fraction > 0:
+            sid = df["sample_id"].to_numpy()
             try:
-                test = holdout_mask(sid, np.zeros(len(df)), fraction=cfg.ingest.test_fraction, seed=cfg.run.seed)
-            except ValueError as err2:
-                raise ValueError(f"ingest.test_fraction={cfg.ingest.test_fraction}: {err2}; lower it or set 0") from None
-    df["split"] = np.where(test, "test", "train")
+                test = holdout_mask(sid, y, fraction=cfg.ingest.test_fraction, seed=cfg.run.seed)
+            except ValueError as err:  # e.g. a small cohort with a label value held by one patient
+                log.warning("cannot stratify the test split by label (%s); splitting by patient only", err)
+                try:
+                    test = holdout_mask(sid, np.zeros(len(df)), fraction=cfg.ingest.test_fraction, seed=cfg.run.seed)
+                except ValueError as err2:
+                    raise ValueError(f"ingest.test_fraction={cfg.ingest.test_fraction}: {err2}; "
+                                     "lower it or set 0") from None
+        df["split"] = np.where(test, "test", "train")
     df = df.drop(columns=["patient_id"]).sort_values("sample_id").reset_index(drop=True)
     return df, ids
+
+
+def source_key_secret(secret: bytes) -> bytes:
+    """The key of the ``source_key`` hashes, derived from the run's secret (HMAC with a fixed label).
+
+    The decode tasks need it (a DICOM series' key is known only once its files are read); giving
+    them this derived key instead of the secret keeps the sample ids out of their reach.
+    """
+    return hmac.new(secret, b"raypipe/source_key/v1", hashlib.sha256).hexdigest().encode()
 
 
 def public_path(rel_path: str, patient_id: str, sample_id: str) -> str:
@@ -271,6 +300,10 @@ def _opt_float(v) -> float | None:
 def _item_weight(it: dict, mods: dict) -> float:
     """Rough decode cost of a work item, in slices: a NIfTI volume yields many, a report almost nothing."""
     c = mods[it["modality"]]
+    if it["format"] == "dicom_series":
+        n, sel = len(it["group_files"]), c["slices"]
+        picked = {"all": n, "every_k": n / max(1, sel["k"])}.get(sel["policy"], min(n, sel["n"]))
+        return picked + HEADER_READ_WEIGHT * (n - picked)  # a header-only read of the others
     if it["format"] == "nifti":
         return float(c["slices"]["n"]) if c["slices"]["policy"] in ("even", "central") else 32.0
     if it["format"] == "geotiff":
@@ -287,10 +320,13 @@ def _task_blocks(work: list[dict], mods: dict, per_task: int) -> list[pa.Table]:
     file it writes -- holds the same records on a laptop and on a cluster.
     """
     blocks, current, weight = [], [], 0.0
-    for it in work:
+    for i, it in enumerate(work):
         current.append(it)
         weight += _item_weight(it, mods)
-        if weight >= per_task:
+        nxt = work[i + 1] if i + 1 < len(work) else None
+        # a (sample, modality) run stays in one task: a DICOM group's records are sorted within it
+        if weight >= per_task and (nxt is None or (nxt["sample_id"], nxt["modality"]) != (it["sample_id"],
+                                                                                          it["modality"])):
             blocks.append(current)
             current, weight = [], 0.0
     if current:
@@ -353,49 +389,19 @@ def _fit_stats(train_items: list[dict], cfg: Config) -> dict:
     return stats
 
 
-def _plan_dicom(dicom_items: list[dict], mods: dict, secret: bytes, cfg: Config,
-                errors: list[dict], states: dict[int, str]) -> list[dict]:
-    """Header pass, series grouping, anatomical order and slice selection -> one work item per selected slice."""
-    import ray.data
-
-    from raypipe.ingest.dicom import EXPECTED_MODALITY, SliceHeader, order_slices, slice_refs
-
-    if not dicom_items:
-        return []
-    with _unordered():
-        hdr = ray.data.from_items(
-            [{"file": it["file"], "path": it["path"], "expected": sorted(EXPECTED_MODALITY.get(it["modality"], []))}
-             for it in dicom_items],
-            override_num_blocks=_num_blocks(len(dicom_items), 4 * cfg.ingest.items_per_task))
-        headers = hdr.map_batches(_header_batch, batch_format="pyarrow", batch_size=None).take_all()
-    by_file = {it["file"]: it for it in dicom_items}
-    series: dict[tuple, list] = defaultdict(list)
-    for h in sorted(headers, key=lambda r: int(r["file"])):
-        it = by_file[int(h["file"])]
-        if h["error_class"] is not None:
-            errors.append({"file": it["file"], "error_class": h["error_class"], "message": h["message"]})
-            continue
-        fpos = h["frame_positions"]
-        series[(it["sample_id"], it["modality"], h["series"])].append(
-            SliceHeader(it["path"], h["series"], it["modality"], _opt_float(h["position"]),
-                        None if h["instance"] is None else int(h["instance"]), int(h["frames"]),
-                        frame_positions=None if fpos is None else [_opt_float(v) for v in fpos]))
-    path_item = {it["path"]: it for it in dicom_items}
-    work = []
-    for (sid, modality, uid), headers_ in sorted(series.items()):
-        sel = mods[modality]["slices"]
-        key = pseudonym(secret, uid)
-        ordered = order_slices(slice_refs(headers_))
-        pick = select_indices(len(ordered), sel["policy"], sel["n"], sel["k"])
-        chosen = set(pick)
-        for rank, ref in enumerate(ordered):
-            it = path_item[ref.path]
-            if rank in chosen:
-                work.append({**it, "frame": ref.frame, "position": pick.index(rank), "source_key": key,
-                             "z_mm": ref.position})
-            elif it["file"] not in states:
-                states[it["file"]] = "not_selected"  # upgraded to ingested if another frame of it is chosen
-    return work
+def _dicom_groups(dicom_items: list[dict]) -> list[dict]:
+    """One work item per (patient, modality) holding its DICOM files: series grouping, anatomical order and
+    slice selection happen inside the decode task (:func:`raypipe.ingest.dicom.decode_series`), which reads
+    each file once where it can -- no separate header pass over the cohort."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for it in dicom_items:
+        groups[(it["sample_id"], it["modality"])].append(it)
+    out = []
+    for (sid, modality), its in sorted(groups.items()):
+        its = sorted(its, key=lambda it: it["file"])
+        out.append({**its[0], "format": "dicom_series", "source_key": "", "position": 0,
+                    "group_files": [it["file"] for it in its], "group_paths": [it["path"] for it in its]})
+    return out
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -415,10 +421,17 @@ def run_ingest(cfg: Config) -> dict:
     root = os.path.abspath(cfg.ingest_input)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"cohort directory {root} does not exist: run `raypipe synth` or set ingest.input")
-    init_ray(cfg)
-    samples, ids = _samples(cfg, secret, root)
-    train_ids = set(samples.loc[samples["split"] == "train", "sample_id"])
     manifest = read_manifest(root)
+    unlabelled = not os.path.isfile(os.path.join(root, "labels.csv"))
+    has_ehr = any(c.kind == "ehr" and (manifest["modality"] == m).any() for m, c in cfg.ingest.modalities.items())
+    if unlabelled and has_ehr and not cfg.ingest.ehr.normalisation:
+        raise ValueError(f"{root} has no labels.csv (an unlabelled cohort: nothing to fit the EHR statistics on) "
+                         "but has EHR files: set ingest.ehr.normalisation to the ehr_normalisation.json written "
+                         "by the ingest run of the training data")
+    init_ray(cfg)
+    source_secret = source_key_secret(secret)
+    samples, ids = _samples(cfg, secret, root, manifest)
+    train_ids = set(samples.loc[samples["split"] == "train", "sample_id"])
     mods = {k: v.model_dump(mode="json") for k, v in cfg.ingest.modalities.items()}
 
     # --- one entry per manifest file; files of unconfigured modalities are counted as skipped
@@ -440,8 +453,9 @@ def run_ingest(cfg: Config) -> dict:
                            "message": "patient not in labels.csv: add a labels row or drop the file from the manifest"})
             continue
         items.append({"file": f["file"], "sample_id": sid, "source_id": pid, "modality": row.modality,
-                      "format": str(row.format), "path": f["path"], "frame": None, "position": 0,
-                      "source_key": pseudonym(secret, str(row.path)), "z_mm": None, "train": sid in train_ids})
+                      "format": str(row.format), "path": f["path"], "position": 0,
+                      "source_key": pseudonym(source_secret, str(row.path)), "train": sid in train_ids,
+                      "group_files": None, "group_paths": None})
     log.info("ingest: %d files of %d modalities, %d patients", len(files), len({f["modality"] for f in files}),
              len(samples))
 
@@ -449,7 +463,7 @@ def run_ingest(cfg: Config) -> dict:
     dicom_items = [it for it in items if it["format"] == "dicom" and mods[it["modality"]]["kind"] == "volume"]
     dicom_files = {it["file"] for it in dicom_items}
     work = [it for it in items if it["file"] not in dicom_files]
-    work += _plan_dicom(dicom_items, mods, secret, cfg, errors, states)
+    work += _dicom_groups(dicom_items)
     # sorted by the output key: Ray Data keeps this order, so the records need no global sort
     work.sort(key=lambda it: (it["sample_id"], it["modality"], it["source_key"], it["position"], it["file"]))
 
@@ -480,13 +494,16 @@ def run_ingest(cfg: Config) -> dict:
                 ds = ray.data.from_arrow(_task_blocks(work, mods, cfg.ingest.items_per_task))
                 rows = ds.map_batches(_decode_batch, batch_format="pyarrow", batch_size=None,
                                       fn_kwargs={"modalities": mods, "ehr_cfg": cfg.ingest.ehr.model_dump(),
-                                                 "stats": stats or None})
+                                                 "stats": stats or None, "source_secret": source_secret})
                 rows.write_datasink(sink)
             for ret in sink.result.write_returns:
                 n_records += ret["records"]
                 errors.extend(ret["errors"])
                 for fid in ret["files"]:
                     states[fid] = "ingested"
+            for ret in sink.result.write_returns:
+                for fid in ret["not_selected"]:
+                    states.setdefault(fid, "not_selected")  # a multi-frame file with another frame chosen: ingested
         if not n_records:
             pq.write_table(RECORDS_SCHEMA.empty_table(), os.path.join(rec_dir, "part-00000.parquet"))
 
@@ -514,6 +531,7 @@ def run_ingest(cfg: Config) -> dict:
         with open(os.path.join(tmp, "ehr_normalisation.json"), "w") as fh:
             json.dump(stats, fh, indent=2, sort_keys=True)
         summary = summarise(files, states, errors, skipped, n_records, len(samples), cfg.ingest.error_budget)
+        summary["labelled"] = not unlabelled
         with open(os.path.join(tmp, "ingest_summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2, sort_keys=True)
         _swap_into_place(tmp, records_dir)
