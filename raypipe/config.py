@@ -81,7 +81,8 @@ class ModalityIngest(_Section):
     """How one modality of the manifest is decoded."""
 
     kind: Literal["volume", "image", "geotiff", "ehr", "text", "tabular"]
-    #: intensity window [lo, hi] after rescale (HU for CT, SUV or activity for PET)
+    #: intensity window [lo, hi] after rescale (HU for CT, SUV or activity for PET) mapped to [0, 1];
+    #: null: per-slice min-max normalisation (each slice scaled by its own min and max; meta.normalisation)
     window: tuple[float, float] | None = None
     size: int = Field(224, ge=8)  # output in-plane size (square)
     slices: SliceSelection = Field(default_factory=SliceSelection)

@@ -119,18 +119,127 @@ def test_every_shipped_pydicom_file_decodes_or_is_quarantined():
     assert outcomes["image_dfl.dcm"] != "TruncatedFile"
 
 
-def test_compressed_syntax_error_names_syntax_and_extra():
+def _has_dicom_extra() -> bool:
+    try:
+        import libjpeg  # noqa: F401
+        import openjpeg  # noqa: F401
+        import pylibjpeg  # noqa: F401
+        import rle  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+#: pydicom's shipped grayscale files in compressed syntaxes (RGB ones are UnsupportedPhotometric anyway)
+COMPRESSED_GRAY = {
+    "JPGExtended.dcm": "1.2.840.10008.1.2.4.51",  # JPEG Extended, 12 bit
+    "MR_small_jpeg_ls_lossless.dcm": "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "JPEGLSNearLossless_08.dcm": "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "JPEGLSNearLossless_16.dcm": "1.2.840.10008.1.2.4.81",
+    "MR_small_jp2klossless.dcm": "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "J2K_pixelrep_mismatch.dcm": "1.2.840.10008.1.2.4.90",
+    "JPEG2000.dcm": "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "693_J2KI.dcm": "1.2.840.10008.1.2.4.91",
+    "MR_small_RLE.dcm": "1.2.840.10008.1.2.5",  # RLE lossless
+    "rtdose_rle.dcm": "1.2.840.10008.1.2.5",  # RLE, 15 frames
+}
+
+
+def _jpeg_baseline_ct(path, hu_u8):
+    """A JPEG baseline (8-bit) grayscale CT slice: the JPEG made by Pillow, encapsulated by pydicom."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    write_slice(path, np.zeros(hu_u8.shape), slope=1.0, intercept=-1024.0)
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    buf = io.BytesIO()
+    Image.fromarray(hu_u8, mode="L").save(buf, format="JPEG", quality=95)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.skipif(not _has_dicom_extra(), reason="the dicom extra (pylibjpeg plugins) is not installed")
+def test_compressed_syntaxes_decode_with_the_dicom_extra(tmp_path):
+    import pydicom
     from pydicom.data import get_testdata_file
 
-    try:
-        import pylibjpeg  # noqa: F401
-        pytest.skip("the dicom extra is installed: JPEG decodes")
-    except ImportError:
-        pass
+    for name, uid in COMPRESSED_GRAY.items():
+        path = get_testdata_file(name)
+        h = dicom.read_header(path)
+        assert h.transfer_syntax == uid, name
+        for frame in ([None] if h.frames == 1 else range(h.frames)):
+            img, meta = dicom.decode_slice(path, 16, None, frame=frame)
+            assert img.shape == (1, 16, 16) and np.isfinite(img).all(), name
+    # lossless syntaxes give exactly the uncompressed file's values
+    reference = dicom.hounsfield(get_testdata_file("MR_small.dcm"))
+    for name in ("MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "MR_small_RLE.dcm"):
+        np.testing.assert_array_equal(dicom.hounsfield(get_testdata_file(name)), reference, err_msg=name)
+    # a JPEG baseline CT slice written here (pydicom ships only RGB ones): the lossy values come back
+    u8 = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))
+    path = _jpeg_baseline_ct(str(tmp_path / "jpeg.dcm"), u8)
+    assert str(pydicom.dcmread(path).file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.50"
+    hu = dicom.hounsfield(path)
+    assert np.abs(hu - (u8.astype(float) - 1024)).max() <= 4  # JPEG quality 95
+    img, _ = dicom.decode_slice(path, 32, (-1024, -769))
+    assert img.shape == (1, 32, 32) and img.min() < 0.05 and img.max() > 0.95
+    # a JPEG that even the installed decoders cannot read is the data's fault, not a missing extra
     with pytest.raises(DecodeError) as info:
         dicom.decode_slice(get_testdata_file("JPEG-lossy.dcm"), 16, None)
-    assert info.value.error_class == "UnsupportedTransferSyntax"
-    assert "1.2.840.10008.1.2.4.51" in str(info.value) and "raypipe[dicom]" in str(info.value)
+    assert info.value.error_class == "CorruptPixelData" and "pylibjpeg" in str(info.value)
+
+
+_BLOCK_PLUGINS = """
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("pylibjpeg", "libjpeg", "openjpeg", "rle", "gdcm", "jpeg_ls"):
+            raise ImportError("blocked for the test: " + name)
+sys.meta_path.insert(0, Block())
+from pydicom.data import get_testdata_file
+from raypipe.ingest import dicom
+from raypipe.ingest.common import DecodeError
+out = {}
+for name in sys.argv[1:]:
+    path = get_testdata_file(name)
+    for step in ("header", "decode"):
+        try:
+            dicom.read_header(path) if step == "header" else dicom.decode_slice(path, 16, None)
+            out[name + ":" + step] = ["ok", ""]
+        except DecodeError as e:
+            out[name + ":" + step] = [e.error_class, str(e)]
+print(json.dumps(out))
+"""
+
+
+def test_compressed_syntax_without_the_dicom_extra_is_quarantined_naming_syntax_and_extra():
+    """Runs whether or not the extra is installed: a child process hides the plugins from pydicom."""
+    import subprocess
+    import sys
+
+    names = ["MR_small_jpeg_ls_lossless.dcm", "JPEGLSNearLossless_16.dcm", "JPGExtended.dcm", "MR_small_RLE.dcm"]
+    res = subprocess.run([sys.executable, "-c", _BLOCK_PLUGINS, *names], capture_output=True, text=True,
+                         timeout=120, check=True)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for name, uid, syntax in (("MR_small_jpeg_ls_lossless.dcm", "1.2.840.10008.1.2.4.80", "JPEG-LS Lossless"),
+                              ("JPEGLSNearLossless_16.dcm", "1.2.840.10008.1.2.4.81", "JPEG-LS Lossy")):
+        for step in ("header", "decode"):  # no decoder at all: caught by the header read already
+            cls, msg = out[f"{name}:{step}"]
+            assert cls == "UnsupportedTransferSyntax", (name, step, msg)
+            assert uid in msg and syntax in msg and "raypipe[dicom]" in msg, msg
+    # 12-bit JPEG Extended: Pillow is installed but cannot decode 12 bits -> still the extra's job
+    cls, msg = out["JPGExtended.dcm:decode"]
+    assert cls == "UnsupportedTransferSyntax" and "1.2.840.10008.1.2.4.51" in msg and "raypipe[dicom]" in msg
+    assert out["JPGExtended.dcm:header"][0] == "ok"  # a decoder (Pillow) exists for the syntax
+    assert out["MR_small_RLE.dcm:decode"][0] == "ok"  # pydicom's own RLE decoder needs no extra
 
 
 def test_multiframe_rtdose_frames_decode_individually():
@@ -573,3 +682,27 @@ def test_monochrome1_is_inverted(tmp_path):
     m1, meta = dicom.decode_slice(p1, 8, (-1000, 400))
     np.testing.assert_allclose(m1, 1 - m2, atol=1e-6)
     assert meta["inverted"] is True
+
+
+def test_no_window_means_per_slice_min_max(tmp_path):
+    """``window: null``: each slice is scaled by its own min and max (documented in docs/ingest.md)."""
+    import nibabel as nib
+
+    from raypipe.config import load_config
+
+    cfg = load_config(None, ["ingest.modalities.ct.window=null"])
+    assert cfg.ingest.modalities["ct"].window is None
+    hu = (np.arange(16 * 16) * 3 - 300.0).reshape(16, 16)  # integers: stored exactly
+    img, meta = dicom.decode_slice(write_slice(str(tmp_path / "a.dcm"), hu), 16, None)
+    np.testing.assert_allclose(img[0], (hu - hu.min()) / (hu.max() - hu.min()), atol=1e-5)
+    assert meta["normalisation"] == "slice_minmax" and meta["window"] is None
+    flat, _ = dicom.decode_slice(write_slice(str(tmp_path / "b.dcm"), np.full((16, 16), 40.0)), 16, None)
+    assert (flat == 0).all()  # a constant slice has no range: zeros, not NaN
+    _, meta = dicom.decode_slice(str(tmp_path / "a.dcm"), 16, (-1000, 400))
+    assert meta["normalisation"] == "window"
+    # NIfTI: per slice too (slices of different ranges each reach 0 and 1)
+    vol = np.stack([np.full((6, 6), 10.0 * z) + np.arange(36).reshape(6, 6) * (z + 1) for z in range(4)], axis=-1)
+    nib.save(nib.Nifti1Image(vol.astype(np.float32), np.eye(4)), str(tmp_path / "v.nii.gz"))
+    out = nifti.decode_volume(str(tmp_path / "v.nii.gz"), 6, None, "all")
+    for _, im, m in out:
+        assert im.min() == 0 and abs(im.max() - 1) < 1e-6 and m["normalisation"] == "slice_minmax"

@@ -355,3 +355,34 @@ def test_regions_cohort_geotiff_patches_and_tabular(ray_session, regions_cohort,
     assert sat.sample_id.nunique() == truth["available"]["sat"]
     cov = rec[rec.modality == "covariates"]
     assert set(map(tuple, cov["shape"])) == {(6,)} and json.loads(cov.meta.iloc[0])["columns"][0] == "pop_density"
+
+
+def test_unlabelled_cohort_for_inference(hospital_run, hospital_cohort, tmp_path):
+    """No labels.csv (a raw cohort to predict): every manifest patient is a sample with null labels."""
+    from raypipe.ingest.pipeline import UNLABELLED_SPLIT, run_ingest
+
+    trained_cfg, _ = hospital_run
+    root = str(tmp_path / "cohort")
+    shutil.copytree(hospital_cohort[0], root, ignore=shutil.ignore_patterns("labels.csv"))
+    cfg = _cfg(tmp_path / "out", root, HOSPITAL_MODALITIES, "ingest.error_budget=0.2")
+    with pytest.raises(ValueError, match="ingest.ehr.normalisation"):
+        run_ingest(cfg)  # EHR files and nothing to fit their statistics on: refuse before starting
+    stats_path = os.path.join(trained_cfg.records_dir, "ehr_normalisation.json")
+    cfg = _cfg(tmp_path / "out", root, HOSPITAL_MODALITIES, "ingest.error_budget=0.2",
+               f"ingest.ehr.normalisation={stats_path}")
+    summary = run_ingest(cfg)
+    assert summary["ok"] and summary["labelled"] is False
+    assert summary["samples"] == len(PATIENTS) and "NoLabel" not in json.dumps(summary)
+    samples = pq.read_table(os.path.join(cfg.records_dir, "samples.parquet")).to_pandas()
+    assert sorted(samples.sample_id) == sorted(pseudonym(SECRET, p) for p in PATIENTS)
+    assert samples["label"].isna().all() and (samples["split"] == UNLABELLED_SPLIT).all()
+    assert (samples["site"] == "unknown").all()
+    rec = pd.concat([pq.read_table(p).to_pandas()
+                     for p in sorted(glob.glob(os.path.join(cfg.records_dir, "records", "*.parquet")))])
+    assert set(rec.sample_id) == set(samples.sample_id)
+    assert all(json.loads(m)["standardised"] for m in rec[rec.modality == "ehr"].meta)
+    # same records as the labelled run (the labels never touch the records)
+    labelled = pd.concat([pq.read_table(p).to_pandas()
+                          for p in sorted(glob.glob(os.path.join(trained_cfg.records_dir, "records", "*.parquet")))])
+    assert len(labelled) == len(rec)
+    assert list(labelled.source_key) == list(rec.source_key)

@@ -42,6 +42,7 @@ def decode_volume(path: str, size: int, window, policy: str = "even", count: int
     """[(position, float32 (1, size, size), meta)] for the selected axial slices, inferior to superior."""
     vol, meta = load_volume(path, frame)
     meta["window"] = list(window) if window is not None else None
+    meta["normalisation"] = "window" if window is not None else "slice_minmax"  # min-max of each slice
     out = []
     for pos, z in enumerate(select_indices(vol.shape[0], policy, count, k)):
         img = resize_plane(apply_window(vol[z], window), size)
