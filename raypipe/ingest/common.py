@@ -40,16 +40,21 @@ def select_indices(n: int, policy: str = "even", count: int = 16, k: int = 2) ->
     raise ValueError(f"unknown slice selection policy {policy!r} (all, every_k, central, even)")
 
 
-def apply_window(values: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
-    """Map ``[lo, hi]`` to ``[0, 1]`` (clipped); without a window, min-max scale the array."""
-    v = values.astype(np.float32, copy=False)
+def apply_window(values: np.ndarray, window: tuple[float, float] | None, inplace: bool = False) -> np.ndarray:
+    """Map ``[lo, hi]`` to ``[0, 1]`` (clipped); without a window, min-max scale the array (per slice).
+
+    ``inplace``: reuse ``values``' memory when it is float32 already (the caller no longer needs it).
+    """
+    v = values.astype(np.float32, copy=not inplace)
     if window is None:
         lo, hi = float(np.nanmin(v)), float(np.nanmax(v))
     else:
         lo, hi = float(window[0]), float(window[1])
     if hi <= lo:
         return np.zeros_like(v, dtype=np.float32)
-    return np.clip((v - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    v -= np.float32(lo)
+    v *= np.float32(1.0 / (hi - lo))
+    return np.clip(v, 0.0, 1.0, out=v)
 
 
 def resize_plane(plane: np.ndarray, size: int) -> np.ndarray:

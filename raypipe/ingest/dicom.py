@@ -71,15 +71,20 @@ class SliceRef:
 @contextlib.contextmanager
 def quiet_pydicom():
     """Silence pydicom's warnings and log lines while decoding: they quote element values (possible PHI)."""
+    from pydicom import config
+
     logger = logging.getLogger("pydicom")
-    level = logger.level
+    level, mode = logger.level, config.settings.reading_validation_mode
     logger.setLevel(logging.CRITICAL)
+    # value validation only ever warns on reading (and those warnings are silenced here): skip its cost
+    config.settings.reading_validation_mode = config.IGNORE
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         logger.setLevel(level)
+        config.settings.reading_validation_mode = mode
 
 
 def scrub(message: str, ds) -> str:
@@ -528,7 +533,7 @@ def _decode_dataset(ds, size: int, window, frame: int | None, expected: set[str]
     meta["window"] = list(window) if window is not None else None
     meta["normalisation"] = "window" if window is not None else "slice_minmax"
     meta["original_shape"] = list(arr.shape)
-    windowed = apply_window(values, window)
+    windowed = apply_window(values, window, inplace=True)  # values: a float32 copy of our own
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         windowed = 1.0 - windowed  # MONOCHROME1 (some DX/CR images): minimum value is white
         meta["inverted"] = True

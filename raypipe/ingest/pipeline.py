@@ -127,7 +127,7 @@ def _decode_dicom_group(it: dict, mod_cfg: dict, source_secret: bytes) -> Iterab
     for sl in slices:
         key = keys.get(sl.series_uid) or keys.setdefault(sl.series_uid, pseudonym(source_secret, sl.series_uid))
         yield {**base, "kind": "record", "file": file_of[sl.path], "source_key": key, "position": sl.position,
-               **array_to_payload(sl.image), "meta": json.dumps(sl.meta, sort_keys=True)}
+               "array": sl.image, "meta": json.dumps(sl.meta, sort_keys=True)}
     for path, err in errors:
         yield {**base, "kind": "error", "file": file_of[path], "source_key": it["source_key"], "position": 0,
                "error_class": err.error_class, "message": str(err)}
@@ -158,7 +158,43 @@ def _decode_batch(batch: pa.Table, modalities: dict, ehr_cfg: dict, stats: dict 
         except Exception as e:  # noqa: BLE001 - quarantine, never crash the run
             rows.append({**head, "kind": "error", "error_class": UNEXPECTED, "message": f"{type(e).__name__}: {e}"})
     rows.sort(key=lambda r: (r["sample_id"], r["modality"], r["source_key"], r["position"], r["file"]))
-    return pa.table({name: [r.get(name) for r in rows] for name in ROW_SCHEMA.names}, schema=ROW_SCHEMA)
+    return _rows_table(rows)
+
+
+def _rows_table(rows: list[dict]) -> pa.Table:
+    """ROW_SCHEMA table of ``rows``; a row's ``array`` (numpy) becomes its payload/dtype/shape.
+
+    The payload column is assembled from the arrays with a single copy (no intermediate bytes
+    object per record): decoded pixels are most of what a task moves.
+    """
+    arrays = [r.get("array") for r in rows]
+    cols = {name: [r.get(name) for r in rows] for name in ROW_SCHEMA.names}
+    if any(a is not None for a in arrays):
+        chunks, sizes = [], []
+        for i, a in enumerate(arrays):
+            if a is None:
+                p = cols["payload"][i]
+                chunks.append(np.frombuffer(p, np.uint8) if p is not None else None)
+            else:
+                a = np.ascontiguousarray(a)
+                if a.dtype.byteorder == ">":
+                    a = a.astype(a.dtype.newbyteorder("<"))
+                chunks.append(a.reshape(-1).view(np.uint8))
+                cols["dtype"][i], cols["shape"][i] = a.dtype.str.lstrip("<|="), list(a.shape)
+            sizes.append(0 if chunks[-1] is None else chunks[-1].size)
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        if offsets[-1] < 2**31 - 1:  # binary offsets are int32; beyond, let Arrow chunk the column
+            data = np.concatenate([c for c in chunks if c is not None]) if offsets[-1] else np.zeros(0, np.uint8)
+            valid = np.array([c is not None for c in chunks])
+            payload = pa.Array.from_buffers(
+                pa.binary(), len(rows), [pa.array(valid).buffers()[1] if not valid.all() else None,
+                                         pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)],
+                null_count=int((~valid).sum()))
+            cols["payload"] = payload
+        else:
+            cols["payload"] = [None if c is None else c.tobytes() for c in chunks]
+    return pa.table(cols, schema=ROW_SCHEMA)
 
 
 def _ehr_sums_batch(batch: pa.Table, ehr_cfg: dict) -> pa.Table:
