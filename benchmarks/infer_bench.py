@@ -5,6 +5,7 @@ truth, writes it as a run directory, then predicts N samples (a) in one process 
 same prediction function and batch size, (b) with `run_infer` (read, actor pool, sort, write).
 
     python benchmarks/infer_bench.py --n 20000
+    python benchmarks/infer_bench.py --device cuda --n 2000000 --batch-size 16384   # one GPU actor
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=200000)
     p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the plain loop and one predictor actor (infer.num_gpus_per_actor=1) on the GPU")
+    p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
     import torch
@@ -50,26 +54,38 @@ def main(argv=None):
     torch.save(method.state_dict(), os.path.join(run, MODEL_FILE))
     json.dump(meta, open(os.path.join(run, META_FILE), "w"))
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA device")
     torch.set_num_threads(1)  # one predictor actor uses one CPU as well
-    predict = loop.make_predict_fn(method, "binary")
+    method.to(args.device)
+    predict = loop.make_predict_fn(method, "binary", device=args.device)
+    predict({m: v[:args.batch_size] for m, v in table.x.items()}, table.mask[:args.batch_size])  # warm-up
     t0 = time.perf_counter()
     for i in range(0, args.n, args.batch_size):
         predict({m: v[i:i + args.batch_size] for m, v in table.x.items()}, table.mask[i:i + args.batch_size])
     t_plain = time.perf_counter() - t0
 
     cfg = load_config(None, [f"run.out_dir={work}", f"infer.checkpoint={run}", f"infer.input={emb_dir}",
-                             f"infer.out={work}/pred", f"infer.batch_size={args.batch_size}", "ray.progress_bars=false"])
+                             f"infer.out={work}/pred", f"infer.batch_size={args.batch_size}", "ray.progress_bars=false",
+                             f"infer.num_gpus_per_actor={1 if args.device == 'cuda' else 0}"])
     init_ray(cfg)
     from raypipe.infer.pipeline import run_infer
 
     t0 = time.perf_counter()
     res = run_infer(cfg)
     t_ray = time.perf_counter() - t0
+    gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""
     print(f"\ninfer benchmark: OmniFuse (4 modalities, 64-d), {args.n} samples, batch {args.batch_size}, "
-          f"{os.cpu_count()} CPUs")
-    print(f"plain loop (1 thread): {args.n / t_plain:10.0f} predictions/s")
-    print(f"ray data             : {args.n / t_ray:10.0f} predictions/s (incl. read, sort, write)")
-    print(f"ratio (ray/plain): {t_plain / t_ray:.2f}")
+          f"{os.cpu_count()} CPUs{gpu}, device {args.device}")
+    print(f"plain loop ({args.device}, 1 thread): {args.n / t_plain:10.0f} predictions/s")
+    print(f"ray data                : {args.n / t_ray:10.0f} predictions/s (incl. start-up, read, write; "
+          f"{res['rows']} rows written)")
+    print(f"ratio (ray/plain): {t_plain / t_ray:.2f}   (goal: >= 0.8 on CPU)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"n": args.n, "batch_size": args.batch_size, "device": args.device, "cpus": os.cpu_count(),
+                       "gpu": gpu.lstrip(", ") or None, "plain_per_s": args.n / t_plain, "ray_per_s": args.n / t_ray,
+                       "ratio": t_plain / t_ray, "rows": res["rows"]}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ batch size. Samples/s = training samples x epochs / wall time of the fit (Ray: T
 including worker start-up and per-epoch validation and checkpoints).
 
     python benchmarks/train_bench.py --n 4000 --epochs 5
+    python benchmarks/train_bench.py --device cuda --n 50000 --batch-size 512   # GPU: fp32 vs mixed precision
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--method", default="omnifuse")
+    p.add_argument("--hidden-dim", type=int, default=32)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: every path on the GPU (Ray Train use_gpu=True, 1 worker), fp32 and precision=auto")
+    p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
     import torch
@@ -37,7 +42,7 @@ def main(argv=None):
     work = tempfile.mkdtemp(prefix="rp-train-bench-")
     emb = write_truth_embeddings(generate_truth(n=args.n, seed=0), os.path.join(work, "emb"), dim=64)
     base = [f"run.out_dir={work}", f"train.input={emb}", f"train.epochs={args.epochs}", "train.patience=1000",
-            f"train.batch_size={args.batch_size}", "train.hidden_dim=32", "train.omnifuse.depth=3",
+            f"train.batch_size={args.batch_size}", f"train.hidden_dim={args.hidden_dim}", "train.omnifuse.depth=3",
             f"train.method={args.method}", "ray.progress_bars=false"]
     cfg = load_config(None, base)
     table = read_embeddings(emb)
@@ -47,6 +52,12 @@ def main(argv=None):
     tr, va = split == "train", split == "val"
     n_train = int(tr.sum())
 
+    import json
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda but torch sees no CUDA device")
+        return _gpu(args, base, table, split, meta, n_train)
     torch.set_num_threads(1)  # a Ray Train worker gets one CPU
     method = build_from_meta(meta)
     part = lambda m: ({x: v[m] for x, v in table.x.items()}, table.mask[m], table.y[m])  # noqa: E731
@@ -69,7 +80,61 @@ def main(argv=None):
     print(f"Ray Train, 1 worker           : {sps(times[1]):8.0f} samples/s ({times[1]:.1f}s incl. start-up)")
     print(f"Ray Train, 2 workers (DDP)    : {sps(times[2]):8.0f} samples/s ({times[2]:.1f}s)")
     print(f"ratio 1 worker / loop: {t_plain / times[1]:.2f}; 2 workers / 1 worker: {times[1] / times[2]:.2f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": "cpu", "n_train": n_train, "epochs": args.epochs, "loop_s": t_plain,
+                       "ray_1w_s": times[1], "ray_2w_s": times[2]}, fh, indent=2)
 
+
+def _gpu(args, base, table, split, meta, n_train):
+    """One GPU: the framework-free loop and a 1-worker Ray Train run, each in fp32 and mixed precision."""
+    import json
+
+    import torch
+
+    from raypipe.config import load_config
+    from raypipe.runtime import init_ray
+    from raypipe.train import loop
+    from raypipe.train.trainer import build_from_meta, fit_torch_trainer
+
+    tr, va = split == "train", split == "val"
+    part = lambda m: ({x: v[m] for x, v in table.x.items()}, table.mask[m], table.y[m])  # noqa: E731
+    res = {"device": torch.cuda.get_device_name(0), "n_train": n_train, "epochs": args.epochs,
+           "batch_size": args.batch_size, "hidden_dim": args.hidden_dim}
+    for prec in ("fp32", "auto"):
+        method = build_from_meta(meta).to("cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        out = loop.fit(method, part(tr), part(va), meta["task"], epochs=args.epochs, batch_size=args.batch_size,
+                       patience=1000, device="cuda", precision=prec)
+        torch.cuda.synchronize()
+        res[f"loop_{prec}_s"] = time.perf_counter() - t0
+        res[f"loop_{prec}_best_val"] = out["best_val"]
+        res[f"loop_{prec}_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        print(f"loop {prec}: {res[f'loop_{prec}_s']:.1f}s, best val {out['best_val']:.4f}", flush=True)
+        del method
+    rctx = init_ray(load_config(None, base))
+    ids = {s: set(table.sample_id[split == s]) for s in ("train", "val")}
+    for prec in ("fp32", "auto"):
+        c = load_config(None, base + ["train.use_gpu=true", f"train.precision={prec}"])
+        t0 = time.perf_counter()
+        fit_torch_trainer(c, meta, ids["train"], ids["val"], f"bench-gpu-{prec}-{time.time_ns()}", rctx.results_dir)
+        res[f"ray_{prec}_s"] = time.perf_counter() - t0
+        print(f"Ray Train {prec}: {res[f'ray_{prec}_s']:.1f}s", flush=True)
+    sps = lambda t: n_train * args.epochs / t  # noqa: E731
+    print(f"\ntrain benchmark on {res['device']}: {args.method}, {n_train} training samples x {args.epochs} epochs, "
+          f"batch {args.batch_size}, D={args.hidden_dim}")
+    for prec in ("fp32", "auto"):
+        print(f"loop {prec:4s}: {sps(res[f'loop_{prec}_s']):9.0f} samples/s, best val {res[f'loop_{prec}_best_val']:.4f},"
+              f" peak {res[f'loop_{prec}_peak_mib']:.0f} MiB; Ray Train 1 GPU worker: "
+              f"{sps(res[f'ray_{prec}_s']):9.0f} samples/s ({res[f'ray_{prec}_s']:.1f}s incl. start-up)")
+    print(f"ratio Ray/loop (auto precision): {res['loop_auto_s'] / res['ray_auto_s']:.2f}; "
+          f"mixed/fp32 speed-up (loop): {res['loop_fp32_s'] / res['loop_auto_s']:.2f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=2)
+    return res
 
 if __name__ == "__main__":
     main()

@@ -40,6 +40,10 @@ class RayConfig(_Section):
     progress_bars: bool = True
     log_to_driver: bool = True
     object_store_memory: int | None = None  # bytes, local Ray only
+    #: start the dashboard with a local Ray (bound to 127.0.0.1). None: when ray[default] is
+    #: installed (it serves the state API that Ray Train V2's controller polls; a minimal
+    #: Ray install runs without it).
+    dashboard: bool | None = None
 
 
 class PrivacyConfig(_Section):
@@ -192,6 +196,9 @@ class TrainConfig(_Section):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
+    #: autocast dtype of the training forward pass. auto: bf16 on a GPU that supports it (else
+    #: fp16 with loss scaling), fp32 on CPU. Evaluation and prediction always run in fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     omnifuse: OmniFuseConfig = Field(default_factory=OmniFuseConfig)
     #: extra keyword arguments for the chosen method (e.g. {"rho": 0.5} for metafusion)
     method_args: dict[str, Any] = Field(default_factory=dict)
@@ -215,6 +222,8 @@ class InferConfig(_Section):
     out: str | None = None
     batch_size: int = Field(1024, ge=1)
     pool_size: int | None = None
+    #: GPUs per predictor actor (0 = CPU). With GPUs the pool defaults to one actor per GPU.
+    num_gpus_per_actor: float = Field(0, ge=0)
 
 
 class ReportConfig(_Section):

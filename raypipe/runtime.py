@@ -97,7 +97,7 @@ def init_ray(cfg: Config, address: str | None = None) -> RayContext:
         log_to_driver=cfg.ray.log_to_driver,
         # The dashboard process also serves Ray's state API, which Ray Train V2's controller
         # polls; without it every training run logs tracebacks. Bound to localhost only.
-        include_dashboard=True,
+        include_dashboard=_dashboard_wanted(cfg.ray.dashboard),
         dashboard_host="127.0.0.1",
         _temp_dir=temp_dir,
     )
@@ -109,6 +109,19 @@ def init_ray(cfg: Config, address: str | None = None) -> RayContext:
     ray.init(**kwargs)
     configure_data_context(cfg)
     return RayContext(True, None, res_dir, temp_dir)
+
+
+def _dashboard_wanted(setting: bool | None) -> bool:
+    """``ray.dashboard`` resolved: None means "when ray[default]'s dashboard dependencies are installed"."""
+    if setting is not None:
+        return setting
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401 - what Ray itself checks for ray[default]
+    except ImportError as exc:
+        log.warning("Ray's dashboard dependencies (ray[default]) are missing (%s): starting Ray without the "
+                    "dashboard; Ray Train V2 then logs state-API errors", exc)
+        return False
+    return True
 
 
 def cluster_resources() -> dict[str, float]:

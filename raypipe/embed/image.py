@@ -21,9 +21,13 @@ never silently truncated:
   (sign-fixed, min-max scaled to [0, 1]).
 
 Then the image is resized to ``input_size`` (bilinear, antialiased) if the record
-differs, and ImageNet-normalised. :meth:`ImageEmbedder.preprocess` does all of this
-on the CPU (it is the CPU stage of the Ray pipeline); :meth:`ImageEmbedder.embed_pixels`
-is the model stage.
+differs, and ImageNet-normalised. :meth:`ImageEmbedder.preprocess` is the CPU stage of
+the Ray pipeline: channels and resize, leaving values in [0, 1] and single-channel
+images single-channel; :meth:`ImageEmbedder.embed_pixels` is the model stage: it
+repeats one channel to three and normalises on the model's device. On a GPU that moves
+a third of the bytes through the object store and over PCIe, and takes the
+normalisation arithmetic off the CPUs that feed it. (The arithmetic is the same as
+:func:`preprocess_images` with ``normalize=True``: float32 subtract, then divide.)
 
 Determinism: CPU convolutions give last-bit differences for different batch
 sizes, so the model always runs on micro-batches of exactly ``fixed_batch`` rows
@@ -140,21 +144,35 @@ def to_three_channels(x: np.ndarray, projection: str = "mean_groups", band_indic
 
 
 def preprocess_images(images: np.ndarray | Sequence[np.ndarray], input_size: int, projection: str = "mean_groups",
-                      band_indices: Sequence[int] | None = None) -> np.ndarray:
-    """(B, C, H, W) in [0, 1] (or a list of same-C arrays) -> ImageNet-normalised (B, 3, S, S) float32, on the CPU."""
+                      band_indices: Sequence[int] | None = None, normalize: bool = True, keep_gray: bool = False
+                      ) -> np.ndarray:
+    """(B, C, H, W) in [0, 1] (or a list of same-C arrays) -> (B, 3, S, S) float32, on the CPU.
+
+    ``normalize``: ImageNet mean/std (else values stay in [0, 1]). ``keep_gray`` (only without
+    ``normalize``): a single-channel input stays (B, 1, S, S); the model stage repeats it.
+    """
     x = np.asarray(images, dtype=np.float32) if not isinstance(images, np.ndarray) else images.astype(np.float32,
                                                                                                        copy=False)
     if x.ndim == 3:
         x = x[:, None]
-    x = np.ascontiguousarray(to_three_channels(x, projection, band_indices), dtype=np.float32)
+    if not (keep_gray and not normalize and x.shape[1] == 1):
+        x = to_three_channels(x, projection, band_indices)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not normalize:
+        return _resize(x, input_size)
+    x = _resize(x, input_size)
+    mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _resize(x: np.ndarray, input_size: int) -> np.ndarray:
     if x.shape[-2:] != (input_size, input_size):
         import torch
 
         x = torch.nn.functional.interpolate(torch.from_numpy(x), size=(input_size, input_size), mode="bilinear",
                                             antialias=True, align_corners=False).numpy()
-    mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
-    return (x - mean) / std
+    return x
 
 
 def autocast_dtype(device: "torch.device", precision: str) -> "torch.dtype | None":
@@ -188,6 +206,8 @@ class ImageEmbedder:
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.dim = int(self.model.config.hidden_sizes[-1])
+        self._staging: dict[tuple, Any] = {}  # CUDA: one pinned host buffer per (shape, dtype), reused
+        self._mean = self._std = None
 
     @classmethod
     def from_config(cls, image_cfg: Any, seed: int = 0, device: str | None = None, precision: str = "auto",
@@ -200,11 +220,45 @@ class ImageEmbedder:
                    fixed_batch=fixed_batch)
 
     def preprocess(self, images) -> np.ndarray:
-        """CPU stage: channels -> 3, resize, ImageNet normalisation."""
-        return preprocess_images(images, self.input_size, self.projection, self.band_indices)
+        """CPU stage: channels (one stays one, else -> 3) and resize; values stay in [0, 1]."""
+        return preprocess_images(images, self.input_size, self.projection, self.band_indices, normalize=False,
+                                 keep_gray=True)
+
+    def _normalise(self, x: "torch.Tensor") -> "torch.Tensor":
+        """On the model's device: (B, 1 or 3, S, S) in [0, 1] -> ImageNet-normalised (B, 3, S, S) float32."""
+        import torch
+
+        if self._mean is None:
+            self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+            self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        x = x.float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] != 3:
+            raise ValueError(f"model input with {x.shape[1]} channels: expected 1 or 3 (see preprocess)")
+        x = (x - self._mean) / self._std
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x.contiguous()
+
+    def _to_device(self, x: "torch.Tensor") -> "torch.Tensor":
+        """Host batch -> GPU (float32, channels_last) through a pinned buffer allocated once per shape.
+
+        Pinning a fresh buffer per batch (``pin_memory()``) costs a page-locking allocation each
+        time, longer than the copy itself; the previous copy out of the buffer has finished before
+        it is refilled, because each batch's result is read back to the host first.
+        """
+        import torch
+
+        key = (tuple(x.shape), x.dtype)
+        buf = self._staging.get(key)
+        if buf is None:
+            if len(self._staging) >= 4:  # odd shapes (a last partial batch without fixed_batch): bounded
+                self._staging.clear()
+            buf = self._staging[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        buf.copy_(x)
+        return buf.to(self.device, non_blocking=True)
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Model stage: normalised (B, 3, S, S) -> (B, dim) float32."""
+        """Model stage: :meth:`preprocess` output, (B, 1 or 3, S, S) in [0, 1] -> (B, dim) float32."""
         import torch
 
         with torch.inference_mode():
@@ -227,8 +281,8 @@ class ImageEmbedder:
                 chunk = np.concatenate([chunk, np.zeros((step - k,) + chunk.shape[1:], chunk.dtype)])
             x = torch.from_numpy(chunk)
             if self.device.type == "cuda":
-                x = x.pin_memory().to(self.device, non_blocking=True).float().contiguous(
-                    memory_format=torch.channels_last)
+                x = self._to_device(x)
+            x = self._normalise(x)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
                 pooled = self.model(pixel_values=x).pooler_output  # (B, dim, 1, 1)
             out.append(pooled.flatten(1)[:k].float().cpu().numpy())

@@ -114,7 +114,7 @@ def check_embedding_spec(expected: Mapping[str, Any], table_schema: pa.Schema) -
 def decode_image_batch(batch: pa.Table, input_size: int, band_projection: str = "mean_groups",
                        band_indices: Sequence[int] | None = None, pixel_dtype: str = "float32"
                        ) -> dict[str, np.ndarray]:
-    """Ray Data task (CPU): image records -> normalised ``pixels`` (N, 3, S, S) and ``error``.
+    """Ray Data task (CPU): image records -> ``pixels`` (N, 1 or 3, S, S) in [0, 1] and ``error``.
 
     ``pixel_dtype`` is float32, or float16 when the model runs under fp16/bf16 autocast on
     a GPU anyway (half the bytes through the object store and over PCIe).
@@ -146,11 +146,14 @@ def decode_image_batch(batch: pa.Table, input_size: int, band_projection: str = 
             by_shape[a.shape].append((i, a))
         except Exception as e:  # noqa: BLE001 - a corrupt record is data, not a crash
             errors[i] = f"{type(e).__name__}: {e}"
-    pixels = np.zeros((n, 3, input_size, input_size), np.dtype(pixel_dtype))
+    # model input in [0, 1] (normalised by the model stage): one channel when every record has one
+    channels = 1 if all(shape[0] == 1 for shape in by_shape) else 3
+    pixels = np.zeros((n, channels, input_size, input_size), np.dtype(pixel_dtype))
     for rows in by_shape.values():
         idx = [i for i, _ in rows]
         try:
-            pixels[idx] = preprocess_images(np.stack([a for _, a in rows]), input_size, band_projection, band_indices)
+            pixels[idx] = preprocess_images(np.stack([a for _, a in rows]), input_size, band_projection, band_indices,
+                                            normalize=False, keep_gray=True)  # (k, 1, S, S) broadcasts to 3
         except Exception as e:  # noqa: BLE001 - e.g. band_indices out of range for these records
             for i in idx:
                 errors[i] = f"{type(e).__name__}: {e}"
@@ -189,8 +192,13 @@ class ImageActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = _ok_rows(batch["error"])
         emb = np.zeros((len(ok), self.embedder.dim), np.float32)  # rows with an error are dropped by the driver
-        if ok.any():
-            emb[ok] = self.embedder.embed_pixels(batch["pixels"][ok])
+        pixels = batch["pixels"]
+        if pixels.dtype == object:  # decode batches of 1 and of 3 channels met in one block: all to 3
+            pixels = np.stack([np.broadcast_to(p, (3,) + p.shape[1:]) for p in pixels])
+        if ok.all():  # the usual case: no boolean-index copy of the whole pixel batch
+            emb = self.embedder.embed_pixels(pixels)
+        elif ok.any():
+            emb[ok] = self.embedder.embed_pixels(pixels[ok])
         return {**{k: batch[k] for k in KEY_COLUMNS}, "embedding": emb, "error": batch["error"]}
 
 

@@ -58,17 +58,20 @@ def check_compatible(meta: dict, schema: pa.Schema) -> None:
 class Predictor:
     """Ray Data callable class: loads the trained model once, predicts Arrow batches."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, device: str = "cpu"):
         import torch
 
         from raypipe.train import loop
         from raypipe.train.trainer import load_trained
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("infer.num_gpus_per_actor > 0 but this actor sees no CUDA device")
         self.method, self.meta = load_trained(run_dir)
+        self.method.to(device)
         self.modalities = self.meta["modalities"]
         self.shapes = {m: tuple(s) for m, s in self.meta["shapes"].items()}
-        self.predict = loop.make_predict_fn(self.method, self.meta["task"])
+        self.predict = loop.make_predict_fn(self.method, self.meta["task"], device=device)
         self.schema = predictions_schema(self.modalities, self.meta["n_outputs"])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -124,11 +127,18 @@ def run_infer(cfg: Config) -> dict:
     check_compatible(meta, pads.dataset(src, format="parquet").schema)
     out = cfg.infer.out or cfg.path("predictions")
     res = cluster_resources()
-    pool = cfg.infer.pool_size or max(1, int(res["CPU"]) - 1)  # leave a CPU for the read tasks
+    gpus = cfg.infer.num_gpus_per_actor
+    if gpus > 0:
+        if res.get("GPU", 0) < gpus:
+            raise ValueError(f"infer.num_gpus_per_actor={gpus:g} but the cluster has {res.get('GPU', 0):g} GPUs")
+        pool = cfg.infer.pool_size or max(1, int(res["GPU"] // gpus))
+    else:
+        pool = cfg.infer.pool_size or max(1, int(res["CPU"]) - 1)  # leave a CPU for the read tasks
     t0 = time.perf_counter()
     ds = ray.data.read_parquet(src).map_batches(
-        Predictor, fn_constructor_kwargs={"run_dir": os.path.abspath(run_dir)}, batch_size=cfg.infer.batch_size,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=actor_cpus(pool, res["CPU"]))
+        Predictor, fn_constructor_kwargs={"run_dir": os.path.abspath(run_dir), "device": "cuda" if gpus else "cpu"},
+        batch_size=cfg.infer.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool),
+        num_cpus=actor_cpus(pool, res["CPU"]), num_gpus=gpus or None)
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     # Written by Ray Data, nothing collected on the driver. Order: Ray Data preserves the input

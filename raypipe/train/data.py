@@ -43,13 +43,13 @@ def simulate_missing(mask: np.ndarray | torch.Tensor, p_drop: float, rng: np.ran
 
 
 def tensor_batches(x: dict[str, np.ndarray], mask: np.ndarray, y: np.ndarray, task: str, batch_size: int,
-                   shuffle: bool = False, seed: int = 0) -> Iterator[dict]:
-    """Batches of the fusion format {"x": {m: T}, "mask": T, "y": T} from in-memory arrays."""
+                   shuffle: bool = False, seed: int = 0, device=None) -> Iterator[dict]:
+    """Batches of the fusion format {"x": {m: T}, "mask": T, "y": T} from in-memory arrays (on ``device``)."""
     n = len(mask)
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     y_dtype = torch.long if task == "multiclass" else torch.float32
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
-        yield {"x": {m: torch.as_tensor(v[idx], dtype=torch.float32) for m, v in x.items()},
-               "mask": torch.as_tensor(mask[idx], dtype=torch.bool),
-               "y": torch.as_tensor(y[idx], dtype=y_dtype)}
+        yield {"x": {m: torch.as_tensor(v[idx], dtype=torch.float32, device=device) for m, v in x.items()},
+               "mask": torch.as_tensor(mask[idx], dtype=torch.bool, device=device),
+               "y": torch.as_tensor(y[idx], dtype=y_dtype, device=device)}

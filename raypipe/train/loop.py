@@ -55,9 +55,42 @@ def unwrap(model: torch.nn.Module):
     return model.module if hasattr(model, "module") else model
 
 
+def amp_dtype(precision: str, device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` (auto/fp32/bf16/fp16) on ``device``; None = plain fp32.
+
+    Mixed precision applies on CUDA only; ``auto`` picks bf16 where the GPU supports it, else fp16.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+class _Precision:
+    """Autocast plus (for fp16) loss scaling around one training step; a no-op for fp32."""
+
+    def __init__(self, dtype: torch.dtype | None, device):
+        self.dtype = dtype
+        self.device_type = torch.device(device).type if device is not None else "cpu"
+        self.scaler = torch.amp.GradScaler(self.device_type) if dtype == torch.float16 else None
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+
+def _batch_device(batch: dict):
+    return batch["mask"].device
+
+
 def train_epoch(model, batches: Iterable[dict], optimizer, ctx: HookContext, epoch: int | None = None,
-                grad_clip: float = 5.0) -> dict[str, Any]:
-    """One epoch: missing-pattern simulation, forward (through DDP if wrapped), backward, hooks, step."""
+                grad_clip: float = 5.0, precision: str = "auto") -> dict[str, Any]:
+    """One epoch: missing-pattern simulation, forward (through DDP if wrapped), backward, hooks, step.
+
+    On CUDA the forward pass runs under autocast (``precision``: see :func:`amp_dtype`; fp16 adds
+    loss scaling); on CPU everything is fp32.
+    """
     method = unwrap(model)
     if epoch is not None:
         ctx.epoch = epoch
@@ -66,16 +99,29 @@ def train_epoch(model, batches: Iterable[dict], optimizer, ctx: HookContext, epo
     rng = np.random.default_rng([ctx.seed, ctx.epoch, ctx.rank])
     sums: dict[str, float] = {}
     n = 0
+    amp: _Precision | None = None
     for batch in batches:
+        if amp is None:
+            dev = _batch_device(batch)
+            amp = _Precision(amp_dtype(precision, dev), dev)
         full = batch["mask"]
         seen = simulate_missing(full, ctx.p_drop, rng) if ctx.p_drop > 0 else full
-        out = model({"x": batch["x"], "mask": seen, "y": batch["y"]}, full_mask=full)
+        with amp.autocast():
+            out = model({"x": batch["x"], "mask": seen, "y": batch["y"]}, full_mask=full)
         optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        if amp.scaler is not None:
+            amp.scaler.scale(out["loss"]).backward()
+            amp.scaler.unscale_(optimizer)  # hooks and clipping see true gradients
+        else:
+            out["loss"].backward()
         method.on_after_backward(ctx)
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(method.parameters(), grad_clip)
-        optimizer.step()
+        if amp.scaler is not None:
+            amp.scaler.step(optimizer)
+            amp.scaler.update()
+        else:
+            optimizer.step()
         b = len(batch["y"])
         n += b
         for k, v in out.items():
@@ -162,7 +208,7 @@ def fit_batches(method, train_batches: Callable[[int | None], Iterable[dict]],
     history, best, best_state, best_epoch, since = [], -np.inf, None, 0, 0
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        stats = train_epoch(method, train_batches(epoch), optimizer, ctx, epoch)
+        stats = train_epoch(method, train_batches(epoch), optimizer, ctx, epoch, precision=cfg.precision)
         val = evaluate(method, val_batches(), task)
         score = val.get(main, np.nan)
         history.append({"epoch": epoch + 1, "seconds": time.perf_counter() - t0,
@@ -182,20 +228,26 @@ def fit_batches(method, train_batches: Callable[[int | None], Iterable[dict]],
 
 
 def fit(method, train: tuple, val: tuple, task: str, epochs: int = 30, batch_size: int = 64, lr: float = 1e-3,
-        weight_decay: float = 1e-4, p_drop: float = 0.5, patience: int = 8, seed: int = 0) -> dict[str, Any]:
+        weight_decay: float = 1e-4, p_drop: float = 0.5, patience: int = 8, seed: int = 0, device=None,
+        precision: str = "auto") -> dict[str, Any]:
     """:func:`fit_batches` on in-memory arrays ``train = (x: {m: array}, mask: (N, M) bool, y)`` and ``val``.
 
     Training batches are reshuffled every epoch (seeded by ``seed`` and the epoch); hooks and
-    validation see fixed-order batches of 512.
+    validation see fixed-order batches of 512. ``device``: where the batches go (the method must
+    already be there); ``precision``: the training autocast, see :func:`amp_dtype`.
     """
+    from raypipe.config import TrainConfig
+
     x_tr, m_tr, y_tr = train
     x_va, m_va, y_va = val
 
     def train_batches(epoch: int | None):
         if epoch is None:
-            return tensor_batches(x_tr, m_tr, y_tr, task, 512)
-        return tensor_batches(x_tr, m_tr, y_tr, task, batch_size, shuffle=True, seed=seed * 1000 + epoch)
+            return tensor_batches(x_tr, m_tr, y_tr, task, 512, device=device)
+        return tensor_batches(x_tr, m_tr, y_tr, task, batch_size, shuffle=True, seed=seed * 1000 + epoch,
+                              device=device)
 
-    return fit_batches(method, train_batches, lambda: tensor_batches(x_va, m_va, y_va, task, 512), task,
-                       epochs=epochs, lr=lr, weight_decay=weight_decay, p_drop=p_drop, patience=patience, seed=seed,
+    return fit_batches(method, train_batches, lambda: tensor_batches(x_va, m_va, y_va, task, 512, device=device),
+                       task, TrainConfig(precision=precision), epochs=epochs, lr=lr, weight_decay=weight_decay,
+                       p_drop=p_drop, patience=patience, seed=seed,
                        var_y=(float(np.var(y_tr)) or 1.0) if task == "regression" else None)

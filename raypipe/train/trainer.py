@@ -212,7 +212,8 @@ def train_loop_per_worker(config: dict) -> None:
     main = M.main_metric_name(task)
     for epoch in range(start_epoch, tc["epochs"]):
         t0 = time.perf_counter()
-        stats = loop.train_epoch(model, batches("train", meta["seed"] * 1000 + epoch), optimizer, hook_ctx, epoch)
+        stats = loop.train_epoch(model, batches("train", meta["seed"] * 1000 + epoch), optimizer, hook_ctx, epoch,
+                                 precision=tc.get("precision", "auto"))
         scheduler.step()
         y_val, p_val = loop.predict_arrays(model, batches("val", None))
         gathered = _all_gather((y_val, p_val))
