@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -146,14 +147,15 @@ def slice_normal(iop) -> np.ndarray | None:
     try:
         if iop is None or len(iop) != 6:
             return None
-        row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+        a0, a1, a2, b0, b1, b2 = (float(v) for v in iop)
     except (TypeError, ValueError):
         return None
-    n = np.cross(row, col)
-    norm = float(np.linalg.norm(n))
-    if not np.isfinite(norm) or norm < 1e-6:
+    # plain float arithmetic: np.cross/np.linalg.norm cost more than the whole product on 3-vectors
+    n = (a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0)
+    norm = math.sqrt(n[0] * n[0] + n[1] * n[1] + n[2] * n[2])
+    if not math.isfinite(norm) or norm < 1e-6:
         return None
-    n = n / norm
+    n = np.array(n) / norm
     return -n if n[int(np.argmax(np.abs(n)))] < 0 else n
 
 
@@ -161,8 +163,8 @@ def _position(ipp, normal: np.ndarray | None) -> float | None:
     try:
         if ipp is None or normal is None or len(ipp) != 3:
             return None
-        p = float(np.dot(np.asarray(ipp, float), normal))
-        return p if np.isfinite(p) else None
+        p = float(ipp[0]) * normal[0] + float(ipp[1]) * normal[1] + float(ipp[2]) * normal[2]
+        return float(p) if math.isfinite(p) else None
     except (TypeError, ValueError):
         return None  # malformed geometry: InstanceNumber order instead
 
@@ -226,6 +228,13 @@ def _read_header(path: str, expected: set[str] | None) -> SliceHeader:
     return header_of(ds, path, expected, os.path.getsize(path) - pixel_offset - 8)  # after the tag and its length
 
 
+def _native_length(ds) -> int:
+    """Bytes of native single-sample pixel data (what pydicom's get_expected_length gives, cheaper)."""
+    n = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+    bits = int(ds.BitsAllocated)
+    return (n + 7) // 8 if bits == 1 else n * (bits // 8)
+
+
 def header_of(ds, path: str, expected: set[str] | None, pixel_bytes: int | None = None) -> SliceHeader:
     """Header facts of a parsed dataset (checks included); ``pixel_bytes``: how many pixel-data bytes the
     file holds (None: a full read, measured from the dataset's Pixel Data)."""
@@ -239,9 +248,7 @@ def header_of(ds, path: str, expected: set[str] | None, pixel_bytes: int | None 
             raise _compressed_error(ts_uid, None)  # no decoder at all: no need to wait for the decode
         if ts_uid is not None and not ts_uid.is_compressed and not ts_uid.is_deflated:
             # native pixel data: the file must hold every pixel byte (catches truncated copies early)
-            from pydicom.pixels.utils import get_expected_length
-
-            need = get_expected_length(ds)
+            need = _native_length(ds)
             if pixel_bytes is None:
                 data = ds.get("PixelData")
                 pixel_bytes = len(data) if isinstance(data, (bytes, bytearray)) else need
@@ -512,8 +519,9 @@ def decode_dataset(ds, size: int, window: tuple[float, float] | None, frame: int
         return _decode_dataset(ds, size, window, frame, expected)
 
 
-def _decode_dataset(ds, size: int, window, frame: int | None, expected: set[str] | None):
-    _check_slice_kind(ds, expected)
+def _decode_dataset(ds, size: int, window, frame: int | None, expected: set[str] | None, checked: bool = False):
+    if not checked:  # header_of checked this dataset already
+        _check_slice_kind(ds, expected)
     arr = decode_pixels(ds, frame)
     if arr.ndim != 2:
         raise DecodeError("UnsupportedShape", f"pixel array of shape {arr.shape} (expected one 2-D frame)")
@@ -578,7 +586,7 @@ def decode_series(paths: list[str], size: int, window: tuple[float, float] | Non
                     h = header_of(ds, path, expected)
                     for f in ([None] if h.frames == 1 else range(h.frames)):
                         try:
-                            decoded[(path, f)] = _decode_dataset(ds, size, window, f, expected)
+                            decoded[(path, f)] = _decode_dataset(ds, size, window, f, expected, checked=True)
                         except DecodeError as err:
                             decoded[(path, f)] = err
                     del ds
