@@ -26,6 +26,7 @@ def main(argv=None):
     p.add_argument("--hidden-dim", type=int, default=32)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: every path on the GPU (Ray Train use_gpu=True, 1 worker), fp32 and precision=auto")
+    p.add_argument("--ray-only", action="store_true", help="--device cuda: skip the framework-free loop runs")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -101,7 +102,7 @@ def _gpu(args, base, table, split, meta, n_train):
     part = lambda m: ({x: v[m] for x, v in table.x.items()}, table.mask[m], table.y[m])  # noqa: E731
     res = {"device": torch.cuda.get_device_name(0), "n_train": n_train, "epochs": args.epochs,
            "batch_size": args.batch_size, "hidden_dim": args.hidden_dim}
-    for prec in ("fp32", "auto"):
+    for prec in () if args.ray_only else ("fp32", "auto"):
         method = build_from_meta(meta).to("cuda")
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -123,6 +124,9 @@ def _gpu(args, base, table, split, meta, n_train):
         res[f"ray_{prec}_s"] = time.perf_counter() - t0
         print(f"Ray Train {prec}: {res[f'ray_{prec}_s']:.1f}s", flush=True)
     sps = lambda t: n_train * args.epochs / t  # noqa: E731
+    if args.ray_only:
+        print({k: v for k, v in res.items()})
+        return res
     print(f"\ntrain benchmark on {res['device']}: {args.method}, {n_train} training samples x {args.epochs} epochs, "
           f"batch {args.batch_size}, D={args.hidden_dim}")
     for prec in ("fp32", "auto"):

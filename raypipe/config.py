@@ -159,7 +159,7 @@ class EmbedConfig(_Section):
     text: TextEmbed = Field(default_factory=TextEmbed)
     batch_size: int | None = Field(None, ge=1)  # rows per model call; None = 256 on GPU actors, 32 on CPU
     pool_size: int | None = None  # actors per model; None = derived from the cluster's resources
-    num_gpus_per_actor: float | None = None  # None = 1 if the cluster has GPUs else 0
+    num_gpus_per_actor: float | None = None  # None = 0.5 (two actors per GPU) if the cluster has GPUs else 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     #: samples per resumable chunk (a crashed run restarts at the first unfinished chunk)
     chunk_samples: int = Field(4096, ge=1)

@@ -290,11 +290,13 @@ def test_pool_plan_never_takes_every_cpu():
     one = pool_plan(cfg, {"CPU": 1, "GPU": 0})
     assert one["size"] * one["num_cpus"] < 1
     gpu = pool_plan(cfg, {"CPU": 16, "GPU": 4})
-    assert gpu["size"] == 4 and gpu["num_gpus"] == 1 and gpu["batch_size"] == 256
+    assert gpu["size"] == 8 and gpu["num_gpus"] == 0.5 and gpu["batch_size"] == 256  # two actors per GPU
     assert gpu["size"] * gpu["num_cpus"] < 16
     forced = pool_plan(load_config(None, ["embed.pool_size=8", "embed.batch_size=7"]), {"CPU": 4, "GPU": 0})
     assert forced["size"] == 8 and forced["size"] * forced["num_cpus"] < 4 and forced["batch_size"] == 7
-    with pytest.raises(ValueError, match="need 8 GPUs, the cluster has 2"):
+    with pytest.raises(ValueError, match="need 4 GPUs, the cluster has 2"):
         pool_plan(load_config(None, ["embed.pool_size=8"]), {"CPU": 16, "GPU": 2})
+    one_each = pool_plan(load_config(None, ["embed.num_gpus_per_actor=1"]), {"CPU": 16, "GPU": 4})
+    assert one_each["size"] == 4 and one_each["num_gpus"] == 1
     with pytest.raises(ValueError, match="no GPU"):
         pool_plan(load_config(None, ["embed.num_gpus_per_actor=1"]), {"CPU": 4, "GPU": 0})

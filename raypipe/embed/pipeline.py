@@ -181,13 +181,16 @@ def _ok_rows(errors: np.ndarray) -> np.ndarray:
 class ImageActor:
     """Ray Data callable class: one ResNet per actor (loaded once in ``__init__``), decoded pixel batches in."""
 
-    def __init__(self, image_cfg: dict, seed: int, precision: str, threads: int, batch_size: int):
+    def __init__(self, image_cfg: dict, seed: int, precision: str, threads: int, batch_size: int,
+                 device: str | None = None):
         import torch
 
         from raypipe.embed.image import ImageEmbedder
 
         torch.set_num_threads(max(1, threads))
-        self.embedder = ImageEmbedder.from_config(image_cfg, seed=seed, precision=precision, fixed_batch=batch_size)
+        # device None: CUDA when this actor was given a GPU (Ray hides the GPUs from the others)
+        self.embedder = ImageEmbedder.from_config(image_cfg, seed=seed, device=device, precision=precision,
+                                                  fixed_batch=batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = _ok_rows(batch["error"])
@@ -205,13 +208,13 @@ class ImageActor:
 class TextActor:
     """Ray Data callable class: one text encoder per actor, batches of report records."""
 
-    def __init__(self, text_cfg: dict, seed: int, precision: str, threads: int):
+    def __init__(self, text_cfg: dict, seed: int, precision: str, threads: int, device: str | None = None):
         import torch
 
         from raypipe.embed.text import TextEmbedder
 
         torch.set_num_threads(max(1, threads))
-        self.embedder = TextEmbedder.from_config(text_cfg, seed=seed, precision=precision)
+        self.embedder = TextEmbedder.from_config(text_cfg, seed=seed, device=device, precision=precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = list(batch["text"])
@@ -265,7 +268,7 @@ def pool_plan(cfg: Config, resources: Mapping[str, float]) -> dict[str, Any]:
     """Actors per model, CPUs/GPUs per actor, torch threads and batch size for this cluster.
 
     ``embed.pool_size``/``num_gpus_per_actor``/``batch_size`` win when set. Otherwise:
-    one actor per GPU (batch 256), or on a CPU-only cluster one single-threaded
+    two actors per GPU (batch 256), or on a CPU-only cluster one single-threaded
     actor per CPU but one (batch 32). CPUs per actor are capped
     (:func:`raypipe.runtime.actor_cpus`) so the pool never holds every CPU: Ray
     Data's read and decode tasks need one, or the pipeline hangs.
@@ -274,7 +277,9 @@ def pool_plan(cfg: Config, resources: Mapping[str, float]) -> dict[str, Any]:
 
     cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
     e = cfg.embed
-    ngpu = e.num_gpus_per_actor if e.num_gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    # Two actors per GPU by default: one actor's host work (copy into the pinned buffer, reading
+    # the result back) then overlaps with the other's kernels (H100: 9,100 vs 7,400 slices/s).
+    ngpu = e.num_gpus_per_actor if e.num_gpus_per_actor is not None else (0.5 if gpus >= 1 else 0.0)
     if e.pool_size:
         size = int(e.pool_size)
     elif ngpu > 0:
