@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Predict for every sample of an embeddings table (or raw cohort) with a trained run.")
     _common(p)
     p.add_argument("--checkpoint", help="trained run directory (infer.checkpoint)")
-    p.add_argument("--input", help="embeddings directory or raw cohort (infer.input)")
+    p.add_argument("--input", help="embeddings directory, or a raw cohort directory with manifest.csv (ingested and "
+                                   "embedded first with this config, into OUT.inputs/) (infer.input)")
     p.add_argument("--out", help="predictions output directory (infer.out)")
 
     p = sub.add_parser("report", help="write the HTML report of a run",

@@ -251,6 +251,35 @@ def test_infer_and_report(trained, tmp_path):
     assert html.count("data:image/png;base64,") >= 3 and "Every modality pattern" in html
 
 
+def test_infer_from_a_raw_unlabelled_cohort_matches_the_staged_path(trained, clinical_cohort, tmp_path):
+    """`infer --input COHORT`: ingest -> embed -> predict with the model's EHR statistics and spec."""
+    from raypipe.infer.pipeline import SpecMismatchError, run_infer
+
+    cfg, _ = trained
+    src, _ = clinical_cohort
+    raw = tmp_path / "new_cohort"
+    shutil.copytree(src, raw)
+    os.remove(raw / "labels.csv")  # new patients: no outcome known
+    cfg_raw = cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"input": str(raw),
+                                                                           "out": str(tmp_path / "pred_raw")})})
+    res = run_infer(cfg_raw)
+    assert res["inputs"].endswith("pred_raw.inputs") and res["ingest"]["files_quarantined"] == 0
+    raw_pred = pd.read_parquet(tmp_path / "pred_raw").set_index("sample_id")
+    cfg_emb = cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"out": str(tmp_path / "pred_emb")})})
+    emb_pred = pd.read_parquet(run_infer(cfg_emb)["predictions"]).set_index("sample_id")
+    assert len(raw_pred) == len(emb_pred) and set(raw_pred.index) == set(emb_pred.index)  # same pseudonyms
+    a = np.stack(raw_pred.loc[emb_pred.index, "probabilities"].to_numpy())
+    b = np.stack(emb_pred["probabilities"].to_numpy())
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # same records, same EHR statistics, same model
+    # a config that embeds differently is refused before any file is read
+    other = cfg_raw.model_copy(update={"embed": cfg.embed.model_copy(update={
+        "image": cfg.embed.image.model_copy(update={"input_size": 64})}),
+        "infer": cfg_raw.infer.model_copy(update={"out": str(tmp_path / "p3")})})
+    with pytest.raises(SpecMismatchError, match="input_size"):
+        run_infer(other)
+    assert not os.path.exists(tmp_path / "p3.inputs" / "records")
+
+
 def test_infer_refuses_a_mismatched_table(trained, tmp_path):
     from raypipe.infer.pipeline import SpecMismatchError, run_infer
 

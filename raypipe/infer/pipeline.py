@@ -121,11 +121,11 @@ def run_infer(cfg: Config) -> dict:
     with open(os.path.join(run_dir, "model_meta.json")) as fh:
         meta = json.load(fh)
     src = cfg.infer.input or cfg.embeddings_dir
-    if os.path.isfile(os.path.join(src, "manifest.csv")):
-        raise NotImplementedError("raw-cohort input (ingest -> embed -> predict in one pipeline) is not built yet: "
-                                  "run `raypipe ingest` and `raypipe embed` first and pass the embeddings directory")
-    check_compatible(meta, pads.dataset(src, format="parquet").schema)
     out = cfg.infer.out or cfg.path("predictions")
+    stages: dict = {}
+    if os.path.isfile(os.path.join(src, "manifest.csv")):  # a raw cohort: ingest and embed it first
+        src, stages = embed_raw_cohort(cfg, src, meta, out)
+    check_compatible(meta, pads.dataset(src, format="parquet").schema)
     res = cluster_resources()
     gpus = cfg.infer.num_gpus_per_actor
     if gpus > 0:
@@ -150,4 +150,53 @@ def run_infer(cfg: Config) -> dict:
     os.replace(tmp, out)
     seconds = time.perf_counter() - t0
     return {"ok": True, "predictions": os.path.abspath(out), "rows": rows, "seconds": round(seconds, 2),
-            "predictions_per_second": round(rows / max(seconds, 1e-9), 1)}
+            "predictions_per_second": round(rows / max(seconds, 1e-9), 1), **stages}
+
+
+def _with(cfg: Config, section: str, **values) -> Config:
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
+
+
+def embed_raw_cohort(cfg: Config, cohort: str, meta: dict, out: str) -> tuple[str, dict]:
+    """Ingest and embed a raw cohort (manifest.csv inside) for a trained model; returns (embeddings dir, summaries).
+
+    The config's ingest/embed sections must describe the embeddings the model was trained on:
+    that is checked from the configuration (model configs only, no weights) before any file is
+    read. The EHR statistics are the training cohort's, stored in the model's metadata (or
+    ``ingest.ehr.normalisation`` when set), applied unchanged. Records and embeddings go to
+    ``<out>.inputs/`` and are kept (a resumed embed skips what is already written).
+    """
+    from raypipe.embed.pipeline import PASS_KINDS, embedding_spec, modality_kinds, run_embed
+    from raypipe.ingest.pipeline import run_ingest
+    from raypipe.schema import embeddings_schema
+
+    kinds = modality_kinds(cfg, meta["modalities"])
+    lacking = [m for m in meta["modalities"] if m not in kinds]
+    if lacking:
+        raise SpecMismatchError(f"the model was trained on modalities {lacking} that ingest.modalities of this config "
+                                "lacks: run infer with the config the model was trained with")
+    pass_shapes = {m: meta["shapes"][m] for m, k in kinds.items() if k in PASS_KINDS}
+    spec, shapes = embedding_spec(cfg, kinds, pass_shapes)
+    check_compatible(meta, embeddings_schema(shapes, [], [], spec=spec))  # fail before hours of embedding
+    work = out.rstrip("/") + ".inputs"
+    os.makedirs(work, exist_ok=True)
+    ehr = cfg.ingest.ehr
+    if not ehr.normalisation and meta.get("ehr_normalisation"):
+        path = os.path.join(work, "ehr_normalisation.json")
+        with open(path, "w") as fh:
+            json.dump(meta["ehr_normalisation"], fh, indent=2, sort_keys=True)
+        ehr = ehr.model_copy(update={"normalisation": path})
+    records, embeddings = os.path.join(work, "records"), os.path.join(work, "embeddings")
+    c = _with(_with(cfg, "ingest", input=os.path.abspath(cohort), out=records, ehr=ehr), "embed", input=records,
+              out=embeddings)
+    log.info("infer: raw cohort %s -> ingest -> embed -> predict (intermediate tables in %s)", cohort, work)
+    ing = run_ingest(c)
+    if not ing.get("ok"):
+        raise RuntimeError(f"ingest of {cohort} failed its checks (see {records}/ingest_summary.json and "
+                           "errors.parquet): no predictions written")
+    emb = run_embed(c)
+    if not emb.get("ok"):
+        raise RuntimeError(f"embedding of {cohort} exceeded the error budget (see {embeddings}/_errors.parquet)")
+    return embeddings, {"inputs": work, "ingest": {k: ing[k] for k in ("files_seen", "files_ingested",
+                                                                       "files_quarantined") if k in ing},
+                        "embed_errors": emb.get("errors")}

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from raypipe.schema import EMBEDDING_SPEC_KEY, embedding_column, mask_column, read_json_metadata
+from raypipe.schema import EMBEDDING_SPEC_KEY, NORMALISATION_KEY, embedding_column, mask_column, read_json_metadata
 
 TASKS = ("binary", "multiclass", "multilabel", "regression")
 
@@ -34,6 +34,8 @@ class EmbeddingTable:
     groups: dict[str, np.ndarray] = field(default_factory=dict)  # group column -> (N,) str
     split: np.ndarray | None = None  # (N,) "train"/"test" when the table carries it
     spec: dict = field(default_factory=dict)
+    #: normalisation statistics fitted at ingest (``{"ehr": {...}}``), carried with the table
+    normalisation: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -44,7 +46,7 @@ class EmbeddingTable:
             sample_id=self.sample_id[idx], x={m: v[idx] for m, v in self.x.items()}, mask=self.mask[idx],
             y=self.y[idx], modalities=self.modalities, shapes=self.shapes, label_columns=self.label_columns,
             groups={k: v[idx] for k, v in self.groups.items()},
-            split=None if self.split is None else self.split[idx], spec=self.spec)
+            split=None if self.split is None else self.split[idx], spec=self.spec, normalisation=self.normalisation)
 
 
 def fixed_list_to_numpy(column: pa.Array | pa.ChunkedArray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,6 +116,7 @@ def read_embeddings(path: str, label_columns: Sequence[str] | None = None) -> Em
     schema = dataset.schema
     shapes = modality_shapes(schema)
     spec = read_json_metadata(schema, EMBEDDING_SPEC_KEY) or {}
+    normalisation = read_json_metadata(schema, NORMALISATION_KEY) or {}
     table = table.sort_by("sample_id")
     modalities = list(shapes)
     known = {"sample_id", "split", *(embedding_column(m) for m in modalities), *(mask_column(m) for m in modalities)}
@@ -130,7 +133,8 @@ def read_embeddings(path: str, label_columns: Sequence[str] | None = None) -> Em
     return EmbeddingTable(
         sample_id=np.asarray(table.column("sample_id").to_pylist(), dtype=object).astype(str),
         x={m: arrays[f"x_{m}"] for m in modalities}, mask=arrays["mask"], y=arrays["y"], modalities=modalities,
-        shapes=shapes, label_columns=list(label_columns), groups=groups, split=split, spec=spec)
+        shapes=shapes, label_columns=list(label_columns), groups=groups, split=split, spec=spec,
+        normalisation=normalisation)
 
 
 def infer_task(y: np.ndarray, declared: str = "auto") -> tuple[str, int]:

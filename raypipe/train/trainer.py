@@ -73,6 +73,8 @@ def model_meta(cfg: Config, table: EmbeddingTable, task: str, n_outputs: int) ->
         "n_outputs": n_outputs,
         "label_columns": table.label_columns,
         "embedding_spec": table.spec,
+        # the ingest statistics the inputs were normalised with: raw-cohort inference applies them unchanged
+        "ehr_normalisation": table.normalisation.get("ehr"),
         "train_config": cfg.train.model_dump(mode="json"),
         "seed": cfg.run.seed,
         "var_y": float(np.nanvar(table.y)) if task == "regression" else 1.0,
