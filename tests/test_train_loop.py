@@ -179,3 +179,25 @@ def test_regression_sets_the_label_variance():
     y = np.linspace(0, 6, 40)
     loop.fit(method, (x, m, y), (x, m, y), "regression", epochs=1)
     assert float(method.var_y) == pytest.approx(np.var(y), rel=1e-6)
+
+
+def test_precision_setting_maps_to_autocast_only_on_cuda():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert loop.amp_dtype("bf16", cuda) == torch.bfloat16 and loop.amp_dtype("fp16", cuda) == torch.float16
+    assert loop.amp_dtype("fp32", cuda) is None
+    assert all(loop.amp_dtype(p, cpu) is None for p in ("auto", "bf16", "fp16", "fp32"))  # CPU stays fp32
+    with pytest.raises(ValueError):
+        TrainConfig(precision="int8")
+    # fp16 adds loss scaling; fp32/bf16 do not
+    assert loop._Precision(torch.float16, "cpu").scaler is not None and loop._Precision(None, "cpu").scaler is None
+
+
+def test_fit_on_cpu_ignores_the_precision_setting():
+    data, val = _arrays(120, 0), _arrays(40, 1)
+    runs = []
+    for prec in ("auto", "fp16"):
+        torch.manual_seed(7)  # same initial weights
+        m = build_method("omnifuse", SPECS, "binary", 2, TrainConfig(hidden_dim=8, omnifuse={"depth": 1}))
+        runs.append(loop.fit(m, data, val, "binary", epochs=2, batch_size=50, seed=3, device="cpu",
+                             precision=prec)["history"])
+    assert [h["train_loss"] for h in runs[0]] == [h["train_loss"] for h in runs[1]]
