@@ -2,10 +2,11 @@
 
 ::
 
-    manifest + labels --(driver)--> samples (pseudonymous ids, grouped stratified test split)
-    DICOM files --header pass (Ray Data)--> series grouped, ordered, slices selected (driver, metadata only)
+    manifest + labels (optional) --(driver)--> samples (pseudonymous ids, grouped stratified test split;
+                                               without labels.csv: every manifest patient, null labels)
     train EHR files --statistics pass (Ray Data)--> means/stds (or a saved ehr_normalisation.json)
-    work items sorted by (sample_id, modality, source_key, position)
+    work items sorted by (sample_id, modality, source_key, position); a patient's DICOM files of one
+    modality form one item (series grouping, anatomical order and slice selection happen in its task)
         --decode pass (Ray Data map_batches, per-item try/except)--> records + error rows
         --records datasink--> records/part-NNNNN.parquet (streamed; one file per task, in key order)
     errors.parquet   samples.parquet   ehr_normalisation.json   ingest_summary.json
@@ -13,10 +14,11 @@
 Every manifest file ends in exactly one state: ingested, quarantined (an ``errors``
 row with the reason), empty-as-missing (an empty report) or not selected (a DICOM
 slice the selection policy skipped); the summary reconciles the counts per modality.
-The work items are sorted before decoding and Ray Data preserves order, so the
-records come out sorted by id without a global sort, and memory stays flat as the
-cohort grows: decoded pixels stream from the decode tasks into Parquet files.
-Outputs are written to a temporary directory and renamed into place when complete.
+The work items are sorted before decoding, a (patient, modality) never straddles two
+tasks and each task sorts its own rows, so the records come out sorted by id without
+a global sort, and memory stays flat as the cohort grows: decoded pixels stream from
+the decode tasks into Parquet files. Outputs are written to a temporary directory and
+renamed into place when complete.
 """
 
 from __future__ import annotations
