@@ -706,3 +706,23 @@ def test_no_window_means_per_slice_min_max(tmp_path):
     out = nifti.decode_volume(str(tmp_path / "v.nii.gz"), 6, None, "all")
     for _, im, m in out:
         assert im.min() == 0 and abs(im.max() - 1) < 1e-6 and m["normalisation"] == "slice_minmax"
+
+
+@pytest.mark.parametrize("policy", ["all", "even"])
+def test_decode_series_isolates_an_unexpected_failure(tmp_path, monkeypatch, policy):
+    """A failure no check foresaw quarantines that slice only; the series keeps its other slices and order."""
+    paths = [write_slice(str(tmp_path / f"s{i}.dcm"), np.full((8, 8), 100.0 * i), z=float(i), instance=5 - i)
+             for i in range(5)]
+    real = dicom._decode_dataset
+
+    def flaky(ds, *args, **kwargs):
+        if float(ds.ImagePositionPatient[2]) == 2.0:
+            raise RuntimeError("simulated decoder bug")
+        return real(ds, *args, **kwargs)
+
+    monkeypatch.setattr(dicom, "_decode_dataset", flaky)
+    slices, errors, unselected = dicom.decode_series(paths, 8, None, policy, count=5)
+    assert [s.path for s in slices] == [paths[i] for i in (0, 1, 3, 4)]
+    assert [s.position for s in slices] == [0, 1, 3, 4]  # a gap where the failed slice was
+    assert [(p, e.error_class) for p, e in errors] == [(paths[2], "UnexpectedError")]
+    assert "simulated decoder bug" in str(errors[0][1]) and unselected == []

@@ -549,6 +549,11 @@ def _decode_dataset(ds, size: int, window, frame: int | None, expected: set[str]
     return np.clip(img, 0, 1)[None].astype(np.float32, copy=False), meta
 
 
+def _unexpected(err: Exception, ds=None) -> DecodeError:
+    """An exception no check foresaw (a bug or a pydicom failure mode): quarantined as UnexpectedError."""
+    return DecodeError("UnexpectedError", scrub(f"{type(err).__name__}: {err}", ds))
+
+
 @dataclass
 class DecodedSlice:
     """One decoded slice of a series (output of :func:`decode_series`)."""
@@ -580,6 +585,7 @@ def decode_series(paths: list[str], size: int, window: tuple[float, float] | Non
     decoded: dict[tuple[str, int | None], tuple[np.ndarray, dict] | DecodeError] = {}
     with quiet_pydicom():
         for path in paths:
+            ds = None
             try:
                 if full_first:
                     ds = _read(path, stop_before_pixels=False)
@@ -589,12 +595,18 @@ def decode_series(paths: list[str], size: int, window: tuple[float, float] | Non
                             decoded[(path, f)] = _decode_dataset(ds, size, window, f, expected, checked=True)
                         except DecodeError as err:
                             decoded[(path, f)] = err
-                    del ds
+                        except Exception as err:  # noqa: BLE001 - one bad slice never takes the series down
+                            decoded[(path, f)] = _unexpected(err, ds)
                 else:
                     h = _read_header(path, expected)
             except DecodeError as err:
                 errors.append((path, err))
                 continue
+            except Exception as err:  # noqa: BLE001 - quarantine this file, go on with the others
+                errors.append((path, _unexpected(err, ds)))
+                continue
+            finally:
+                del ds
             headers.append(h)
         by_series: dict[str, list[SliceHeader]] = {}
         for h in headers:
@@ -615,12 +627,16 @@ def decode_series(paths: list[str], size: int, window: tuple[float, float] | Non
                     res = decoded.pop((ref.path, ref.frame), None)
                     if res is None:
                         if cache is None or cache[0] != ref.path:
+                            cache = None
                             cache = (ref.path, _read(ref.path, stop_before_pixels=False))
                         res = _decode_dataset(cache[1], size, window, ref.frame, expected)
                     if isinstance(res, DecodeError):
                         raise res
                 except DecodeError as err:
                     errors.append((ref.path, err))
+                    continue
+                except Exception as err:  # noqa: BLE001 - quarantine this slice, go on with the others
+                    errors.append((ref.path, _unexpected(err, cache[1] if cache and cache[0] == ref.path else None)))
                     continue
                 img, meta = res
                 if ref.position is not None:

@@ -155,10 +155,12 @@ def _decode_batch(batch: pa.Table, modalities: dict, ehr_cfg: dict, stats: dict 
             for rec in _decode_item(it, modalities[it["modality"]], ehr_cfg, stats):
                 rec["meta"] = json.dumps(rec.get("meta") or {}, sort_keys=True)
                 rows.append({**head, **rec, "kind": "record"})
-        except DecodeError as e:
-            rows.append({**head, "kind": "error", "error_class": e.error_class, "message": str(e)})
         except Exception as e:  # noqa: BLE001 - quarantine, never crash the run
-            rows.append({**head, "kind": "error", "error_class": UNEXPECTED, "message": f"{type(e).__name__}: {e}"})
+            cls, msg = (e.error_class, str(e)) if isinstance(e, DecodeError) else \
+                (UNEXPECTED, f"{type(e).__name__}: {e}")
+            # a failed group: every file of it gets the error row, so that each still ends in a state
+            for fid in (it["group_files"] or [it["file"]]):
+                rows.append({**head, "file": fid, "kind": "error", "error_class": cls, "message": msg})
     rows.sort(key=lambda r: (r["sample_id"], r["modality"], r["source_key"], r["position"], r["file"]))
     return _rows_table(rows)
 
