@@ -42,7 +42,7 @@ import pyarrow as pa
 
 from raypipe.config import Config
 from raypipe.ids import pseudonym, resolve_secret
-from raypipe.ingest.common import DecodeError, select_indices
+from raypipe.ingest.common import DecodeError
 from raypipe.schema import (ERRORS_SCHEMA, NORMALISATION_KEY, RECORDS_SCHEMA, array_to_payload, samples_schema,
                             with_json_metadata)
 
@@ -331,10 +331,6 @@ def public_path(rel_path: str, patient_id: str, sample_id: str) -> str:
 def _num_blocks(n_items: int, per_task: int) -> int:
     # depends on the input only (not on the cluster), so the output files are the same everywhere
     return max(1, math.ceil(n_items / per_task))
-
-
-def _opt_float(v) -> float | None:
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
 def _item_weight(it: dict, mods: dict) -> float:
