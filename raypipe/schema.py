@@ -10,8 +10,10 @@ records      one row per decoded unit (image slice, 2-D image, satellite
              patch, EHR stay tensor, report text). Arrays travel as raw
              little-endian bytes in ``payload`` with ``dtype`` and ``shape``.
 samples      one row per sample (patient / region): label(s) and group
-             columns (site, sex, age band, ...). Written by ingest beside the
-             records; ``sample_id`` joins it to every other table.
+             columns (site, sex, age band, ...) and ``split`` ("train"/"test",
+             or "infer" for a cohort without labels.csv, whose labels are null
+             and groups "unknown"). Written by ingest beside the records;
+             ``sample_id`` joins it to every other table.
 errors       one row per rejected input (quarantine); counts reconcile.
 embeddings   one row per sample, one embedding column per modality plus an
              availability mask; the embedding spec lives in table metadata.

@@ -61,3 +61,10 @@ def test_infer_task(y, task, k):
 def test_missing_table_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="raypipe embed"):
         read_embeddings(str(tmp_path / "nope"))
+
+
+def test_an_unlabelled_table_is_refused_with_a_clear_message():
+    from raypipe.train.tables import infer_task
+
+    with pytest.raises(ValueError, match="no labels.*raypipe infer"):
+        infer_task(np.full(5, np.nan))

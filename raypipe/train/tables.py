@@ -144,6 +144,10 @@ def infer_task(y: np.ndarray, declared: str = "auto") -> tuple[str, int]:
     multilabel (2-D 0/1 labels) -> L; regression -> 1.
     """
     y = np.asarray(y)
+    if y.dtype.kind == "f" and y.size and np.isnan(y).all():
+        raise ValueError("the embeddings table has no labels (every label is null: a cohort ingested without "
+                         "labels.csv?); train, tune and compare need labelled samples. Predict such a cohort with "
+                         "`raypipe infer --input COHORT_OR_EMBEDDINGS`.")
     if declared != "auto":
         if declared not in TASKS:
             raise ValueError(f"unknown task {declared!r}; one of {TASKS}")
