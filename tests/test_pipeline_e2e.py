@@ -280,6 +280,16 @@ def test_infer_from_a_raw_unlabelled_cohort_matches_the_staged_path(trained, cli
     assert not os.path.exists(tmp_path / "p3.inputs" / "records")
 
 
+def test_infer_refuses_gpus_the_cluster_lacks(trained, tmp_path):
+    from raypipe.infer.pipeline import run_infer
+
+    cfg, _ = trained
+    cfg2 = cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"num_gpus_per_actor": 1.0,
+                                                                        "out": str(tmp_path / "p")})})
+    with pytest.raises(ValueError, match="num_gpus_per_actor=1 but the cluster has 0 GPUs"):
+        run_infer(cfg2)
+
+
 def test_infer_refuses_a_mismatched_table(trained, tmp_path):
     from raypipe.infer.pipeline import SpecMismatchError, run_infer
 

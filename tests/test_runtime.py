@@ -48,3 +48,15 @@ def test_init_ray_starts_local_ray_with_files_under_run(tmp_path):
     temp = r.stdout.split("TEMP", 1)[1].strip()
     assert os.path.realpath(temp) == os.path.realpath(out / ".ray")
     assert any(name.startswith("session_") for name in os.listdir(temp))
+
+
+def test_dashboard_setting_resolves_against_the_installed_ray():
+    from raypipe.runtime import _dashboard_wanted
+
+    assert _dashboard_wanted(True) is True and _dashboard_wanted(False) is False
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+        installed = True
+    except ImportError:
+        installed = False
+    assert _dashboard_wanted(None) is installed  # ray[default] (a project dependency) -> on
