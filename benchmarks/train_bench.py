@@ -11,6 +11,7 @@ including worker start-up and per-epoch validation and checkpoints).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -53,7 +54,6 @@ def main(argv=None):
     tr, va = split == "train", split == "val"
     n_train = int(tr.sum())
 
-    import json
 
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -63,17 +63,21 @@ def main(argv=None):
     method = build_from_meta(meta)
     part = lambda m: ({x: v[m] for x, v in table.x.items()}, table.mask[m], table.y[m])  # noqa: E731
     t0 = time.perf_counter()
-    loop.fit(method, part(tr), part(va), task, epochs=args.epochs, batch_size=args.batch_size, patience=1000)
+    plain_hist = loop.fit(method, part(tr), part(va), task, epochs=args.epochs, batch_size=args.batch_size,
+                          patience=1000)["history"]
     t_plain = time.perf_counter() - t0
 
     rctx = init_ray(cfg)
     ids = {s: set(table.sample_id[split == s]) for s in ("train", "val")}
-    times = {}
+    times, epoch_s = {}, {"loop": _steady_epoch_seconds(plain_hist)}
     for workers in (1, 2):
         c = load_config(None, base + [f"train.num_workers={workers}"])
         t0 = time.perf_counter()
-        fit_torch_trainer(c, meta, ids["train"], ids["val"], f"bench-{workers}w-{time.time_ns()}", rctx.results_dir)
+        result = fit_torch_trainer(c, meta, ids["train"], ids["val"], f"bench-{workers}w-{time.time_ns()}",
+                                   rctx.results_dir)
         times[workers] = time.perf_counter() - t0
+        with result.checkpoint.as_directory() as d:
+            epoch_s[workers] = _steady_epoch_seconds(json.load(open(os.path.join(d, "history.json"))))
     sps = lambda t: n_train * args.epochs / t  # noqa: E731
     print(f"\ntrain benchmark: {args.method}, {n_train} training samples x {args.epochs} epochs, batch "
           f"{args.batch_size}, {os.cpu_count()} CPUs")
@@ -81,10 +85,21 @@ def main(argv=None):
     print(f"Ray Train, 1 worker           : {sps(times[1]):8.0f} samples/s ({times[1]:.1f}s incl. start-up)")
     print(f"Ray Train, 2 workers (DDP)    : {sps(times[2]):8.0f} samples/s ({times[2]:.1f}s)")
     print(f"ratio 1 worker / loop: {t_plain / times[1]:.2f}; 2 workers / 1 worker: {times[1] / times[2]:.2f}")
+    print(f"steady state (median epoch after the first, training + validation + hooks): loop {epoch_s['loop']:.2f}s, "
+          f"1 worker {epoch_s[1]:.2f}s (ratio {epoch_s['loop'] / epoch_s[1]:.2f}), 2 workers {epoch_s[2]:.2f}s; "
+          f"the rest of the Ray wall time is start-up, dataset feed and checkpoint persistence")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": "cpu", "n_train": n_train, "epochs": args.epochs, "loop_s": t_plain,
-                       "ray_1w_s": times[1], "ray_2w_s": times[2]}, fh, indent=2)
+                       "ray_1w_s": times[1], "ray_2w_s": times[2], "steady_epoch_s": epoch_s}, fh, indent=2)
+
+
+def _steady_epoch_seconds(history: list[dict]) -> float:
+    """Median wall seconds of the epochs after the first (the first pays warm-up)."""
+    import numpy as np
+
+    secs = [h["seconds"] for h in history]
+    return float(np.median(secs[1:] if len(secs) > 1 else secs))
 
 
 def _gpu(args, base, table, split, meta, n_train):

@@ -131,6 +131,10 @@ def _all_reduce_sum(tensor):
     return tensor
 
 
+#: batch size of the fixed-order passes (validation, hook statistics), as in ``loop.fit``
+EVAL_BATCH = 512
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker: the same loop as `loop.fit`, fed by dataset shards."""
     import ray.train
@@ -191,7 +195,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     def batches(name: str, shuffle_seed: int | None):
         arrays = _load(name)
-        bs = tc["batch_size"]
+        # training batches of train.batch_size; fixed-order passes (validation, the hooks' mining over the
+        # training split) in batches of 512 like the framework-free loop: same results, 8x fewer calls
+        bs = tc["batch_size"] if shuffle_seed is not None else max(tc["batch_size"], EVAL_BATCH)
         if arrays is None:  # stream
             shard = ray.train.get_dataset_shard(name)
             kwargs = {}
