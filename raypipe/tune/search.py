@@ -12,6 +12,7 @@ and the final model trained with it on the whole training portion.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -87,36 +88,76 @@ def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
     return config_from_dict(data, "<tune trial>")
 
 
-def _cv_trainable(config: dict) -> None:
-    """One Tune trial: k folds, one TorchTrainer each, a report after every fold."""
+CV_STATE_FILE = "cv_state.json"
+
+
+def _cv_trainable(config: dict, base_config: dict, folds: dict, meta: dict) -> None:
+    """One Tune trial: k folds, one TorchTrainer each, a report after every fold.
+
+    Every report carries a small Tune checkpoint (the fold scores so far): a trial restarted by
+    ``Tuner.restore`` continues at its first unfinished fold instead of refitting the done ones.
+    ``base_config``, ``folds`` (sample_id -> fold) and ``meta`` come through ``tune.with_parameters``
+    (the object store), so ``config`` holds only the searched parameters.
+    """
+    import tempfile
+
     import ray.tune
 
     from raypipe.train.trainer import fit_torch_trainer
 
-    base = config_from_dict(config["base_config"], "<tune base>")
-    params = {k: v for k, v in config.items() if k not in ("base_config", "folds", "meta", "trial_seed")}
-    cfg = apply_params(base, params)
-    meta = dict(config["meta"])
+    cfg = apply_params(config_from_dict(base_config, "<tune base>"), config)
+    meta = dict(meta)
     meta["train_config"] = cfg.train.model_dump(mode="json")
-    folds = config["folds"]  # sample_id -> fold
     k = max(folds.values()) + 1
-    main = meta["main_metric"]
     trial = ray.tune.get_context().get_trial_id()
     scores: list[float] = []
-    for f in range(k):
+    ckpt = ray.tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d, open(os.path.join(d, CV_STATE_FILE)) as fh:
+            scores = [float(v) for v in json.load(fh)["fold_scores"]]
+        log.info("trial %s resumes at fold %d of %d", trial, len(scores) + 1, k)
+    for f in range(len(scores), k):
         train_ids = {s for s, v in folds.items() if v != f}
         val_ids = {s for s, v in folds.items() if v == f}
         t0 = time.perf_counter()
         result = fit_torch_trainer(cfg, meta, train_ids, val_ids, f"{cfg.run.name}-tune-{trial}-fold{f}",
-                                   config["storage_path"] if "storage_path" in config else meta["storage_path"])
+                                   meta["storage_path"])
         scores.append(float((result.metrics or {}).get("best_val", np.nan)))  # best validation score of the fold
-        ray.tune.report({"fold": f + 1, "fold_score": scores[-1], "cv_mean": float(np.nanmean(scores)),
-                         "cv_std": float(np.nanstd(scores)), "fold_seconds": time.perf_counter() - t0,
-                         "fold_scores": json.dumps(scores)})
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, CV_STATE_FILE), "w") as fh:
+                json.dump({"fold_scores": scores}, fh)
+            ray.tune.report({"fold": f + 1, "fold_score": scores[-1], "cv_mean": float(np.nanmean(scores)),
+                             "cv_std": float(np.nanstd(scores)), "fold_seconds": time.perf_counter() - t0,
+                             "fold_scores": json.dumps(scores)},
+                            checkpoint=ray.tune.Checkpoint.from_directory(tmp))
 
 
-def run_tune(cfg: Config) -> dict:
-    """Run the k-fold search, write the results table and best config, train the final model."""
+def search_fingerprint(cfg: Config) -> str:
+    """8 hex digits identifying what a search computes (everything but the ``ray`` section).
+
+    The experiment and the final run are named with it: running the same search again resumes
+    it, a changed config or space starts a new one instead of silently restoring the old.
+    """
+    data = cfg.model_dump(mode="json")
+    data.pop("ray", None)
+    data["run"].pop("out_dir", None)  # the same search under a moved directory is the same search
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _expected_trials(cfg: Config) -> int:
+    """How many trials a complete search has: num_samples, times the grid size for grid search."""
+    n = cfg.tune.num_samples
+    for v in search_space(cfg).values():
+        if isinstance(v, dict) and "grid_search" in v:
+            n *= len(v["grid_search"])
+    return n
+
+
+def run_tune(cfg: Config, train_final: bool = True) -> dict:
+    """Run the k-fold search, write the results table and best config, train the final model.
+
+    ``train_final=False`` stops after the search (the benchmark times the search alone).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray.tune
@@ -153,17 +194,20 @@ def run_tune(cfg: Config) -> dict:
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=cfg.run.seed)
-    param_space = {**search_space(cfg), "base_config": cfg.model_dump(mode="json"),
-                   "folds": {s: int(f) for s, f in zip(ids, folds)}, "meta": meta}
-    trainable = ray.tune.with_resources(_cv_trainable, {"CPU": 0.01})
-    name = f"{cfg.run.name}-tune"
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(_cv_trainable, base_config=cfg.model_dump(mode="json"),
+                                 folds={s: int(f) for s, f in zip(ids, folds)}, meta=meta),
+        {"CPU": 0.01})
+    fingerprint = search_fingerprint(cfg)
+    name = f"{cfg.run.name}-tune-{fingerprint}"
     path = os.path.join(rctx.results_dir, name)
-    if ray.tune.Tuner.can_restore(path):
+    resumed = bool(ray.tune.Tuner.can_restore(path))
+    if resumed:
         log.info("resuming the interrupted search at %s", path)
         tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         tuner = ray.tune.Tuner(
-            trainable, param_space=param_space,
+            trainable, param_space=search_space(cfg),
             tune_config=ray.tune.TuneConfig(metric="cv_mean", mode="max", num_samples=cfg.tune.num_samples,
                                             scheduler=scheduler, search_alg=search_alg,
                                             max_concurrent_trials=max_conc),
@@ -171,10 +215,12 @@ def run_tune(cfg: Config) -> dict:
     t0 = time.perf_counter()
     grid = tuner.fit()
     seconds = time.perf_counter() - t0
+    finished = grid.num_terminated + grid.num_errors
+    expected = _expected_trials(cfg)
     rows = []
     space_keys = list(search_space(cfg))
     for r in grid:
-        if r.metrics is None:
+        if not r.metrics or "fold_scores" not in r.metrics:  # not started, or no fold finished
             continue
         scores = json.loads(r.metrics.get("fold_scores", "[]"))
         row = {"trial_id": r.metrics.get("trial_id"), **{k: r.config.get(k) for k in space_keys},
@@ -183,17 +229,44 @@ def run_tune(cfg: Config) -> dict:
         rows.append(row)
     import pandas as pd
 
-    df = pd.DataFrame(rows).sort_values("cv_mean", ascending=False)
-    df.to_csv(os.path.join(out_dir, "results.csv"), index=False)
+    results_csv = os.path.join(out_dir, "results.csv")
+    df = pd.DataFrame(rows, columns=["trial_id", *space_keys, "cv_mean", "cv_std", "folds_done", "fold_scores",
+                                     "seconds"]).sort_values("cv_mean", ascending=False)
+    df.to_csv(results_csv, index=False)
+    for stale in ("best_config.yaml",):  # a best config always belongs to the search just finished
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
+    if finished < expected:
+        # Tune returns normally after a SIGINT (it saved its state): no best config from half a search.
+        log.warning("the search stopped after %d of %d trials; run the same command again to resume it",
+                    finished, expected)
+        return {"ok": False, "interrupted": True, "trials_finished": finished, "trials_expected": expected,
+                "search_seconds": round(seconds, 1), "experiment": path,
+                "message": "search interrupted; run the same command again to resume it",
+                "results": os.path.abspath(results_csv)}
+    if not len(df):
+        raise RuntimeError(f"no trial of the search finished a fold (see {path})")
     complete = df[df["folds_done"] == cfg.tune.folds]
     best_row = (complete if len(complete) else df).iloc[0]
     best_cfg = apply_params(cfg, {k: best_row[k] for k in space_keys})
     final_dir = os.path.join(out_dir, "final")
-    best_cfg = best_cfg.model_copy(update={"train": best_cfg.train.model_copy(update={"out": final_dir})})
-    with open(os.path.join(out_dir, "best_config.yaml"), "w") as fh:
+    # The final run gets its own name: Ray Train V2 resumes a run whose name and storage path it
+    # finds again, so reusing `run.name` would pick up an earlier `raypipe train` of this out_dir
+    # (another config: a shape mismatch or no training at all). Named by the tuned train config,
+    # the same best config finds its own finished run again and a different one starts afresh.
+    tuned = hashlib.sha1(json.dumps(best_cfg.train.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    best_cfg = best_cfg.model_copy(update={
+        "run": best_cfg.run.model_copy(update={"name": f"{cfg.run.name}-tuned-{tuned[:8]}"}),
+        "train": best_cfg.train.model_copy(update={"out": final_dir})})
+    best_path = os.path.join(out_dir, "best_config.yaml")
+    with open(best_path, "w") as fh:
         fh.write(dump_config(best_cfg))
-    final = run_train(best_cfg)
-    return {"ok": True, "trials": len(df), "search_seconds": round(seconds, 1), "best_cv_mean": best_row["cv_mean"],
-            "best_cv_std": best_row["cv_std"], "results": os.path.abspath(os.path.join(out_dir, "results.csv")),
-            "best_config": os.path.abspath(os.path.join(out_dir, "best_config.yaml")),
-            f"final_test_{main}": final.get(f"test_{main}"), "final_run_dir": final.get("run_dir")}
+    summary = {"ok": True, "trials": len(df), "trials_complete": len(complete), "resumed": resumed,
+               "max_concurrent_trials": max_conc, "search_seconds": round(seconds, 1),
+               "best_cv_mean": best_row["cv_mean"], "best_cv_std": best_row["cv_std"],
+               "results": os.path.abspath(os.path.join(out_dir, "results.csv")),
+               "best_config": os.path.abspath(best_path), "experiment": path}
+    if train_final:
+        final = run_train(best_cfg)
+        summary.update({f"final_test_{main}": final.get(f"test_{main}"), "final_run_dir": final.get("run_dir")})
+    return summary
