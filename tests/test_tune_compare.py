@@ -33,6 +33,20 @@ def test_search_space_defaults_and_overrides():
     assert applied.train.omnifuse.beta == 0.7 and applied.train.lr == 0.002
 
 
+def test_search_fingerprint_and_expected_trials():
+    from raypipe.tune.search import _expected_trials, search_fingerprint
+
+    base = ["tune.num_samples=3"]
+    fp = search_fingerprint(load_config(None, base))
+    # the same search under another out_dir or Ray setting resumes; a changed search starts afresh
+    assert search_fingerprint(load_config(None, base + ["run.out_dir=/elsewhere", "ray.num_cpus=1"])) == fp
+    assert search_fingerprint(load_config(None, base + ["tune.space={hidden_dim: 16}"])) != fp
+    assert search_fingerprint(load_config(None, ["tune.num_samples=4"])) != fp
+    assert _expected_trials(load_config(None, base)) == 3
+    grid = load_config(None, ["tune.num_samples=2", "tune.search=grid", "tune.space={hidden_dim: [choice, [8, 16]]}"])
+    assert _expected_trials(grid) == 2 * 2 * 3  # hidden_dim x depth {1, 5, 8}; log-uniform keys: one point each
+
+
 def test_tune_cv_search_writes_results_and_a_trainable_best_config(ray_session, emb, tmp_path):
     from raypipe.tune.search import run_tune
 
@@ -49,6 +63,9 @@ def test_tune_cv_search_writes_results_and_a_trainable_best_config(ray_session, 
     split = pd.read_parquet(os.path.join(summary["final_run_dir"], "split.parquet"))
     test_ids = set(split.loc[split.split == "test", "sample_id"])
     assert not test_ids & set(folds.sample_id)  # the search never saw the test split
+    again = run_tune(cfg, train_final=False)  # the same search again: restored from its state, nothing refitted
+    assert again["resumed"] and again["trials_complete"] == 2
+    assert load_config(again["best_config"]).train == best.train
 
 
 def test_compare_paired_ttest_table(ray_session, emb, tmp_path):
