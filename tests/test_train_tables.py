@@ -68,3 +68,17 @@ def test_an_unlabelled_table_is_refused_with_a_clear_message():
 
     with pytest.raises(ValueError, match="no labels.*raypipe infer"):
         infer_task(np.full(5, np.nan))
+
+
+def test_train_run_name_changes_with_the_config_not_with_a_rerun():
+    from raypipe.config import load_config
+    from raypipe.train.trainer import train_run_name
+
+    meta = {"method": "omnifuse", "train_config": {"hidden_dim": 16}, "seed": 0, "var_y": 1.0}
+    ids = {"train": {"b", "a"}, "val": {"c"}}
+    cfg = load_config(None, ["run.out_dir=/tmp/x"])
+    a = train_run_name(cfg, meta, ids)
+    assert a == train_run_name(cfg, dict(meta), {"train": {"a", "b"}, "val": {"c"}})  # same command resumes
+    assert a.startswith(f"{cfg.run.name}-omnifuse-")
+    assert a != train_run_name(cfg, {**meta, "train_config": {"hidden_dim": 32}}, ids)  # new config: new run
+    assert a != train_run_name(cfg, meta, {"train": {"a"}, "val": {"b", "c"}})  # new split: new run

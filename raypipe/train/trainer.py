@@ -316,6 +316,23 @@ def fit_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: set
     return trainer.fit()
 
 
+def train_run_name(cfg: Config, meta: dict, ids: dict[str, set]) -> str:
+    """The Ray Train run name: ``<run.name>-<method>-<fingerprint>``.
+
+    Ray Train V2 resumes a run it finds again under the same storage path and name, which is
+    what a crashed or interrupted ``raypipe train`` wants (the same command continues). The
+    fingerprint (model metadata incl. the train config, seed and embedding spec, and the split's
+    sample ids) makes a changed config or a changed table start a new run instead of resuming
+    an old one whose checkpoints do not fit.
+    """
+    import hashlib
+
+    keep = {k: v for k, v in meta.items() if k not in ("var_y",)}
+    data = {"meta": keep, "split": {s: sorted(v) for s, v in sorted(ids.items())}, "input": cfg.train_input}
+    digest = hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{cfg.run.name}-{cfg.train.method}-{digest}"
+
+
 def run_train(cfg: Config) -> dict:
     """Train ``cfg.train.method`` with Ray Train V2 and evaluate the best checkpoint on the test split."""
     from raypipe.runtime import init_ray
@@ -339,7 +356,7 @@ def run_train(cfg: Config) -> dict:
     from raypipe.train import metrics as M
 
     main = M.main_metric_name(task)
-    name = f"{cfg.run.name}-{cfg.train.method}"
+    name = train_run_name(cfg, meta, ids)
     import ray.data
 
     # The per-epoch feed of a small table is instant; its progress bars would only bury the
