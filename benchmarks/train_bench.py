@@ -104,8 +104,6 @@ def _steady_epoch_seconds(history: list[dict]) -> float:
 
 def _gpu(args, base, table, split, meta, n_train):
     """One GPU: the framework-free loop and a 1-worker Ray Train run, each in fp32 and mixed precision."""
-    import json
-
     import torch
 
     from raypipe.config import load_config
@@ -154,6 +152,7 @@ def _gpu(args, base, table, split, meta, n_train):
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=2)
     return res
+
 
 if __name__ == "__main__":
     main()

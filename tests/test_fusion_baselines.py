@@ -19,13 +19,7 @@ SPECS = [ModalitySpec("img", (6,)), ModalitySpec("ehr", (4, 3)), ModalitySpec("t
 TASKS = {"binary": 2, "multiclass": 3, "multilabel": 2, "regression": 1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core machine: intra-op threads only contend (10x slower under load)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
 
 
 def _labels(task, n, g):

@@ -19,12 +19,7 @@ from raypipe.train.loop import HookContext
 SPECS = [ModalitySpec("a", (4,)), ModalitySpec("b", (3,))]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
 
 
 class Recorder(FusionMethod):
