@@ -157,10 +157,9 @@ def preprocess_images(images: np.ndarray | Sequence[np.ndarray], input_size: int
         x = x[:, None]
     if not (keep_gray and not normalize and x.shape[1] == 1):
         x = to_three_channels(x, projection, band_indices)
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = _resize(np.ascontiguousarray(x, dtype=np.float32), input_size)
     if not normalize:
-        return _resize(x, input_size)
-    x = _resize(x, input_size)
+        return x
     mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
     return (x - mean) / std
@@ -240,7 +239,7 @@ class ImageEmbedder:
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x.contiguous()
 
     def _to_device(self, x: "torch.Tensor") -> "torch.Tensor":
-        """Host batch -> GPU (float32, channels_last) through a pinned buffer allocated once per shape.
+        """Host batch -> GPU (same dtype; ``_normalise`` casts) via a pinned buffer allocated once per shape.
 
         Pinning a fresh buffer per batch (``pin_memory()``) costs a page-locking allocation each
         time, longer than the copy itself; the previous copy out of the buffer has finished before

@@ -80,10 +80,6 @@ class _Precision:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
 
 
-def _batch_device(batch: dict):
-    return batch["mask"].device
-
-
 def train_epoch(model, batches: Iterable[dict], optimizer, ctx: HookContext, epoch: int | None = None,
                 grad_clip: float = 5.0, precision: str = "auto") -> dict[str, Any]:
     """One epoch: missing-pattern simulation, forward (through DDP if wrapped), backward, hooks, step.
@@ -102,7 +98,7 @@ def train_epoch(model, batches: Iterable[dict], optimizer, ctx: HookContext, epo
     amp: _Precision | None = None
     for batch in batches:
         if amp is None:
-            dev = _batch_device(batch)
+            dev = batch["mask"].device
             amp = _Precision(amp_dtype(precision, dev), dev)
         full = batch["mask"]
         seen = simulate_missing(full, ctx.p_drop, rng) if ctx.p_drop > 0 else full
