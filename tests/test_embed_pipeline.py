@@ -286,7 +286,11 @@ def test_pool_plan_never_takes_every_cpu():
 
     cfg = load_config(None)
     small = pool_plan(cfg, {"CPU": 2, "GPU": 0})
-    assert small["size"] == 1 and small["num_cpus"] <= 1 and small["num_gpus"] == 0 and small["batch_size"] == 32
+    # one single-threaded actor per core, yet a whole logical CPU left for the listing/read tasks
+    assert small["size"] == 2 and small["threads"] == 1 and small["num_gpus"] == 0 and small["batch_size"] == 32
+    assert small["size"] * small["num_cpus"] <= 2 - 1
+    big = pool_plan(cfg, {"CPU": 16, "GPU": 0})
+    assert big["size"] == 16 and big["threads"] == 1 and big["size"] * big["num_cpus"] <= 16 - 1
     one = pool_plan(cfg, {"CPU": 1, "GPU": 0})
     assert one["size"] * one["num_cpus"] < 1
     gpu = pool_plan(cfg, {"CPU": 16, "GPU": 4})

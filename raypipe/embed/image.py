@@ -38,6 +38,7 @@ batch Ray Data happens to put it in, across runs, pool sizes and resumed runs.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -278,7 +279,12 @@ class ImageEmbedder:
             k = len(chunk)
             if self.fixed_batch and k < step:  # same batch shape every call: batch-independent bytes
                 chunk = np.concatenate([chunk, np.zeros((step - k,) + chunk.shape[1:], chunk.dtype)])
-            x = torch.from_numpy(chunk)
+            if not chunk.flags.writeable:  # a read-only view of Ray's object store: read, never written
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                    x = torch.from_numpy(chunk)
+            else:
+                x = torch.from_numpy(chunk)
             if self.device.type == "cuda":
                 x = self._to_device(x)
             x = self._normalise(x)

@@ -268,10 +268,14 @@ def pool_plan(cfg: Config, resources: Mapping[str, float]) -> dict[str, Any]:
     """Actors per model, CPUs/GPUs per actor, torch threads and batch size for this cluster.
 
     ``embed.pool_size``/``num_gpus_per_actor``/``batch_size`` win when set. Otherwise:
-    two actors per GPU (batch 256), or on a CPU-only cluster one single-threaded
-    actor per CPU but one (batch 32). CPUs per actor are capped
-    (:func:`raypipe.runtime.actor_cpus`) so the pool never holds every CPU: Ray
-    Data's read and decode tasks need one, or the pipeline hangs.
+    two actors per GPU (batch 256), or on a CPU-only cluster one single-threaded actor
+    per CPU (batch 32). One process per core beats one process with a thread per core
+    (convolutions scale better across processes than across intra-op threads), and the
+    decode work is about 3 % of a CPU model's: an actor per CPU "but one" left half of a
+    2-core machine idle. The CPU *resource* each actor asks for is capped
+    (:func:`raypipe.runtime.actor_cpus`) so that the pool never holds every logical CPU:
+    Ray Data's file listing and read/decode tasks ask for one, and without it the
+    pipeline hangs. Each actor still runs exactly ``threads`` torch threads.
     """
     from raypipe.runtime import actor_cpus
 
@@ -285,7 +289,7 @@ def pool_plan(cfg: Config, resources: Mapping[str, float]) -> dict[str, Any]:
     elif ngpu > 0:
         size = max(1, int(gpus // ngpu))
     else:
-        size = max(1, int(cpus) - 1)
+        size = max(1, int(cpus))
     if ngpu > 0 and gpus > 0 and size * ngpu > gpus + 1e-9:
         raise ValueError(f"embed.pool_size={size} actors x {ngpu:g} GPU each need {size * ngpu:g} GPUs, the cluster "
                          f"has {gpus:g}: lower embed.pool_size or embed.num_gpus_per_actor (the pool would wait forever)")
@@ -300,7 +304,6 @@ def embedding_spec(cfg: Config, kinds: Mapping[str, str], pass_shapes: Mapping[s
                    ) -> tuple[dict, dict[str, tuple[int, ...]]]:
     """(spec, shapes): what each modality's embedding is and how it was made. Loads model configs, not weights."""
     from raypipe.embed.image import image_model_info
-    from raypipe.embed.text import text_model_info
 
     spec: dict[str, Any] = {"modalities": {}}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -324,6 +327,8 @@ def embedding_spec(cfg: Config, kinds: Mapping[str, str], pass_shapes: Mapping[s
             if ic.weights == "random":
                 entry["seed"] = cfg.run.seed
         elif kind in TEXT_KINDS:
+            from raypipe.embed.text import text_model_info
+
             tc = cfg.embed.text
             text_info = text_info or text_model_info(tc)
             shapes[m] = (text_info["dim"],)
@@ -490,7 +495,9 @@ def _stream_family(cfg: Config, family: str, records_path: str, mods: list[str],
         return 0
     ds = _family_dataset(cfg, family, records_path, mods, id_filter, plan)
     total = 0
-    for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+    # prefetch_batches=0: with the default (1) the iterator hands over block i only once block i+1
+    # exists, so every chunk (and the first result) waited one whole model batch longer than needed
+    for b in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
         emb = np.asarray(b["embedding"], np.float32)
         for i, (sid, m, key, pos, err) in enumerate(zip(b["sample_id"].tolist(), b["modality"].tolist(),
                                                         b["source_key"].tolist(), b["position"].tolist(),

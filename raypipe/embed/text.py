@@ -28,8 +28,9 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
+# torch/transformers are imported where they are used: reading a text model's config (the
+# embedding spec, on the driver) should not cost a torch import.
 from raypipe.embed.image import _field, autocast_dtype
 
 #: short names of models that ship inside pip packages -> the package's module
@@ -67,6 +68,7 @@ def load_text_model(model: Any = "bert-base-uncased", weights: str | None = None
     config (or its dict). ``weights="random"`` keeps the tokenizer and the
     architecture and draws the weights from ``seed``.
     """
+    import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     if not isinstance(model, (str, os.PathLike)):
@@ -112,6 +114,8 @@ class TextEmbedder:
                  precision: str = "auto", fixed_batch: int = 8):
         if pooling not in ("cls", "mean"):
             raise ValueError(f"embed.text.pooling must be 'cls' or 'mean', got {pooling!r}")
+        import torch
+
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer, self.model = load_text_model(model, weights, revision, seed)
         self.model.to(self.device)
@@ -131,9 +135,13 @@ class TextEmbedder:
                    max_tokens=_field(text_cfg, "max_tokens", 512), seed=seed, device=device, precision=precision,
                    fixed_batch=fixed_batch)
 
-    @torch.inference_mode()
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        texts = list(texts)
+        import torch
+
+        with torch.inference_mode():
+            return self._embed(list(texts))
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
@@ -150,6 +158,8 @@ class TextEmbedder:
         return out
 
     def _forward(self, seqs: list[list[int]], length: int) -> np.ndarray:
+        import torch
+
         enc = self.tokenizer.pad({"input_ids": seqs}, padding="max_length", max_length=length,
                                  return_tensors="pt").to(self.device)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
