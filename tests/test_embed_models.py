@@ -161,6 +161,33 @@ def test_corrupt_records_become_errors_in_the_cpu_and_model_stages(resnet):
     assert res["embedding"].shape == (3, 384)
 
 
+def test_decode_reads_payloads_in_place_and_matches_the_reference_conversion():
+    from raypipe.embed.pipeline import _binary_views
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.random((1, 8, 8), dtype=np.float32), None, rng.random((3, 8, 8), dtype=np.float32) * 1e-5,
+              rng.random((1, 8, 8), dtype=np.float32)]
+    raw = [None if a is None else a.tobytes() for a in arrays]
+    for typ in (pa.binary(), pa.large_binary()):
+        chunked = pa.chunked_array([pa.array(raw[:1] + raw[:3], typ).slice(1), pa.array(raw[3:], typ)])
+        views = _binary_views(chunked)
+        assert [v is None for v in views] == [a is None for a in arrays]
+        for v, a in zip(views, arrays):
+            if a is not None:
+                assert v.tobytes() == a.tobytes()
+    rows = [_record(f"s{i}", array_to_payload(a) if a is not None else {"payload": None, "dtype": None, "shape": None})
+            for i, a in enumerate(arrays)]
+    table = pa.concat_tables([pa.Table.from_pylist(rows[:2], schema=RECORDS_SCHEMA),
+                              pa.Table.from_pylist(rows[2:], schema=RECORDS_SCHEMA)])
+    for dtype in ("float32", "float16"):
+        out = decode_image_batch(table, input_size=8, pixel_dtype=dtype)
+        px = out["pixels"]
+        assert px.shape == (4, 3, 8, 8) and px.dtype == np.dtype(dtype)  # a 3-channel record: all travel as 3
+        assert out["error"][1] and not (px[1] != 0).any()  # the missing payload: an error and zeros
+        for i in (0, 2, 3):  # 1 channel repeated; the same rounding as numpy's astype (tiny values included)
+            np.testing.assert_array_equal(px[i], np.broadcast_to(arrays[i], (3, 8, 8)).astype(dtype))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_path_autocast_channels_last_matches_fp32():
