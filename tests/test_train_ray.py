@@ -69,3 +69,14 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, truth_embeddings
     assert h_crash[0]["val_auroc"] == pytest.approx(h_clean[0]["val_auroc"])  # same seeds, same first epoch
     # same final quality within noise (dropout RNG is not part of the checkpoint)
     assert abs(h_crash[-1]["val_auroc"] - h_clean[-1]["val_auroc"]) < 0.1
+
+
+def test_running_an_early_stopped_run_again_trains_nothing_more(ray_session, truth_embeddings, tmp_path):
+    from raypipe.train.trainer import fit_torch_trainer
+
+    # lr ~ 0: the validation metric cannot improve after epoch 1, so patience 1 stops after epoch 2
+    cfg, meta, ids = _setup(tmp_path, truth_embeddings, "train.epochs=6", "train.patience=1", "train.lr=1e-12")
+    first = fit_torch_trainer(cfg, meta, ids["train"], ids["val"], "early", str(tmp_path / "results"))
+    assert [h["epoch"] for h in _history(first)] == [1, 2]
+    again = fit_torch_trainer(cfg, meta, ids["train"], ids["val"], "early", str(tmp_path / "results"))
+    assert [h["epoch"] for h in _history(again)] == [1, 2]  # resumed from epoch 2 and stopped, no third epoch

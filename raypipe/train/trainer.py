@@ -218,6 +218,10 @@ def train_loop_per_worker(config: dict) -> None:
     if task == "regression":
         method.set_label_variance(meta.get("var_y", 1.0))
     main = M.main_metric_name(task)
+    if start_epoch and since_best >= tc["patience"]:
+        # the checkpoint is that of a run which had already stopped early: nothing left to train
+        log.info("worker %d: the resumed run had stopped early at epoch %d", rank, start_epoch)
+        return
     for epoch in range(start_epoch, tc["epochs"]):
         t0 = time.perf_counter()
         stats = loop.train_epoch(model, batches("train", meta["seed"] * 1000 + epoch), optimizer, hook_ctx, epoch,

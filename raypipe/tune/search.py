@@ -101,11 +101,18 @@ def _cv_trainable(config: dict, base_config: dict, folds: dict, meta: dict) -> N
     """
     import tempfile
 
+    import ray.data
     import ray.tune
 
+    from raypipe.runtime import configure_data_context
     from raypipe.train.trainer import fit_torch_trainer
 
     cfg = apply_params(config_from_dict(base_config, "<tune base>"), config)
+    # A trial runs in its own process, whose Ray Data context is the library default: give it
+    # raypipe's (ordered, no dropped blocks) and, as `raypipe train` does, no progress bars for
+    # the instant per-epoch feeds (they used to print inside every trial).
+    configure_data_context(cfg)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     meta = dict(meta)
     meta["train_config"] = cfg.train.model_dump(mode="json")
     k = max(folds.values()) + 1
