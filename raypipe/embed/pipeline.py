@@ -421,8 +421,12 @@ FAMILIES = {"image": IMAGE_KINDS, "text": TEXT_KINDS}
 
 
 def _family_dataset(cfg: Config, family: str, records_path: str, mods: list[str], ids: list[str] | None,
-                    plan: Mapping[str, Any]):
-    """read (+ filter pushed into Parquet) -> [CPU decode tasks] -> model actor pool, as one Ray Dataset."""
+                    plan: Mapping[str, Any], model_stage: bool = True):
+    """read (+ filter pushed into Parquet) -> [CPU decode tasks] -> model actor pool, as one Ray Dataset.
+
+    ``model_stage=False`` stops before the actor pool: the CPU feed alone (``embed_bench.py --feed-only``
+    measures how many slices per second the host can hand to the model actors).
+    """
     import ray.data
     from ray.data.expressions import col
 
@@ -450,9 +454,13 @@ def _family_dataset(cfg: Config, family: str, records_path: str, mods: list[str]
                             fn_kwargs={"rows": plan["batch_size"], "input_size": ic.input_size,
                                        "band_projection": ic.band_projection, "band_indices": ic.band_indices,
                                        "pixel_dtype": "float16" if half else "float32"})
+        if not model_stage:
+            return ds.repartition(**rebatch)
         return ds.repartition(**rebatch).map_batches(ImageActor, batch_format="numpy", **pool, fn_constructor_kwargs={
             "image_cfg": ic.model_dump(), "batch_size": plan["batch_size"], **common})
     ds = ds.repartition(**rebatch)
+    if not model_stage:
+        return ds
     return ds.map_batches(TextActor, batch_format="numpy", **pool,
                           fn_constructor_kwargs={"text_cfg": cfg.embed.text.model_dump(), **common})
 
