@@ -125,6 +125,9 @@ def _binary_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]
     for arr in chunks:
         if len(arr) == 0:
             continue
+        if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):  # e.g. binary_view
+            out.extend(arr.to_pylist())
+            continue
         off_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
         _, offsets, data = arr.buffers()
         offs = np.frombuffer(offsets, off_type, count=len(arr) + 1, offset=arr.offset * np.dtype(off_type).itemsize)
