@@ -338,10 +338,11 @@ def feed_throughput(cfg, work: str, plan: dict, args) -> dict:
     import re
 
     from raypipe.embed import pipeline as ep
+    from raypipe.runtime import cluster_resources
 
     feed_plan = dict(plan, num_gpus=0.5 if args.feed_dtype == "float16" else 0.0)  # the dtype GPU actors get
     runs = []
-    for rep in range(2):
+    for _ in range(2):
         ds = ep._family_dataset(cfg, "image", os.path.join(work, "records"), ["ct"], None, feed_plan,
                                 model_stage=False)
         t0, first, n = time.perf_counter(), None, 0
@@ -356,8 +357,6 @@ def feed_throughput(cfg, work: str, plan: dict, args) -> dict:
         runs.append({"slices": n, "seconds": round(dt, 2), "slices_per_s": round(n / dt, 1),
                      "slices_per_s_after_first": round((n - plan["batch_size"]) / (t0 + dt - first), 1),
                      "decode_cpu_us_per_slice": round(1e6 * cpu / max(n, 1), 1)})
-    from raypipe.runtime import cluster_resources
-
     res = {"machine": machine(), "mode": "feed-only", "n": args.n, "input_size": args.input_size,
            "pixel_dtype": args.feed_dtype, "batch_size": plan["batch_size"], "ray_cpus": cluster_resources()["CPU"],
            "runs": runs}

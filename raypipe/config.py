@@ -359,3 +359,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 def dump_config(cfg: Config) -> str:
     """YAML text of a config that :func:`load_config` accepts unchanged."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def fingerprint(data: Any) -> str:
+    """8 hex digits of SHA-1 over ``data`` as sorted-key JSON: names runs and searches by what they compute."""
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]

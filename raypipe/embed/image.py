@@ -175,6 +175,18 @@ def _resize(x: np.ndarray, input_size: int) -> np.ndarray:
     return x
 
 
+def tensor_view(a: np.ndarray) -> "torch.Tensor":
+    """``torch.from_numpy`` without the warning for read-only arrays (views of Ray's object store or of
+    an Arrow buffer): the tensor is only ever read."""
+    import torch
+
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
 def autocast_dtype(device: "torch.device", precision: str) -> "torch.dtype | None":
     """Autocast dtype for ``precision`` on ``device``: bf16/fp16 on CUDA, None (fp32) on CPU or for fp32."""
     import torch
@@ -279,12 +291,7 @@ class ImageEmbedder:
             k = len(chunk)
             if self.fixed_batch and k < step:  # same batch shape every call: batch-independent bytes
                 chunk = np.concatenate([chunk, np.zeros((step - k,) + chunk.shape[1:], chunk.dtype)])
-            if not chunk.flags.writeable:  # a read-only view of Ray's object store: read, never written
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-                    x = torch.from_numpy(chunk)
-            else:
-                x = torch.from_numpy(chunk)
+            x = tensor_view(chunk)
             if self.device.type == "cuda":
                 x = self._to_device(x)
             x = self._normalise(x)

@@ -45,7 +45,6 @@ import logging
 import os
 import shutil
 import time
-import warnings
 from collections import Counter, defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -141,11 +140,9 @@ def _fill(dst: np.ndarray, src: np.ndarray) -> None:
     """dst[...] = src (broadcasting 1 channel to 3). float32 -> float16 through torch: numpy's
     conversion is scalar (~130 us per 224x224 slice here), torch's vectorised (~10 us)."""
     if dst.dtype == np.float16:
-        import torch
+        from raypipe.embed.image import tensor_view
 
-        with warnings.catch_warnings():  # src may be a read-only view of the Arrow buffer; it is only read
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            torch.from_numpy(dst).copy_(torch.from_numpy(src))
+        tensor_view(dst).copy_(tensor_view(src))
     else:
         np.copyto(dst, src)
 
@@ -187,10 +184,8 @@ def decode_image_batch(batch: pa.Table, input_size: int, band_projection: str = 
             errors[i] = f"{type(e).__name__}: {e}"
     # model input in [0, 1] (normalised by the model stage): one channel when every record has one
     channels = 1 if all(shape[0] == 1 for shape in by_shape) else 3
-    pixels = np.empty((n, channels, input_size, input_size), np.dtype(pixel_dtype))
-    for i, err in enumerate(errors):
-        if err:
-            pixels[i] = 0
+    # zeros cost nothing extra (fresh zero pages, written once anyway) and cover every failed row
+    pixels = np.zeros((n, channels, input_size, input_size), np.dtype(pixel_dtype))
     for shape, rows in by_shape.items():
         try:
             if shape[1:] == (input_size, input_size) and shape[0] in (1, channels):
@@ -205,7 +200,7 @@ def decode_image_batch(batch: pa.Table, input_size: int, band_projection: str = 
         except Exception as e:  # noqa: BLE001 - e.g. band_indices out of range for these records
             for i, _ in rows:
                 errors[i] = f"{type(e).__name__}: {e}"
-                pixels[i] = 0
+                pixels[i] = 0  # a partial fast-path fill must not travel on
     out = {k: batch.column(k).to_numpy(zero_copy_only=False) for k in KEY_COLUMNS}
     out["pixels"] = pixels
     out["error"] = np.array(errors, dtype=object)
@@ -764,9 +759,6 @@ def run_embed(cfg: Config) -> dict:
     present_counts = {m: 0 for m in shapes}
     with pq.ParquetWriter(os.path.join(tmp, OUTPUT_FILE), schema) as table_out, \
             pq.ParquetWriter(os.path.join(tmp, ERRORS_FILE), ERRORS_SCHEMA) as errors_out:
-        if not chunks:
-            table_out.write_table(schema.empty_table())
-            errors_out.write_table(ERRORS_SCHEMA.empty_table())
         for ci in range(len(chunks)):
             p = pq.read_table(chunk_file[ci])
             records_seen += int((p.schema.metadata or {}).get(b"raypipe.records_seen", b"0"))

@@ -329,12 +329,11 @@ def train_run_name(cfg: Config, meta: dict, ids: dict[str, set]) -> str:
     sample ids) makes a changed config or a changed table start a new run instead of resuming
     an old one whose checkpoints do not fit.
     """
-    import hashlib
+    from raypipe.config import fingerprint
 
     keep = {k: v for k, v in meta.items() if k not in ("var_y",)}
     data = {"meta": keep, "split": {s: sorted(v) for s, v in sorted(ids.items())}, "input": cfg.train_input}
-    digest = hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{cfg.run.name}-{cfg.train.method}-{digest}"
+    return f"{cfg.run.name}-{cfg.train.method}-{fingerprint(data)}"
 
 
 def run_train(cfg: Config) -> dict:

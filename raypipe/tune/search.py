@@ -12,7 +12,6 @@ and the final model trained with it on the whole training portion.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from raypipe.config import Config, config_from_dict, dump_config
+from raypipe.config import Config, config_from_dict, dump_config, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +147,7 @@ def search_fingerprint(cfg: Config) -> str:
     data = cfg.model_dump(mode="json")
     data.pop("ray", None)
     data["run"].pop("out_dir", None)  # the same search under a moved directory is the same search
-    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return fingerprint(data)
 
 
 def _expected_trials(cfg: Config) -> int:
@@ -205,8 +204,8 @@ def run_tune(cfg: Config, train_final: bool = True) -> dict:
         ray.tune.with_parameters(_cv_trainable, base_config=cfg.model_dump(mode="json"),
                                  folds={s: int(f) for s, f in zip(ids, folds)}, meta=meta),
         {"CPU": 0.01})
-    fingerprint = search_fingerprint(cfg)
-    name = f"{cfg.run.name}-tune-{fingerprint}"
+    search_fp = search_fingerprint(cfg)
+    name = f"{cfg.run.name}-tune-{search_fp}"
     path = os.path.join(rctx.results_dir, name)
     resumed = bool(ray.tune.Tuner.can_restore(path))
     if resumed:
@@ -240,9 +239,9 @@ def run_tune(cfg: Config, train_final: bool = True) -> dict:
     df = pd.DataFrame(rows, columns=["trial_id", *space_keys, "cv_mean", "cv_std", "folds_done", "fold_scores",
                                      "seconds"]).sort_values("cv_mean", ascending=False)
     df.to_csv(results_csv, index=False)
-    for stale in ("best_config.yaml",):  # a best config always belongs to the search just finished
-        if os.path.exists(os.path.join(out_dir, stale)):
-            os.remove(os.path.join(out_dir, stale))
+    best_path = os.path.join(out_dir, "best_config.yaml")
+    if os.path.exists(best_path):  # a best config always belongs to the search just finished
+        os.remove(best_path)
     if finished < expected:
         # Tune returns normally after a SIGINT (it saved its state): no best config from half a search.
         log.warning("the search stopped after %d of %d trials; run the same command again to resume it",
@@ -261,17 +260,16 @@ def run_tune(cfg: Config, train_final: bool = True) -> dict:
     # finds again, so reusing `run.name` would pick up an earlier `raypipe train` of this out_dir
     # (another config: a shape mismatch or no training at all). Named by the tuned train config,
     # the same best config finds its own finished run again and a different one starts afresh.
-    tuned = hashlib.sha1(json.dumps(best_cfg.train.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    tuned = fingerprint(best_cfg.train.model_dump(mode="json"))
     best_cfg = best_cfg.model_copy(update={
-        "run": best_cfg.run.model_copy(update={"name": f"{cfg.run.name}-tuned-{tuned[:8]}"}),
+        "run": best_cfg.run.model_copy(update={"name": f"{cfg.run.name}-tuned-{tuned}"}),
         "train": best_cfg.train.model_copy(update={"out": final_dir})})
-    best_path = os.path.join(out_dir, "best_config.yaml")
     with open(best_path, "w") as fh:
         fh.write(dump_config(best_cfg))
     summary = {"ok": True, "trials": len(df), "trials_complete": len(complete), "resumed": resumed,
                "max_concurrent_trials": max_conc, "search_seconds": round(seconds, 1),
                "best_cv_mean": best_row["cv_mean"], "best_cv_std": best_row["cv_std"],
-               "results": os.path.abspath(os.path.join(out_dir, "results.csv")),
+               "results": os.path.abspath(results_csv),
                "best_config": os.path.abspath(best_path), "experiment": path}
     if train_final:
         final = run_train(best_cfg)
