@@ -2,9 +2,11 @@
 
 One run, two paths, the same work:
 
-(a) ``run_tune``: a Ray Tune search (random sampler, FIFO scheduler, no early stopping), each
-    trial fitting one Ray Train V2 ``TorchTrainer`` per fold, trials running concurrently in
-    ``max_concurrent_trials`` slots (by default CPUs // (train workers + 1): 1 slot on 2 CPUs).
+(a) ``run_tune``: a Ray Tune search (random sampler, FIFO scheduler, no early stopping), trials
+    running concurrently in ``max_concurrent_trials`` slots. ``--fold-runner`` (``tune.fold_runner``):
+    ``auto`` (default; "trial" for 1 train worker) fits each fold with the framework-free loop in
+    the trial's process, one CPU per trial (2 slots on 2 CPUs); ``ray_train`` fits one Ray Train V2
+    ``TorchTrainer`` per fold (slots: CPUs // (train workers + 1), 1 on 2 CPUs).
     Timed: ``Tuner.fit`` (the search; the final model is not trained).
 (b) the same trial configurations (read back from (a)'s ``results.csv``), the same folds (its
     ``folds.parquet``), epochs, batch size and seed, fitted one after another in this process
@@ -13,10 +15,11 @@ One run, two paths, the same work:
 
 Every fold runs all its epochs (patience off) on embeddings rendered from the synthetic truth.
 Prints both wall times, the speed-up (b)/(a), the number of concurrent slots and the goal
-0.8 x min(slots, N), and the CV means of both paths as a sanity check (close, not equal: the
-shuffles differ).
+0.8 x min(slots, N), and the CV means of both paths as a sanity check: equal with the "trial"
+runner (the same loop, seeds and folds), close with "ray_train" (its feed shuffles differently).
 
-    python benchmarks/tune_bench.py                        # 4 trials x 3 folds, a few minutes on 2 cores
+    python benchmarks/tune_bench.py                        # 8 trials x 5 folds, ~2.5 min on 2 cores
+    python benchmarks/tune_bench.py --trials 4 --folds 3 --fold-runner ray_train   # a TorchTrainer per fold: ~8 min
     python benchmarks/tune_bench.py --trials 8 --folds 5 --n 4000 --epochs 10 --json /tmp/tune.json
 """
 
@@ -31,8 +34,8 @@ import time
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trials", type=int, default=4, help="N: number of trial configurations")
-    p.add_argument("--folds", type=int, default=3, help="k: folds per trial")
+    p.add_argument("--trials", type=int, default=8, help="N: number of trial configurations")
+    p.add_argument("--folds", type=int, default=5, help="k: folds per trial (tune.folds default)")
     p.add_argument("--n", type=int, default=1000, help="samples in the embeddings table (80%% searched)")
     p.add_argument("--dim", type=int, default=32, help="embedding width per modality")
     p.add_argument("--epochs", type=int, default=8)
@@ -42,6 +45,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per fold")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="tune.max_concurrent_trials (default: raypipe's CPUs // (workers + 1))")
+    p.add_argument("--fold-runner", choices=["auto", "trial", "ray_train"], default="auto",
+                   help="tune.fold_runner: how each trial fits its folds")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -64,6 +69,7 @@ def main(argv=None):
                  "train.patience=1000", f"train.batch_size={args.batch_size}", f"train.num_workers={args.workers}",
                  f"tune.num_samples={args.trials}", f"tune.folds={args.folds}", "tune.search=random",
                  "tune.scheduler=fifo", "ray.progress_bars=false", "ray.log_to_driver=false",
+                 f"tune.fold_runner={args.fold_runner}",
                  f"tune.space={{hidden_dim: {args.hidden_dim}, omnifuse.depth: [randint, 1, {args.max_depth + 1}]}}"]
     if args.max_concurrent:
         overrides.append(f"tune.max_concurrent_trials={args.max_concurrent}")
@@ -97,6 +103,7 @@ def main(argv=None):
         tc = tcfg.train
         scores = []
         for f in range(args.folds):
+            torch.manual_seed(tcfg.run.seed)  # as a trial seeds its model (tune.fold_runner=trial)
             method = build_from_meta(meta)
             out = loop.fit(method, part(rows[fold_of != f]), part(rows[fold_of == f]), task, epochs=tc.epochs,
                            batch_size=tc.batch_size, lr=tc.lr, weight_decay=tc.weight_decay, p_drop=tc.p_drop,
@@ -115,14 +122,16 @@ def main(argv=None):
           f"R in 1..{args.max_depth}, batch {args.batch_size}, {args.workers} train worker(s) per fold; "
           f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     print(f"(a) raypipe run_tune, Tuner.fit      : {t_ray:7.1f} s ({t_ray / fold_fits:.1f} s per fold fit; "
-          f"run_tune incl. folds and table {t_run_tune:.1f} s)")
+          f"run_tune incl. folds and table {t_run_tune:.1f} s; fold runner {summary['fold_runner']})")
     print(f"(b) sequential, framework-free loop  : {t_seq:7.1f} s ({t_seq / fold_fits:.1f} s per fold fit)")
     print(f"concurrent slots: {slots}; speed-up (b)/(a): {speedup:.2f}; goal 0.8 x min(slots, N) = {goal:.2f}: "
           f"{'met' if speedup >= goal else 'NOT met'}")
     ray_means = results.sort_values("trial_id").cv_mean.to_numpy()
     seq_means = np.array(seq_scores)[np.argsort(results.trial_id.to_numpy())]
     print(f"CV means, Ray / sequential: " + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(ray_means, seq_means)))
-    res = {"trials": n_trials, "folds": args.folds, "epochs": args.epochs, "n": args.n,
+    if summary["fold_runner"] == "trial":  # the same arithmetic in another process: the same numbers
+        print(f"same CV means as the sequential loop (the same work): {bool(np.allclose(ray_means, seq_means))}")
+    res = {"fold_runner": summary["fold_runner"], "trials": n_trials, "folds": args.folds, "epochs": args.epochs, "n": args.n,
            "searched_samples": int(len(folds)), "cpus": os.cpu_count(), "slots": slots, "ray_s": t_ray,
            "run_tune_s": t_run_tune, "sequential_s": t_seq, "speedup": speedup, "goal": goal,
            "load_before": load_before[0], "load_after": load_after[0],

@@ -117,7 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (train.out)")
 
     p = sub.add_parser("tune", help="cross-validated hyper-parameter search (Ray Tune)",
-                       description="k-fold cross-validated search over OmniFuse's hyper-parameters with Ray Tune.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="k-fold cross-validated search over OmniFuse's hyper-parameters with Ray Tune.",
+                       epilog="Writes <out_dir>/tune/results.csv (one row per trial), best_config.yaml (accepted by "
+                       "`raypipe train --config`)\nand the final model trained with it in tune/final. The test split "
+                       "is never searched. Each trial fits its\nfolds in its own process with the framework-free loop "
+                       "(tune.fold_runner=trial, one CPU per trial), or\nwith one Ray Train TorchTrainer per fold "
+                       "(tune.fold_runner=ray_train; the default with train.num_workers > 1).\nCtrl+C stops the search "
+                       "(exit 1, no best config); the same command again resumes it at the\nfirst unfinished fold of "
+                       "each trial. Example: raypipe tune --config configs/demo.yaml \\\n"
+                       "  --set tune.num_samples=8 --set tune.folds=3 --set tune.scheduler=asha")
     _common(p)
 
     p = sub.add_parser("compare", help="compare fusion methods on the same folds with paired t-tests",

@@ -214,6 +214,10 @@ class TuneConfig(_Section):
     metric: str = "auroc"
     max_concurrent_trials: int | None = None
     space: dict[str, Any] = Field(default_factory=dict)  # overrides of the default search space
+    #: how a trial fits its folds: "trial" = the framework-free loop inside the trial's own process
+    #: (1 CPU, or 1 GPU with train.use_gpu, per trial); "ray_train" = one Ray Train V2 TorchTrainer
+    #: per fold (train.num_workers workers, DDP); "auto" = "trial" for 1-worker training, else "ray_train"
+    fold_runner: Literal["auto", "trial", "ray_train"] = "auto"
 
 
 class InferConfig(_Section):

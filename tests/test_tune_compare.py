@@ -47,13 +47,27 @@ def test_search_fingerprint_and_expected_trials():
     assert _expected_trials(grid) == 2 * 2 * 3  # hidden_dim x depth {1, 5, 8}; log-uniform keys: one point each
 
 
-def test_tune_cv_search_writes_results_and_a_trainable_best_config(ray_session, emb, tmp_path):
+def test_fold_runner_auto_fits_one_worker_folds_in_the_trial():
+    from raypipe.tune.search import fold_runner
+
+    assert fold_runner(load_config(None, [])) == "trial"
+    assert fold_runner(load_config(None, ["train.num_workers=2"])) == "ray_train"
+    assert fold_runner(load_config(None, ["tune.fold_runner=ray_train"])) == "ray_train"
+    assert fold_runner(load_config(None, ["train.num_workers=2", "tune.fold_runner=trial"])) == "trial"
+
+
+@pytest.mark.parametrize("runner", ["trial", "ray_train"])
+def test_tune_cv_search_writes_results_and_a_trainable_best_config(ray_session, emb, tmp_path, runner):
     from raypipe.tune.search import run_tune
 
     cfg = load_config(None, [f"run.out_dir={tmp_path}", f"train.input={emb}", "train.epochs=2", "train.hidden_dim=8",
                              "train.batch_size=16", "tune.num_samples=2", "tune.folds=2", "ray.progress_bars=false",
-                             "tune.space={omnifuse.depth: [randint, 1, 3], hidden_dim: 8}"])
+                             "tune.space={omnifuse.depth: [randint, 1, 3], hidden_dim: 8}",
+                             f"tune.fold_runner={runner}"])
     summary = run_tune(cfg)
+    assert summary["fold_runner"] == runner
+    # trial-mode trials hold a CPU each (2 slots on 2 CPUs); TorchTrainer trials leave one for Ray Data
+    assert summary["max_concurrent_trials"] == (2 if runner == "trial" else 1)
     results = pd.read_csv(os.path.join(tmp_path, "tune", "results.csv"))
     assert len(results) == 2 and (results["folds_done"] == 2).all()
     best = load_config(summary["best_config"])  # accepted unchanged by `raypipe train --config`

@@ -90,13 +90,48 @@ def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
 CV_STATE_FILE = "cv_state.json"
 
 
-def _cv_trainable(config: dict, base_config: dict, folds: dict, meta: dict) -> None:
-    """One Tune trial: k folds, one TorchTrainer each, a report after every fold.
+def fold_runner(cfg: Config) -> str:
+    """``tune.fold_runner`` resolved: "trial" (framework-free loop in the trial) or "ray_train"."""
+    runner = cfg.tune.fold_runner
+    if runner == "auto":
+        return "trial" if cfg.train.num_workers == 1 else "ray_train"
+    return runner
 
+
+def _fit_fold_in_trial(cfg: Config, meta: dict, data: tuple, fold: int) -> float:
+    """One fold with the framework-free loop in the trial's own process: best validation score.
+
+    The same fold as the TorchTrainer path computes (train on the other folds, early-stop and
+    score on this one, same epochs, batch size, seed and shuffles); no worker group, process
+    group, dataset feed or per-epoch checkpoint to pay for.
+    """
+    import torch
+
+    from raypipe.train import loop
+    from raypipe.train.trainer import build_from_meta
+
+    x, mask, y, fold_of = data
+    tc = cfg.train
+    device = "cuda" if tc.use_gpu and torch.cuda.is_available() else "cpu"
+    torch.manual_seed(meta["seed"])
+    method = build_from_meta(meta).to(device)
+    part = lambda rows: ({m: v[rows] for m, v in x.items()}, mask[rows], y[rows])  # noqa: E731
+    out = loop.fit(method, part(fold_of != fold), part(fold_of == fold), meta["task"], epochs=tc.epochs,
+                   batch_size=tc.batch_size, lr=tc.lr, weight_decay=tc.weight_decay, p_drop=tc.p_drop,
+                   patience=tc.patience, seed=meta["seed"], device=device, precision=tc.precision)
+    return float(out["best_val"])
+
+
+def _cv_trainable(config: dict, base_config: dict, folds: dict, meta: dict, data: tuple | None = None) -> None:
+    """One Tune trial: k folds, a report after every fold.
+
+    Each fold is fitted by the framework-free loop in this process when ``data`` (the training
+    portion's arrays and fold of each row) is given (``tune.fold_runner`` "trial"), else by one
+    Ray Train V2 ``TorchTrainer`` (``fit_torch_trainer``) built and fitted here.
     Every report carries a small Tune checkpoint (the fold scores so far): a trial restarted by
     ``Tuner.restore`` continues at its first unfinished fold instead of refitting the done ones.
-    ``base_config``, ``folds`` (sample_id -> fold) and ``meta`` come through ``tune.with_parameters``
-    (the object store), so ``config`` holds only the searched parameters.
+    ``base_config``, ``folds`` (sample_id -> fold), ``meta`` and ``data`` come through
+    ``tune.with_parameters`` (the object store), so ``config`` holds only the searched parameters.
     """
     import tempfile
 
@@ -107,13 +142,20 @@ def _cv_trainable(config: dict, base_config: dict, folds: dict, meta: dict) -> N
     from raypipe.train.trainer import fit_torch_trainer
 
     cfg = apply_params(config_from_dict(base_config, "<tune base>"), config)
-    # A trial runs in its own process, whose Ray Data context is the library default: give it
-    # raypipe's (ordered, no dropped blocks) and, as `raypipe train` does, no progress bars for
-    # the instant per-epoch feeds (they used to print inside every trial).
-    configure_data_context(cfg)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     meta = dict(meta)
     meta["train_config"] = cfg.train.model_dump(mode="json")
+    if data is not None:
+        import torch
+
+        # the trial holds whole CPUs (tune.with_resources): one torch thread per CPU it holds
+        torch.set_num_threads(max(1, int(ray.tune.get_context().get_trial_resources().required_resources
+                                         .get("CPU", 1))))
+    else:
+        # A trial runs in its own process, whose Ray Data context is the library default: give it
+        # raypipe's (ordered, no dropped blocks) and, as `raypipe train` does, no progress bars for
+        # the instant per-epoch feeds (they used to print inside every trial).
+        configure_data_context(cfg)
+        ray.data.DataContext.get_current().enable_progress_bars = False
     k = max(folds.values()) + 1
     trial = ray.tune.get_context().get_trial_id()
     scores: list[float] = []
@@ -123,12 +165,15 @@ def _cv_trainable(config: dict, base_config: dict, folds: dict, meta: dict) -> N
             scores = [float(v) for v in json.load(fh)["fold_scores"]]
         log.info("trial %s resumes at fold %d of %d", trial, len(scores) + 1, k)
     for f in range(len(scores), k):
-        train_ids = {s for s, v in folds.items() if v != f}
-        val_ids = {s for s, v in folds.items() if v == f}
         t0 = time.perf_counter()
-        result = fit_torch_trainer(cfg, meta, train_ids, val_ids, f"{cfg.run.name}-tune-{trial}-fold{f}",
-                                   meta["storage_path"])
-        scores.append(float((result.metrics or {}).get("best_val", np.nan)))  # best validation score of the fold
+        if data is not None:
+            scores.append(_fit_fold_in_trial(cfg, meta, data, f))
+        else:
+            train_ids = {s for s, v in folds.items() if v != f}
+            val_ids = {s for s, v in folds.items() if v == f}
+            result = fit_torch_trainer(cfg, meta, train_ids, val_ids, f"{cfg.run.name}-tune-{trial}-fold{f}",
+                                       meta["storage_path"])
+            scores.append(float((result.metrics or {}).get("best_val", np.nan)))  # best validation score
         with tempfile.TemporaryDirectory() as tmp:
             with open(os.path.join(tmp, CV_STATE_FILE), "w") as fh:
                 json.dump({"fold_scores": scores}, fh)
@@ -191,8 +236,19 @@ def run_tune(cfg: Config, train_final: bool = True) -> dict:
     meta["storage_path"] = rctx.results_dir
 
     res = cluster_resources()
-    per_trial = cfg.train.num_workers + 1  # train workers + Ray Data's read tasks
-    max_conc = cfg.tune.max_concurrent_trials or max(1, int(res["CPU"] // per_trial))
+    runner = fold_runner(cfg)
+    if runner == "trial":
+        # the trial computes: one CPU (and one GPU with train.use_gpu) each; the folds' arrays go
+        # to the object store once and every trial reads them from there
+        trial_resources = {"CPU": 1.0, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+        slots = int(res["CPU"]) if not cfg.train.use_gpu else int(min(res["CPU"], res.get("GPU", 0)))
+        rows = np.flatnonzero(portion)
+        data = ({m: v[rows] for m, v in table.x.items()}, table.mask[rows], table.y[rows], np.asarray(folds))
+    else:
+        # the trial only drives its TorchTrainers; their workers leave a CPU for Ray Data's reads
+        trial_resources, data = {"CPU": 0.01}, None
+        slots = int(res["CPU"] // (cfg.train.num_workers + 1))
+    max_conc = cfg.tune.max_concurrent_trials or max(1, slots)
     scheduler = (ASHAScheduler(time_attr="fold", max_t=cfg.tune.folds, grace_period=1, reduction_factor=2)
                  if cfg.tune.scheduler == "asha" else FIFOScheduler())
     search_alg = None
@@ -202,8 +258,8 @@ def run_tune(cfg: Config, train_final: bool = True) -> dict:
         search_alg = OptunaSearch(seed=cfg.run.seed)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(_cv_trainable, base_config=cfg.model_dump(mode="json"),
-                                 folds={s: int(f) for s, f in zip(ids, folds)}, meta=meta),
-        {"CPU": 0.01})
+                                 folds={s: int(f) for s, f in zip(ids, folds)}, meta=meta, data=data),
+        trial_resources)
     search_fp = search_fingerprint(cfg)
     name = f"{cfg.run.name}-tune-{search_fp}"
     path = os.path.join(rctx.results_dir, name)
@@ -216,7 +272,9 @@ def run_tune(cfg: Config, train_final: bool = True) -> dict:
             trainable, param_space=search_space(cfg),
             tune_config=ray.tune.TuneConfig(metric="cv_mean", mode="max", num_samples=cfg.tune.num_samples,
                                             scheduler=scheduler, search_alg=search_alg,
-                                            max_concurrent_trials=max_conc),
+                                            max_concurrent_trials=max_conc,
+                                            # a trial's process (torch and raypipe imported) runs the next trial
+                                            reuse_actors=runner == "trial"),
             run_config=ray.tune.RunConfig(name=name, storage_path=rctx.results_dir))
     t0 = time.perf_counter()
     grid = tuner.fit()
@@ -267,7 +325,7 @@ def run_tune(cfg: Config, train_final: bool = True) -> dict:
     with open(best_path, "w") as fh:
         fh.write(dump_config(best_cfg))
     summary = {"ok": True, "trials": len(df), "trials_complete": len(complete), "resumed": resumed,
-               "max_concurrent_trials": max_conc, "search_seconds": round(seconds, 1),
+               "fold_runner": runner, "max_concurrent_trials": max_conc, "search_seconds": round(seconds, 1),
                "best_cv_mean": best_row["cv_mean"], "best_cv_std": best_row["cv_std"],
                "results": os.path.abspath(results_csv),
                "best_config": os.path.abspath(best_path), "experiment": path}
