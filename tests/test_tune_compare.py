@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pandas as pd
@@ -80,6 +81,39 @@ def test_tune_cv_search_writes_results_and_a_trainable_best_config(ray_session, 
     again = run_tune(cfg, train_final=False)  # the same search again: restored from its state, nothing refitted
     assert again["resumed"] and again["trials_complete"] == 2
     assert load_config(again["best_config"]).train == best.train
+    if runner == "trial":
+        # a trial's fold is exactly the framework-free loop on that fold: recompute one here
+        assert _fold_score_by_hand(cfg, emb, results.iloc[0], folds, fold=1) == pytest.approx(
+            json.loads(results.iloc[0]["fold_scores"])[1], abs=1e-6)
+
+
+def _fold_score_by_hand(cfg, emb, trial, folds, fold):
+    import numpy as np
+    import torch
+
+    from raypipe.train import loop
+    from raypipe.train.tables import infer_task, read_embeddings
+    from raypipe.train.trainer import build_from_meta, model_meta
+    from raypipe.tune.search import apply_params, search_space
+
+    tcfg = apply_params(cfg, {k: trial[k] for k in search_space(cfg)})
+    table = read_embeddings(emb)
+    task, n_outputs = infer_task(table.y)
+    row_of = {s: i for i, s in enumerate(table.sample_id)}
+    rows = np.array([row_of[s] for s in folds.sample_id])
+    part = lambda idx: ({m: v[idx] for m, v in table.x.items()}, table.mask[idx], table.y[idx])  # noqa: E731
+    tc = tcfg.train
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the trial
+    try:
+        torch.manual_seed(tcfg.run.seed)
+        method = build_from_meta(model_meta(tcfg, table, task, n_outputs))
+        out = loop.fit(method, part(rows[folds.fold.to_numpy() != fold]), part(rows[folds.fold.to_numpy() == fold]),
+                       task, epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr, weight_decay=tc.weight_decay,
+                       p_drop=tc.p_drop, patience=tc.patience, seed=tcfg.run.seed)
+    finally:
+        torch.set_num_threads(threads)
+    return out["best_val"]
 
 
 def test_compare_paired_ttest_table(ray_session, emb, tmp_path):
