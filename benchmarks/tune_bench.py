@@ -10,8 +10,9 @@ One run, two paths, the same work:
     Timed: ``Tuner.fit`` (the search; the final model is not trained).
 (b) the same trial configurations (read back from (a)'s ``results.csv``), the same folds (its
     ``folds.parquet``), epochs, batch size and seed, fitted one after another in this process
-    with the framework-free loop (``raypipe.train.loop.fit``, 1 torch thread, as a 1-CPU Ray
-    Train worker gets). Timed: every fold's build + fit; the table is read once, outside.
+    with the framework-free loop (``raypipe.train.loop.fit`` through the "trial" runner's own fold
+    function, 1 torch thread, as a 1-CPU trial gets). Timed: every fold's build + fit; the table is
+    read once, outside.
 
 Every fold runs all its epochs (patience off) on embeddings rendered from the synthetic truth.
 Prints both wall times, the speed-up (b)/(a), the number of concurrent slots and the goal
@@ -58,10 +59,9 @@ def main(argv=None):
     from raypipe.runtime import init_ray
     from raypipe.synth.embeddings import write_truth_embeddings
     from raypipe.synth.latent import generate_truth
-    from raypipe.train import loop
     from raypipe.train.tables import infer_task, read_embeddings
-    from raypipe.train.trainer import build_from_meta, model_meta
-    from raypipe.tune.search import apply_params, run_tune, search_space
+    from raypipe.train.trainer import model_meta
+    from raypipe.tune.search import _fit_fold_in_trial, apply_params, run_tune, search_space
 
     work = tempfile.mkdtemp(prefix="rp-tune-bench-")
     emb = write_truth_embeddings(generate_truth(n=args.n, seed=0), os.path.join(work, "emb"), dim=args.dim)
@@ -91,24 +91,16 @@ def main(argv=None):
     task, n_outputs = infer_task(table.y)
     row_of = {s: i for i, s in enumerate(table.sample_id)}
     rows = np.array([row_of[s] for s in folds.sample_id])
-    fold_of = folds.fold.to_numpy()
-    part = lambda idx: ({m: v[idx] for m, v in table.x.items()}, table.mask[idx], table.y[idx])  # noqa: E731
+    # the searched rows in folds.parquet's order with their fold, as run_tune hands them to its trials
+    data = ({m: v[rows] for m, v in table.x.items()}, table.mask[rows], table.y[rows], folds.fold.to_numpy())
     space_keys = list(search_space(cfg))
-    torch.set_num_threads(1)  # what a 1-CPU Ray Train worker gets
+    torch.set_num_threads(1)  # what a 1-CPU trial (or Ray Train worker) gets
     seq_scores: list[float] = []
     t0 = time.perf_counter()
     for _, trial in results.iterrows():
         tcfg = apply_params(cfg, {k: trial[k] for k in space_keys})
         meta = model_meta(tcfg, table, task, n_outputs)
-        tc = tcfg.train
-        scores = []
-        for f in range(args.folds):
-            torch.manual_seed(tcfg.run.seed)  # as a trial seeds its model (tune.fold_runner=trial)
-            method = build_from_meta(meta)
-            out = loop.fit(method, part(rows[fold_of != f]), part(rows[fold_of == f]), task, epochs=tc.epochs,
-                           batch_size=tc.batch_size, lr=tc.lr, weight_decay=tc.weight_decay, p_drop=tc.p_drop,
-                           patience=tc.patience, seed=tcfg.run.seed)
-            scores.append(out["best_val"])
+        scores = [_fit_fold_in_trial(tcfg, meta, data, f) for f in range(args.folds)]
         seq_scores.append(float(np.mean(scores)))
     t_seq = time.perf_counter() - t0
     load_after = os.getloadavg()

@@ -104,8 +104,8 @@ def _fit_fold_in_trial(cfg: Config, meta: dict, data: tuple, fold: int) -> float
     """One fold with the framework-free loop in the trial's own process: best validation score.
 
     The same fold as the TorchTrainer path computes (train on the other folds, early-stop and
-    score on this one, same epochs, batch size, seed and shuffles); no worker group, process
-    group, dataset feed or per-epoch checkpoint to pay for.
+    score on this one, same epochs, batch size and seed; only that path's feed shuffles its own
+    way); no worker group, process group, dataset feed or per-epoch checkpoint to pay for.
     """
     import torch
 
