@@ -44,6 +44,10 @@ class RayConfig(_Section):
     #: installed (it serves the state API that Ray Train V2's controller polls; a minimal
     #: Ray install runs without it).
     dashboard: bool | None = None
+    #: level of Ray Train's own console messages (worker group start, "checkpoint created",
+    #: the whole metrics dict of every report). WARNING keeps errors and warnings; raypipe
+    #: prints one line per epoch itself. INFO shows Ray Train's messages too.
+    train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
 
 class PrivacyConfig(_Section):

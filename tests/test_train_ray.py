@@ -80,3 +80,26 @@ def test_running_an_early_stopped_run_again_trains_nothing_more(ray_session, tru
     assert [h["epoch"] for h in _history(first)] == [1, 2]
     again = fit_torch_trainer(cfg, meta, ids["train"], ids["val"], "early", str(tmp_path / "results"))
     assert [h["epoch"] for h in _history(again)] == [1, 2]  # resumed from epoch 2 and stopped, no third epoch
+
+
+def test_epoch_lines_replace_ray_trains_per_report_dump():
+    """raypipe prints one short line per epoch; Ray Train V2's per-report INFO dump follows its level."""
+    import logging
+
+    from ray.train.v2._internal.execution import context as v2_context
+
+    from raypipe.train.trainer import _epoch_line, _set_report_log_level
+
+    line = _epoch_line({"epoch": 3, "seconds": 1.54, "train_loss": 0.51234, "val_auroc": 0.8}, 30, "auroc", 0.81)
+    assert line == "epoch 3/30, train loss 0.5123, val auroc 0.8000 (best 0.8100), 1.5s"
+    assert _epoch_line({"epoch": 1, "seconds": 2.0}, 5, "auroc", float("-inf")) == "epoch 1/5, 2.0s"
+    assert _epoch_line({"epoch": 1, "seconds": 2.0, "val_auroc": float("nan")}, 5, "auroc", float("-inf"),
+                       "concat") == "concat epoch 1/5, val auroc nan, 2.0s"
+    before = v2_context.logger.level
+    try:
+        _set_report_log_level("WARNING")
+        assert not v2_context.logger.isEnabledFor(logging.INFO)  # the very logger that writes the dump
+        _set_report_log_level("INFO")
+        assert v2_context.logger.isEnabledFor(logging.INFO)
+    finally:
+        v2_context.logger.setLevel(before)

@@ -135,6 +135,32 @@ def _all_reduce_sum(tensor):
 EVAL_BATCH = 512
 
 
+def _set_report_log_level(level: str) -> None:
+    """Give Ray Train V2's per-report console line the level of its other messages.
+
+    Every ``ray.train.report`` is logged at INFO with the whole metrics dict, by a logger named
+    after its source file: outside the ``ray.train`` hierarchy that ``LoggingConfig`` governs.
+    """
+    try:
+        from ray.train.v2._internal.execution import context as v2_context
+    except ImportError:  # another Ray layout: nothing to adjust
+        return
+    logging.getLogger(v2_context.__file__).setLevel(level)
+
+
+def _epoch_line(record: dict, epochs: int, main: str, best: float, method: str = "") -> str:
+    """One short progress line per epoch (rank 0 of ``raypipe train``)."""
+    loss = record.get("train_loss")
+    val = record.get(f"val_{main}")
+    parts = [f"{method} epoch {record['epoch']}/{epochs}".lstrip()]
+    if isinstance(loss, (int, float)):
+        parts.append(f"train loss {loss:.4f}")
+    if isinstance(val, (int, float)):
+        parts.append(f"val {main} {val:.4f}" + (f" (best {best:.4f})" if np.isfinite(best) else ""))
+    parts.append(f"{record['seconds']:.1f}s")
+    return ", ".join(parts)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker: the same loop as `loop.fit`, fed by dataset shards."""
     import ray.train
@@ -144,6 +170,7 @@ def train_loop_per_worker(config: dict) -> None:
     from raypipe.train import loop
     from raypipe.train import metrics as M
 
+    _set_report_log_level(config.get("train_log_level", "WARNING"))
     meta = config["meta"]
     tc = meta["train_config"]
     modalities, task = meta["modalities"], meta["task"]
@@ -247,6 +274,8 @@ def train_loop_per_worker(config: dict) -> None:
         states = _all_gather(json.dumps(method.extra_state(), sort_keys=True, default=str))
         record["workers_agree"] = len(set(states)) == 1
         history.append(record)
+        if rank == 0 and config.get("log_epochs", True):
+            log.info("%s", _epoch_line(record, tc["epochs"], main, best, meta.get("method", "")))
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         metrics["best_val"] = best
         with tempfile.TemporaryDirectory() as tmp:
@@ -286,8 +315,11 @@ def _dataset_for(path: str, ids: set[str]):
 
 
 def fit_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: set[str], name: str,
-                      storage_path: str, fault_injection: dict | None = None):
+                      storage_path: str, fault_injection: dict | None = None, log_epochs: bool = True):
     """Build and fit the V2 ``TorchTrainer`` for one training run; returns Ray Train's ``Result``.
+
+    ``log_epochs``: rank 0 logs one line per epoch (off for Tune's folds, whose trials report
+    to Tune instead). Ray Train's own console messages follow ``ray.train_log_level``.
 
     Also the unit of work of a Tune trial's fold (``raypipe.tune.search``): Tune's function
     trainable calls this, never passes a trainer to the ``Tuner``. ``fault_injection``
@@ -306,14 +338,16 @@ def fit_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: set
     per_worker = {"CPU": actor_cpus(cfg.train.num_workers, cpus) if cpus else 1.0}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"meta": meta, "fault_injection": fault_injection},
+        train_loop_config={"meta": meta, "fault_injection": fault_injection, "log_epochs": log_epochs,
+                           "train_log_level": cfg.ray.train_log_level},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=f"val_{main}",
                                                          checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=2)),
+            failure_config=ray.train.FailureConfig(max_failures=2),
+            logging_config=ray.train.LoggingConfig(log_level=cfg.ray.train_log_level)),
         datasets={"train": _dataset_for(cfg.train_input, train_ids),
                   "val": _dataset_for(cfg.train_input, val_ids)},
     )

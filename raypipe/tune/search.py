@@ -174,7 +174,7 @@ def _cv_trainable(config: dict, base_config: dict, folds: dict, meta: dict, data
             train_ids = {s for s, v in folds.items() if v != f}
             val_ids = {s for s, v in folds.items() if v == f}
             result = fit_torch_trainer(cfg, meta, train_ids, val_ids, f"{cfg.run.name}-tune-{trial}-fold{f}",
-                                       meta["storage_path"])
+                                       meta["storage_path"], log_epochs=False)
             scores.append(float((result.metrics or {}).get("best_val", np.nan)))  # best validation score
         with tempfile.TemporaryDirectory() as tmp:
             with open(os.path.join(tmp, CV_STATE_FILE), "w") as fh:
