@@ -110,7 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="embeddings output directory (embed.out)")
 
     p = sub.add_parser("train", help="train a fusion method on the embeddings (Ray Train)",
-                       description="Train a registered fusion method (default omnifuse) with Ray Train V2.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a registered fusion method (default omnifuse) with Ray Train V2.",
+                       epilog="Writes <out> (default <out_dir>/train/<method>): split.parquet, model.pt + "
+                       "model_meta.json,\nhistory.json, metrics.json (test split), predictions_test.parquet, "
+                       "config.yaml. Prints one line\nper epoch; Ray Train's own messages show with "
+                       "--set ray.train_log_level=INFO. The same command\nafter a crash or Ctrl+C resumes from "
+                       "the last epoch's checkpoint; a changed config starts\na new run. Workers: "
+                       "train.num_workers (DDP), train.use_gpu. See docs/train.md.\n"
+                       "Example: raypipe train --config configs/demo.yaml --method concat")
     _common(p)
     p.add_argument("--method", help="fusion method name (train.method)")
     p.add_argument("--input", help="embeddings directory (train.input)")
