@@ -304,3 +304,9 @@ def test_pool_plan_never_takes_every_cpu():
     assert one_each["size"] == 4 and one_each["num_gpus"] == 1
     with pytest.raises(ValueError, match="no GPU"):
         pool_plan(load_config(None, ["embed.num_gpus_per_actor=1"]), {"CPU": 4, "GPU": 0})
+    # a joined (possibly autoscaling) cluster whose GPU nodes start at zero: the asked-for pool, and a warning
+    cold = load_config(None, ["embed.num_gpus_per_actor=0.5", "embed.pool_size=8"])
+    grows = pool_plan(cold, {"CPU": 0, "GPU": 0}, can_grow=True)
+    assert grows["size"] == 8 and grows["num_gpus"] == 0.5 and grows["batch_size"] == 256
+    with pytest.raises(ValueError, match="need 4 GPUs, the cluster has 0"):
+        pool_plan(cold, {"CPU": 0, "GPU": 0})

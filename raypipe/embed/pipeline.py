@@ -308,7 +308,7 @@ def modality_kinds(cfg: Config, present: Iterable[str] | None = None) -> dict[st
     return kinds
 
 
-def pool_plan(cfg: Config, resources: Mapping[str, float]) -> dict[str, Any]:
+def pool_plan(cfg: Config, resources: Mapping[str, float], can_grow: bool = False) -> dict[str, Any]:
     """Actors per model, CPUs/GPUs per actor, torch threads and batch size for this cluster.
 
     ``embed.pool_size``/``num_gpus_per_actor``/``batch_size`` win when set. Otherwise:
@@ -320,6 +320,11 @@ def pool_plan(cfg: Config, resources: Mapping[str, float]) -> dict[str, Any]:
     (:func:`raypipe.runtime.actor_cpus`) so that the pool never holds every logical CPU:
     Ray Data's file listing and read/decode tasks ask for one, and without it the
     pipeline hangs. Each actor still runs exactly ``threads`` torch threads.
+
+    ``can_grow``: the cluster was joined (an autoscaler may add nodes), so GPUs it lacks *now*
+    are a warning, not an error: its GPU nodes may start at zero and come up when the pool asks
+    for them. The derived defaults only see the GPUs present now; on such a cluster set
+    ``embed.num_gpus_per_actor`` and ``embed.pool_size`` (configs/lung.yaml does).
     """
     from raypipe.runtime import actor_cpus
 
@@ -334,11 +339,14 @@ def pool_plan(cfg: Config, resources: Mapping[str, float]) -> dict[str, Any]:
         size = max(1, int(gpus // ngpu))
     else:
         size = max(1, int(cpus))
-    if ngpu > 0 and gpus > 0 and size * ngpu > gpus + 1e-9:
-        raise ValueError(f"embed.pool_size={size} actors x {ngpu:g} GPU each need {size * ngpu:g} GPUs, the cluster "
-                         f"has {gpus:g}: lower embed.pool_size or embed.num_gpus_per_actor (the pool would wait forever)")
-    if ngpu > 0 and gpus == 0 and e.num_gpus_per_actor:
-        raise ValueError("embed.num_gpus_per_actor > 0 but the cluster has no GPU: set it to 0 or leave it unset")
+    if ngpu > 0 and size * ngpu > gpus + 1e-9:
+        what = f"embed.pool_size={size} actors x {ngpu:g} GPU each need {size * ngpu:g} GPUs, the cluster has {gpus:g}"
+        if not can_grow:
+            raise ValueError(f"{what}{' (no GPU)' if not gpus else ''}: lower embed.pool_size or "
+                             "embed.num_gpus_per_actor, or set embed.num_gpus_per_actor=0 for CPU actors (the pool "
+                             "would wait forever)")
+        log.warning("embed: %s now; the pool waits for the autoscaler to add GPU nodes (on a fixed-size cluster, "
+                    "lower embed.pool_size or embed.num_gpus_per_actor)", what)
     cpu_per = actor_cpus(size, cpus)
     return {"size": size, "num_cpus": cpu_per, "num_gpus": float(ngpu), "threads": max(1, int(cpu_per)),
             "batch_size": int(e.batch_size or (256 if ngpu > 0 else 32))}
@@ -709,8 +717,9 @@ def run_embed(cfg: Config) -> dict:
     if absent:
         log.warning("embed: configured modalities without any records are left out of the table: %s", absent)
 
-    init_ray(cfg)
-    plan = pool_plan(cfg, cluster_resources())
+    rctx = init_ray(cfg)
+    # a joined cluster may be autoscaling: GPUs it lacks now may come when the pool asks for them
+    plan = pool_plan(cfg, cluster_resources(), can_grow=rctx.address is not None)
     spec, shapes = embedding_spec(cfg, kinds, pass_shapes)
     label_cols = [c for c in cfg.ingest.label_columns if c in samples.column_names]
     missing_labels = sorted(set(cfg.ingest.label_columns) - set(label_cols))
