@@ -7,9 +7,10 @@ framework-free loop in its own process (``tune.fold_runner`` "trial", the
 default for 1-worker training) or by building and fitting a V2
 ``TorchTrainer`` itself ("ray_train"; a ``TorchTrainer`` cannot be handed to
 a ``Tuner`` in Ray 2.60), and reports after every fold, so ASHA can stop a
-hopeless trial after its first folds. Outputs under ``<out_dir>/tune``: ``results.csv`` (one row per
-trial), ``best_config.yaml`` (accepted unchanged by `raypipe train --config`)
-and the final model trained with it on the whole training portion.
+hopeless trial after its first folds. Outputs under ``<out_dir>/tune``:
+``results.csv`` (one row per trial), ``best_config.yaml`` (accepted unchanged
+by `raypipe train --config`) and the final model trained with it on the whole
+training portion.
 """
 
 from __future__ import annotations
