@@ -208,19 +208,41 @@ class TensorFusion(FusionMethod):
 
 
 class CLUB(nn.Module):
-    """Contrastive log-ratio upper bound of I(u; s) (Cheng et al., ICML 2020) with a Gaussian q(s|u)."""
+    """Contrastive log-ratio upper bound of I(u; s) (Cheng et al., ICML 2020) with a Gaussian q(s|u).
+
+    Two roles, two losses, as in the paper's alternating scheme: the q-network (``mu``, ``logvar``)
+    is fitted by its own log-likelihood on *detached* samples (:meth:`learning_loss`), and the
+    encoders that produce u and s minimise the bound evaluated with the q-network *frozen*
+    (:meth:`upper_bound`). With one optimiser over all parameters this is what keeps the bound
+    from training q: the bound's gradient reaches u and s only, the likelihood's reaches q only.
+    """
 
     def __init__(self, d: int):
         super().__init__()
         self.mu = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
         self.logvar = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.Tanh())
 
-    def log_likelihood(self, u, s):
-        mu, logvar = self.mu(u), self.logvar(u)
+    def forward(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mu(u), self.logvar(u)
+
+    def _frozen(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q's outputs with its parameters detached: gradients flow to ``u``, never into q."""
+        params = {k: v.detach() for k, v in self.named_parameters()}
+        return torch.func.functional_call(self, params, (u,))
+
+    def log_likelihood(self, u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Mean over samples of log q(s|u) up to constants (x2), summed over dimensions."""
+        mu, logvar = self(u)
         return (-((s - mu) ** 2) / logvar.exp() - logvar).sum(dim=1).mean()
 
-    def upper_bound(self, u, s):
-        mu, logvar = self.mu(u), self.logvar(u)
+    def learning_loss(self, u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """What fits q: the negative log-likelihood on detached samples, per dimension (its scale does
+        not grow with the width, so it does not dominate the loop's global gradient-norm clip)."""
+        return -self.log_likelihood(u.detach(), s.detach()) / u.shape[1]
+
+    def upper_bound(self, u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """CLUB estimate: mean_i [log q(s_i|u_i) - mean_j log q(s_j|u_i)], q frozen."""
+        mu, logvar = self._frozen(u)
         positive = -((s - mu) ** 2) / 2 / logvar.exp()
         negative = -((s.unsqueeze(0) - mu.unsqueeze(1)) ** 2).mean(dim=1) / 2 / logvar.exp()
         return (positive.sum(-1) - negative.sum(-1)).mean()
@@ -259,11 +281,20 @@ class DisentangledDenseFusion(FusionMethod):
         if batch.get("y") is not None:
             task = self.task_loss(logits, batch["y"])
             shared = (((S - s_mean.unsqueeze(1).detach()) ** 2).mean(-1) * mf.squeeze(-1)).sum() / mf.sum().clamp_min(1)
-            mi = sum(self.club[m].upper_bound(ui, si) for m, ui, si in zip(self.modalities, u, s)) / len(u)
-            # q(s|u) is fitted by likelihood on detached features; the encoders only see the bound
-            fit_q = -sum(self.club[m].log_likelihood(ui.detach(), si.detach())
-                         for m, ui, si in zip(self.modalities, u, s)) / len(u)
-            out["loss"] = task + self.lambda_shared * shared + self.lambda_mi * mi + 0.1 * fit_q
+            # CLUB on the rows where the modality is present (an absent one's e_m(0) carries no
+            # information to disentangle); the encoders see only the bound (q frozen inside it),
+            # q sees only its likelihood on detached features (METHOD 2, ddf)
+            mi_terms, fit_terms = [], []
+            for i, m in enumerate(self.modalities):
+                rows = mask[:, i]
+                if int(rows.sum()) < 2:
+                    continue
+                mi_terms.append(self.club[m].upper_bound(u[i][rows], s[i][rows]))
+                fit_terms.append(self.club[m].learning_loss(u[i][rows], s[i][rows]))
+            zero = logits.sum() * 0.0
+            mi = torch.stack(mi_terms).mean() if mi_terms else zero
+            fit_q = torch.stack(fit_terms).mean() if fit_terms else zero
+            out["loss"] = task + self.lambda_shared * shared + self.lambda_mi * mi + fit_q
             out["loss_mi"] = mi.detach()
         return out
 
@@ -415,18 +446,48 @@ class OGMGE(FusionMethod):
 class PMR(FusionMethod):
     """PMR (Fan et al., CVPR 2023): class prototypes per modality c_{m,k} (updated at each epoch start
     from the class means of h_m: c <- 0.2 c + 0.8 mean [decision: momentum 0.2 on the old value]);
-    prototype logits -||h_m - c_k||; the prototype CE is added with weight alpha to the weaker
-    modalities only (prototype-score ratio rho_m < 1)."""
+    prototype logits -||h_m - c_k||, prototype distribution p_m = softmax(-||h_m - c_k||).
+
+    Two terms on top of the fused task loss, both steered by the prototype scores
+    s_m = mean over the batch's samples that have modality m of p_m[y]:
+
+    * prototypical cross-entropy (PCE), weight ``alpha``, on every *weaker* modality
+      (s_m below the mean of the others' scores): pulls its features towards its class prototypes;
+    * prototypical entropy regularisation (PER), weight ``entropy_weight`` (mu), on every
+      *dominant* modality (s_m above the others' mean), during the first ``entropy_epochs`` epochs
+      only: the loss *subtracts* mu * H(p_m), so the dominant modality is kept from becoming
+      over-confident early and leaving the weaker ones no gradient. [decision: mu = 0.1 and
+      10 epochs are this project's defaults, not the paper's; ``entropy_weight=0`` turns PER off.]
+    """
 
     info = MethodInfo("pmr", "training-strategy", hooks=("on_epoch_start",), tasks=("binary", "multiclass"),
                       description="prototypical modal rebalance")
 
-    def __init__(self, specs, task, n_outputs, hidden_dim=128, alpha: float = 1.0, momentum: float = 0.2):
+    def __init__(self, specs, task, n_outputs, hidden_dim=128, alpha: float = 1.0, momentum: float = 0.2,
+                 entropy_weight: float = 0.1, entropy_epochs: int = 10):
         super().__init__(specs, task, n_outputs, hidden_dim)
+        if entropy_weight < 0:
+            raise ValueError(f"pmr: entropy_weight must be >= 0, got {entropy_weight}")
         self.alpha, self.momentum = alpha, momentum
+        self.entropy_weight, self.entropy_epochs = entropy_weight, entropy_epochs
         self.head = mlp(len(specs) * hidden_dim, hidden_dim, n_outputs)
         self.register_buffer("prototypes", torch.zeros(len(specs), n_outputs, hidden_dim))
         self.register_buffer("initialised", torch.tensor(False))
+        self.epoch = 0  # set by on_epoch_start from the loop's context (PER runs in early epochs only)
+
+    def prototype_logits(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """-||h_m - c_{m,k}|| for every modality: (B, K) each."""
+        return [-torch.cdist(h, self.prototypes[i]) for i, h in enumerate(hs)]
+
+    @staticmethod
+    def prototype_scores(proto_logits: list[torch.Tensor], y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """s_m: mean probability of the true class under modality m's prototypes, over its present rows."""
+        scores = []
+        for i, pl in enumerate(proto_logits):
+            rows = mask[:, i]
+            p = pl[rows].softmax(-1).gather(1, y[rows].long().view(-1, 1))
+            scores.append(p.mean() if rows.any() else pl.new_tensor(float("nan")))
+        return torch.stack(scores)
 
     def forward(self, batch, full_mask=None):
         mask, y = batch["mask"], batch.get("y")
@@ -436,20 +497,31 @@ class PMR(FusionMethod):
         if y is not None:
             loss = self.task_loss(logits, y)
             if bool(self.initialised):
-                proto_logits = [-torch.cdist(h, self.prototypes[i]) for i, h in enumerate(hs)]
+                proto_logits = self.prototype_logits(hs)
                 with torch.no_grad():
-                    s = torch.stack([pl.softmax(-1).gather(1, y.long().view(-1, 1)).sum() for pl in proto_logits])
+                    s = self.prototype_scores(proto_logits, y, mask)
+                per_active = self.entropy_weight > 0 and self.epoch < self.entropy_epochs
+                entropy_sum = logits.new_zeros(())
                 for i, pl in enumerate(proto_logits):
-                    others = torch.cat([s[:i], s[i + 1:]]).mean()
-                    if s[i] < others:  # the weaker modality
-                        sel = mask[:, i]
-                        if sel.any():
-                            loss = loss + self.alpha * F.cross_entropy(pl[sel], y[sel].long())
+                    sel = mask[:, i]
+                    others = torch.cat([s[:i], s[i + 1:]])
+                    others = others[~torch.isnan(others)]
+                    if not sel.any() or len(others) == 0:
+                        continue
+                    if s[i] < others.mean():  # a weaker modality: prototypical cross-entropy
+                        loss = loss + self.alpha * F.cross_entropy(pl[sel], y[sel].long())
+                    elif per_active and s[i] > others.mean():  # a dominant one: entropy regulariser
+                        logp = pl[sel].log_softmax(-1)
+                        entropy = -(logp.exp() * logp).sum(-1).mean()
+                        entropy_sum = entropy_sum + entropy.detach()
+                        loss = loss - self.entropy_weight * entropy
+                out["loss_pmr_entropy"] = entropy_sum
             out["loss"] = loss
         return out
 
     @torch.no_grad()
     def on_epoch_start(self, ctx):
+        self.epoch = int(ctx.epoch)
         M, K, D = self.prototypes.shape
         sums = torch.zeros(M, K, D, dtype=torch.float64)
         counts = torch.zeros(M, K, dtype=torch.float64)
