@@ -26,7 +26,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # stage that is not built yet gives a clear message instead of an ImportError.
 STAGES: dict[str, tuple[str, str]] = {
     "synth": ("raypipe.synth", "write_cohort"),
-    "ingest": ("raypipe.ingest.pipeline", "run_ingest"),
+    "ingest": ("raypipe.ingest.scan_pipeline", "run_ingest_auto"),  # manifest.csv, patients/, or a scan
+    "scan": ("raypipe.ingest.scan_pipeline", "run_scan"),
     "embed": ("raypipe.embed.pipeline", "run_embed"),
     "train": ("raypipe.train.trainer", "run_train"),
     "tune": ("raypipe.tune.search", "run_tune"),
@@ -93,8 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Decode a cohort (manifest.csv + files) into Parquet records, a samples table "
                        "and a quarantine (errors) table; prints the reconciliation of files seen/ingested/quarantined.")
     _common(p)
-    p.add_argument("--input", help="cohort directory with manifest.csv (ingest.input)")
+    p.add_argument("--input", help="cohort directory (ingest.input): with manifest.csv, with the patients/<id>/ "
+                                   "folder layout, or any folder of DICOM/NIfTI/... files, which is scanned first "
+                                   "as by `raypipe scan` (ingest.scan.*)")
     p.add_argument("--out", help="records output directory (ingest.out)")
+
+    p = sub.add_parser("scan", help="infer a manifest from a folder of DICOM (and other) files, print a summary",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Read the DICOM headers of every file under --input (without pixel data, in "
+                       "parallel with Ray Data),\ngroup them by PatientID / StudyInstanceUID / SeriesInstanceUID / "
+                       "Modality, map DICOM Modality to the\nconfigured modalities (ingest.scan.modality_map), assign "
+                       "NIfTI/PNG/JPEG/GeoTIFF/CSV/TXT files by\nname and folder, and print patients, studies and "
+                       "series per modality and the files it could not\nuse. Nothing is ingested.",
+                       epilog="Writes <out_dir>/scan (ingest.scan.out): inferred_manifest.csv (pseudonymous sample "
+                       "ids and paths,\nfor review), scan_errors.parquet (every file not in the manifest, with why: "
+                       "unreadable,\nunmapped, unassigned, skipped) and scan_summary.json. `raypipe ingest --input "
+                       "DIR` does the\nsame scan when DIR has no manifest.csv and no patients/ folder, then ingests "
+                       "the result.\nExample: raypipe scan --input /data/pacs_export --set "
+                       "ingest.modalities.mr.kind=volume")
+    _common(p)
+    p.add_argument("--input", required=True, help="folder to scan (ingest.input)")
 
     p = sub.add_parser("embed", help="embed records with ResNet34 / BERT actor pools (Ray Data)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -172,6 +191,7 @@ def _cli_overrides(args: argparse.Namespace) -> list[str]:
     flag_keys = {
         "synth": {"cohort": "synth.cohort", "n": "synth.n", "out": "synth.out", "seed": "synth.seed"},
         "ingest": {"input": "ingest.input", "out": "ingest.out"},
+        "scan": {"input": "ingest.input"},
         "embed": {"input": "embed.input", "out": "embed.out"},
         "train": {"method": "train.method", "input": "train.input", "out": "train.out"},
         "compare": {"folds": "tune.folds"},

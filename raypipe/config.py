@@ -117,6 +117,19 @@ class EHRConfig(_Section):
     normalisation: str | None = None
 
 
+class ScanConfig(_Section):
+    """Ingest from a folder without a manifest (``raypipe scan``, ``raypipe ingest --input DIR``)."""
+
+    #: auto: scan when the input has neither manifest.csv nor a patients/ folder; always; never
+    use: Literal["auto", "always", "never"] = "auto"
+    out: str | None = None  # inferred manifest, scan errors and summary; default: <run.out_dir>/scan
+    #: DICOM Modality (0008,0060) -> configured ingest modality; a code without an entry, or whose
+    #: target is not in ingest.modalities, is reported as unmapped (never silently dropped)
+    modality_map: dict[str, str] = Field(default_factory=lambda: {
+        "CT": "ct", "PT": "pet", "MR": "mr", "CR": "xray", "DX": "xray", "DR": "xray"})
+    files_per_task: int = Field(512, ge=1)  # DICOM headers read per Ray task
+
+
 class IngestConfig(_Section):
     input: str | None = None  # cohort root (manifest.csv inside); default: synth.out
     out: str | None = None  # default: <run.out_dir>/records
@@ -130,6 +143,7 @@ class IngestConfig(_Section):
     #: work items (slices, files) per Ray task: fixed, so output files do not depend on the cluster size;
     #: larger amortises Ray's per-task cost (benchmarks/RESULTS.md), smaller streams in finer steps
     items_per_task: int = Field(128, ge=1)
+    scan: ScanConfig = Field(default_factory=ScanConfig)
 
 
 # ---------------------------------------------------------------------------- embed
