@@ -32,6 +32,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("raypipe.train.trainer", "run_train"),
     "tune": ("raypipe.tune.search", "run_tune"),
     "compare": ("raypipe.tune.compare", "run_compare"),
+    "import": ("raypipe.tables", "run_import"),
     "infer": ("raypipe.infer.pipeline", "run_infer"),
     "report": ("raypipe.report.html", "write_report"),
 }
@@ -65,7 +66,9 @@ def _common(p: argparse.ArgumentParser, config_help: str = "YAML config (default
                    help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--out-dir", help="run output directory (sets run.out_dir)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, Ray's own messages on the console (else only in <out_dir>/logs/ray.log), "
+                   "full results and tracebacks")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,9 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "train.num_workers (DDP), train.use_gpu. See docs/train.md.\n"
                        "Example: raypipe train --config configs/demo.yaml --method concat")
     _common(p)
-    p.add_argument("--method", help="fusion method name (train.method)")
-    p.add_argument("--input", help="embeddings directory (train.input)")
+    p.add_argument("--method", help="fusion method name (train.method); auto: cross-validate the candidates "
+                                    "(train.auto.*), ensemble them and keep the best (docs/tune.md)")
+    p.add_argument("--input", help="embeddings directory (train.input): `raypipe embed`'s output or a table of "
+                                   "your own (`raypipe import`, raypipe.tables.write_embeddings)")
     p.add_argument("--out", help="run directory (train.out)")
+    p.add_argument("--metric", help="with --method auto: the metric that ranks the candidates (train.auto.metric; "
+                                    "default the task's main metric: auroc, r2)")
 
     p = sub.add_parser("tune", help="cross-validated hyper-parameter search (Ray Tune)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -153,14 +160,51 @@ def build_parser() -> argparse.ArgumentParser:
                        "(tune.fold_runner=ray_train; the default with train.num_workers > 1).\nCtrl+C stops the search "
                        "(exit 1, no best config); the same command again resumes it at the\nfirst unfinished fold of "
                        "each trial. Example: raypipe tune --config configs/demo.yaml \\\n"
-                       "  --set tune.num_samples=8 --set tune.folds=3 --set tune.scheduler=asha")
+                       "  --set tune.num_samples=8 --set tune.folds=3 --set tune.scheduler=asha\n"
+                       "Rows: the training portion (not the test split); --set tune.holdout=none "
+                       "cross-validates every row\n(the final model is trained and tested as `raypipe train` "
+                       "does). folds.parquet says which row is in which fold.")
     _common(p)
+    p.add_argument("--input", help="embeddings directory (train.input)")
+    p.add_argument("--metric", help="metric the search ranks by (tune.metric; default the task's main metric: "
+                                    "auroc, r2; any metric the task reports, e.g. accuracy, macro_f1, mae)")
+    p.add_argument("--folds", type=int, help="number of folds (tune.folds)")
 
     p = sub.add_parser("compare", help="compare fusion methods on the same folds with paired t-tests",
-                       description="Run several methods on the same k folds; table of mean ± std and paired t-tests.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run several methods on the same k folds; table of mean ± std and paired t-tests.",
+                       epilog="Rows: every row not in the test split (the table's split column, else "
+                       "ingest.test_fraction);\n--set tune.holdout=none uses every row. Writes <out_dir>/compare/: "
+                       "folds.parquet (sample_id -> fold),\nfolds.csv (metrics per method and fold), table.csv "
+                       "(<metric>_mean, <metric>_std with ddof=1, p-values),\nsummary.json, report.html. "
+                       "Example:\n  raypipe compare --input my_emb --methods concat,late,omnifuse --metric accuracy")
     _common(p)
     p.add_argument("--methods", help="comma-separated method names (first is compared against the rest)")
     p.add_argument("--folds", type=int, help="number of folds (tune.folds)")
+    p.add_argument("--input", help="embeddings directory (train.input)")
+    p.add_argument("--metric", help="metric of the t-tests and ranking (tune.metric; default the task's main "
+                                    "metric: auroc, r2; any metric the task reports, e.g. accuracy, macro_f1)")
+    p.add_argument("--ablation", action="store_true", help="with omnifuse listed: also OmniFuse's four ablation "
+                   "rows b, c, d, f (each about one more omnifuse fit per fold)")
+
+    p = sub.add_parser("import", help="convert your own embeddings (Parquet, CSV, NPZ) into an embeddings table",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Write an embeddings table (the format `raypipe embed` writes) from a file of "
+                       "your own embeddings,\nchecking ids, shapes, masks and labels.",
+                       epilog="Column names: sample_id; label or label_<name> (numbers; classes as 0..C-1); per "
+                       "modality m either\nemb_<m> (a list column, or an (N, d) / (N, T, F) array in NPZ) or "
+                       "emb_<m>_0 .. emb_<m>_<d-1>\n(numbers; all empty where the sample lacks m); optional "
+                       "mask_<m> (1/0), split (train/test);\nevery other column is a group column (site, sex, ...). "
+                       "See docs/tables.md. Example:\n  raypipe import --input my_embeddings.parquet --out runs/my/"
+                       "embeddings && raypipe compare --input runs/my/embeddings")
+    _common(p)
+    p.add_argument("--input", required=True, help="a .parquet, .csv or .npz file")
+    p.add_argument("--out", help="output directory (default <out_dir>/embeddings, what train reads)")
+    p.add_argument("--label-columns", help="comma-separated label columns (default: label and label_*)")
+    p.add_argument("--id-column", default="sample_id", help="the id column (default sample_id)")
+    p.add_argument("--task", choices=["binary", "multiclass", "multilabel", "regression"],
+                   help="check the labels against this task")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing table at --out")
 
     p = sub.add_parser("infer", help="batch predictions from a trained run (Ray Data)",
                        description="Predict for every sample of an embeddings table (or raw cohort) with a trained run.")
@@ -193,8 +237,9 @@ def _cli_overrides(args: argparse.Namespace) -> list[str]:
         "ingest": {"input": "ingest.input", "out": "ingest.out"},
         "scan": {"input": "ingest.input"},
         "embed": {"input": "embed.input", "out": "embed.out"},
-        "train": {"method": "train.method", "input": "train.input", "out": "train.out"},
-        "compare": {"folds": "tune.folds"},
+        "train": {"method": "train.method", "input": "train.input", "out": "train.out", "metric": "train.auto.metric"},
+        "tune": {"input": "train.input", "metric": "tune.metric", "folds": "tune.folds"},
+        "compare": {"folds": "tune.folds", "input": "train.input", "metric": "tune.metric"},
         "infer": {"checkpoint": "infer.checkpoint", "input": "infer.input", "out": "infer.out"},
         "report": {"run_dir": "report.run_dir"},
         "demo": {"n": "synth.n"},
@@ -222,7 +267,55 @@ def _print_result(title: str, result: Any) -> None:
         print(result)
 
 
+def _quiet(cfg: Config) -> bool:
+    from raypipe import console
+
+    return cfg.ray.quiet and not console.verbose()
+
+
+def _scalars(result: dict, limit: int = 8) -> str:
+    """A result's top-level numbers and short strings as ``k=v, ...`` (one summary line)."""
+    parts = []
+    for k, v in result.items():
+        if k in ("ok", "printed") or isinstance(v, (dict, list, tuple)) or v is None:
+            continue
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        elif isinstance(v, str) and len(v) > 100:
+            continue
+        parts.append(f"{k}={v}")
+        if len(parts) == limit:
+            break
+    return ", ".join(parts)
+
+
+def _print_step(cfg: Config, title: str, result: Any) -> None:
+    """A pipeline step's result: one summary line (plus the stage's own table) on a quiet console, the
+    full result in the run log; everything as JSON with -v or ray.quiet=false."""
+    if not _quiet(cfg):
+        _print_result(title, result)
+        return
+    from raypipe import console
+
+    logging.getLogger(console.FILE_ONLY).info("%s: %s", title, json.dumps(result, sort_keys=True, default=str))
+    if not isinstance(result, dict):
+        print(f"== {title}" + (f": {result}" if result is not None else ""))
+        return
+    per_method = [k for k, v in result.items() if isinstance(v, dict) and "ok" in v]
+    if per_method and len(per_method) == len(result):  # train: {method: result}
+        print(f"== {title}")
+        for k in per_method:
+            print(f"   {k}: {_scalars(result[k])}")
+        return
+    print(f"== {title}: {_scalars(result)}")
+    if result.get("printed"):
+        print(result["printed"])
+
+
 def _setup_logging(verbose: bool) -> None:
+    from raypipe import console
+
+    console.set_verbose(verbose)  # quiet console unless -v (raypipe.console, ray.quiet)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("urllib3", "filelock", "matplotlib", "PIL"):
@@ -234,7 +327,14 @@ def _run_stage(name: str, cfg: Config, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if name == "compare":
         methods = args.methods.split(",") if args.methods else None
-        result = func(cfg, methods=methods)
+        result = func(cfg, methods=methods, ablation=args.ablation)
+    elif name == "import":
+        result = func(cfg, args.input, args.out, args.label_columns.split(",") if args.label_columns else None,
+                      args.id_column, args.task, args.overwrite)
+    elif name == "train" and cfg.train.method == "auto":
+        from raypipe.tune.auto import run_auto
+
+        result = run_auto(cfg)
     else:
         result = func(cfg)
     _print_result(f"{name} done in {time.perf_counter() - t0:.1f}s", result)
@@ -258,6 +358,10 @@ def run_pipeline(cfg: Config, steps: tuple[str, ...] = PIPELINE_STEPS, methods: 
     done, pending = [], []
     t_all = time.perf_counter()
     print(f"raypipe {title}: output under {os.path.abspath(cfg.run.out_dir)}")
+    if _quiet(cfg):
+        from raypipe import console
+
+        console.open_run_log(cfg.run.out_dir)  # the steps' full results and Ray's messages
     for step in steps:
         try:
             func = resolve_stage(step)
@@ -271,11 +375,13 @@ def run_pipeline(cfg: Config, steps: tuple[str, ...] = PIPELINE_STEPS, methods: 
             init_ray(cfg)
         t0 = time.perf_counter()
         if step == "train":
-            result = {m: func(cfg.model_copy(update={"train": cfg.train.model_copy(update={"method": m})}))
-                      for m in methods}
+            if "auto" in methods:
+                from raypipe.tune.auto import run_auto
+            result = {m: (run_auto if m == "auto" else func)(
+                cfg.model_copy(update={"train": cfg.train.model_copy(update={"method": m})})) for m in methods}
         else:
             result = func(cfg)
-        _print_result(f"{title} step {step} ({time.perf_counter() - t0:.1f}s)", result)
+        _print_step(cfg, f"{title} step {step} ({time.perf_counter() - t0:.1f}s)", result)
         if isinstance(result, dict) and result.get("ok") is False:
             print(f"{title} stopped: step {step} reported a failure (see above)", file=sys.stderr)
             return EXIT_FAILED
@@ -352,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         kind = "" if isinstance(err, (MissingSecretError, FileNotFoundError, ValueError)) else f"{type(err).__name__}: "
         print(f"raypipe {args.command}: {kind}{err}", file=sys.stderr)
         print("(run again with --verbose for the full traceback)", file=sys.stderr)
+        from raypipe import console
+
+        if console.run_log_path():
+            print(f"(Ray's messages: {console.run_log_path()})", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -10,12 +10,13 @@ wrong type fails with one line naming the key and the file::
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,10 @@ class RayConfig(_Section):
     num_gpus: int | None = None  # local Ray only; None = autodetect
     progress_bars: bool = True
     log_to_driver: bool = True
+    #: quiet console: Ray's own output (warnings, worker and raylet messages, Ray Data's progress
+    #: logs) goes to <run.out_dir>/logs/ray.log instead of the console; raypipe's lines and Ray
+    #: Data's progress bars (on a terminal) stay. `raypipe -v` shows Ray's output as well.
+    quiet: bool = True
     object_store_memory: int | None = None  # bytes, local Ray only
     #: start the dashboard with a local Ray (bound to 127.0.0.1). None: when ray[default] is
     #: installed (it serves the state API that Ray Train V2's controller polls; a minimal
@@ -55,6 +60,10 @@ class PrivacyConfig(_Section):
     secret_env: str = "RAYPIPE_ID_SECRET"
     #: allow the fixed, public demo secret (only for synthetic data: demo and tests)
     allow_demo_secret: bool = False
+    #: write input-relative paths as they are into errors.source_path; default (false): every path
+    #: component is replaced by its keyed hash, since folder and file names often carry names,
+    #: birth dates or accession numbers. Set true only when the outputs stay where the inputs are.
+    plain_paths: bool = False
 
 
 # ---------------------------------------------------------------------------- synth
@@ -68,6 +77,10 @@ class MissingConfig(_Section):
 
 class SynthConfig(_Section):
     cohort: Literal["clinical", "regions"] = "clinical"
+    #: clinical cohort's generative model: v1 = raypipe.synth.latent (independent factors),
+    #: v2 = raypipe.synth.latent2 (cross-modal redundancy, PET dominant and missing by site and
+    #: severity, slow-to-fit EHR; docs/synthetic.md). v2 ignores synth.missing unless rate is set.
+    generator: Literal["v1", "v2"] = "v1"
     n: int = Field(200, ge=4)
     seed: int = 0
     out: str | None = None  # default: <run.out_dir>/cohort
@@ -92,13 +105,28 @@ class ModalityIngest(_Section):
     #: intensity window [lo, hi] after rescale (HU for CT, SUV or activity for PET) mapped to [0, 1];
     #: null: per-slice min-max normalisation (each slice scaled by its own min and max; meta.normalisation)
     window: tuple[float, float] | None = None
-    size: int = Field(224, ge=8)  # output in-plane size (square)
+    size: int = Field(224, ge=8, le=4096)  # output in-plane size (square); at most 4096 (memory per record)
     slices: SliceSelection = Field(default_factory=SliceSelection)
     frame: int = 0  # 4-D NIfTI: which frame
     bands: list[int] | list[str] | None = None  # geotiff band selection (index or name); None = all
     percentiles: tuple[float, float] = (2.0, 98.0)  # geotiff per-band normalisation
-    max_words: int = Field(150, ge=1)  # reports
+    max_words: int = Field(150, ge=1, le=100_000)  # reports
     channels: Literal["gray", "rgb"] = "gray"  # 2-D images
+
+    @field_validator("window")
+    @classmethod
+    def _finite_window(cls, v):
+        if v is not None and not (all(math.isfinite(x) for x in v) and v[0] < v[1]):
+            raise ValueError(f"window must be two finite numbers [lower, upper] with lower < upper (got {list(v)}); "
+                             "null = per-slice min-max")
+        return v
+
+    @field_validator("percentiles")
+    @classmethod
+    def _percentile_range(cls, v):
+        if not (all(math.isfinite(x) for x in v) and 0 <= v[0] < v[1] <= 100):
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100 (got {list(v)})")
+        return v
 
 
 def _default_modalities() -> dict[str, ModalityIngest]:
@@ -115,6 +143,33 @@ class EHRConfig(_Section):
     window_hours: float = Field(48.0, gt=0)
     #: a saved ehr_normalisation.json to apply unchanged (inference, new cohorts); None = fit on the train split
     normalisation: str | None = None
+    #: physiological limits [low, high] per continuous variable (e.g. {"Heart Rate": [0, 390]}) overriding
+    #: the MIMIC-III benchmark's outlier bounds (raypipe/ingest/ehr.py OUTLIER_RANGES); values outside
+    #: are dropped as outliers and counted (meta.outliers)
+    outlier_ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _bounded_steps(self):
+        steps = self.window_hours / self.step_hours
+        if not math.isfinite(steps) or steps > 10_000:
+            raise ValueError(f"window_hours / step_hours = {steps:g} steps per stay; at most 10000")
+        for var, (lo, hi) in self.outlier_ranges.items():
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"outlier_ranges[{var!r}] must be two finite numbers with low < high")
+        return self
+
+
+class IngestLimits(_Section):
+    """Per-file limits checked before anything is decompressed or allocated (docs/ingest.md,
+    "Security and privacy"); a file over a limit is quarantined as ResourceLimit."""
+
+    max_file_bytes: int = Field(2 * 1024**3, ge=1)  # any input file (and a deflated DICOM's inflated size)
+    #: declared voxels of one file or volume: rows x columns x frames x samples (DICOM), the voxels of
+    #: the one 3-D frame read (NIfTI), pixels x bands (TIFF), pixels (2-D images); 2**28 = 1 GiB as float32
+    max_voxels: int = Field(2**28, ge=1)
+    max_frames: int = Field(20_000, ge=1)  # frames of one multi-frame DICOM file
+    max_report_bytes: int = Field(1024**2, ge=1)  # bytes of a report read (the rest is ignored)
+    max_table_bytes: int = Field(256 * 1024**2, ge=1)  # EHR and tabular CSV files
 
 
 class ScanConfig(_Section):
@@ -135,6 +190,7 @@ class IngestConfig(_Section):
     out: str | None = None  # default: <run.out_dir>/records
     modalities: dict[str, ModalityIngest] = Field(default_factory=_default_modalities)
     ehr: EHRConfig = Field(default_factory=EHRConfig)
+    limits: IngestLimits = Field(default_factory=IngestLimits)
     label_columns: list[str] = Field(default_factory=lambda: ["label"])
     group_columns: list[str] = Field(default_factory=lambda: ["site", "sex", "age_band"])
     #: fraction of input files that may be quarantined before the run exits non-zero
@@ -199,6 +255,24 @@ class OmniFuseConfig(_Section):
     use_tla: bool = True
 
 
+class AutoConfig(_Section):
+    """``train.method: auto``: pick (and ensemble) fusion methods by k-fold CV (docs/tune.md)."""
+
+    #: methods to cross-validate: names, or {"method": name, <train key>: value, ...} to give one
+    #: candidate its own train settings (e.g. {"method": "omnifuse", "epochs": 50}); empty =
+    #: every registered method suited to the task, each with the train section's settings
+    candidates: list[str | dict[str, Any]] = Field(default_factory=list)
+    folds: int = Field(5, ge=2)
+    #: seconds for the cross-validation; fits still running then are cancelled and their
+    #: candidates skipped (named in the summary and the leaderboard). None = no limit
+    time_limit: float | None = Field(None, gt=0)
+    #: the metric that ranks candidates and builds the ensemble: "auto" = the task's main metric
+    #: (auroc / r2), or any metric the task reports (accuracy, macro_f1, auprc, brier, mae, ...)
+    metric: str = "auto"
+    #: greedy ensemble selection steps (Caruana et al. 2004, with replacement); 0 = no ensemble
+    ensemble_size: int = Field(25, ge=0)
+
+
 class TrainConfig(_Section):
     input: str | None = None  # embeddings dir; default: embed.out
     out: str | None = None  # run dir; default: <run.out_dir>/train/<method>
@@ -220,6 +294,8 @@ class TrainConfig(_Section):
     omnifuse: OmniFuseConfig = Field(default_factory=OmniFuseConfig)
     #: extra keyword arguments for the chosen method (e.g. {"rho": 0.5} for metafusion)
     method_args: dict[str, Any] = Field(default_factory=dict)
+    #: with method "auto": the candidates, folds, time limit, metric and ensemble (AutoConfig)
+    auto: AutoConfig = Field(default_factory=AutoConfig)
 
 
 # ---------------------------------------------------------------------------- tune / infer / report
@@ -229,7 +305,12 @@ class TuneConfig(_Section):
     folds: int = Field(5, ge=2)
     search: Literal["random", "grid", "optuna"] = "random"
     scheduler: Literal["fifo", "asha"] = "fifo"
-    metric: str = "auroc"
+    #: what tune and compare rank by: "auto" = the task's main metric (auroc / r2), or any metric
+    #: the task reports (accuracy, macro_f1, f1, auprc, brier, r2, mae, smape, ...)
+    metric: str = "auto"
+    #: rows tune and compare cross-validate: "test_split" = every row not in the test split (the
+    #: table's split column, else ingest.test_fraction); "none" = every row of the table
+    holdout: Literal["test_split", "none"] = "test_split"
     max_concurrent_trials: int | None = None
     space: dict[str, Any] = Field(default_factory=dict)  # overrides of the default search space
     #: how a trial fits its folds: "trial" = the framework-free loop inside the trial's own process

@@ -54,3 +54,11 @@ def test_strata_for_regression_and_multilabel():
 def test_too_many_folds():
     with pytest.raises(ValueError, match="cannot make 5 folds from 3 patients"):
         kfold_assignments(["a", "b", "c"], [0, 1, 0], k=5)
+
+
+def test_holdout_fraction_zero_holds_out_nothing():
+    # ingest.test_fraction: 0 (cross-validate every row) must not fail later in the splits
+    ids, y, pats = _data(50)
+    assert not holdout_mask(ids, y, pats, fraction=0.0).any()
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        holdout_mask(ids, y, fraction=1.0)

@@ -117,14 +117,59 @@ def _fold_score_by_hand(cfg, emb, trial, folds, fold):
 
 
 def test_compare_paired_ttest_table(ray_session, emb, tmp_path):
+    import numpy as np
+
     from raypipe.tune.compare import run_compare
 
     cfg = load_config(None, [f"run.out_dir={tmp_path}", f"train.input={emb}", "train.epochs=2", "train.hidden_dim=8",
-                             "train.batch_size=16", "tune.folds=3", "train.omnifuse.depth=1"])
-    summary = run_compare(cfg, methods=["omnifuse", "concat"])
+                             "train.batch_size=16", "tune.folds=3", "train.omnifuse.depth=1",
+                             "ray.progress_bars=false"])
+    summary = run_compare(cfg, methods=["omnifuse", "concat"], ablation=True)
     table = pd.read_csv(summary["table"])
     assert set(table.method) >= {"omnifuse", "concat", "omnifuse[b:dwfuse]", "omnifuse[f:no_dwfuse]"}
     assert 0 <= summary["p_values"]["concat"] <= 1
     folds = pd.read_csv(os.path.join(tmp_path, "compare", "folds.csv"))
     assert len(folds) == 6 * 3 and "auroc[ct]" in folds.columns
     assert os.path.isfile(os.path.join(tmp_path, "compare", "report.html"))
+    # numeric mean and std columns; the std is the sample std over the folds (ddof=1)
+    assert table["auroc_mean"].dtype.kind == "f" and table["f1_std"].dtype.kind == "f"
+    concat = folds[folds.method == "concat"]
+    row = table.set_index("method").loc["concat"]
+    assert row["auroc_std"] == pytest.approx(float(np.std(concat.auroc.to_numpy(), ddof=1)))
+    assert row["auroc_mean"] == pytest.approx(float(concat.auroc.mean()))
+    # compare writes which row is in which fold, like tune: the test split is not among them
+    fold_of = pd.read_parquet(os.path.join(tmp_path, "compare", "folds.parquet"))
+    from raypipe.train.tables import read_embeddings
+
+    t = read_embeddings(emb)
+    assert set(fold_of.sample_id) == set(t.sample_id[t.split != "test"]) and sorted(fold_of.fold.unique()) == [0, 1, 2]
+
+
+def test_compare_metric_holdout_none_and_no_ablation_by_default(ray_session, emb, tmp_path):
+    from raypipe.train.tables import read_embeddings
+    from raypipe.tune.compare import run_compare
+
+    cfg = load_config(None, [f"run.out_dir={tmp_path}", f"train.input={emb}", "train.epochs=1", "train.hidden_dim=8",
+                             "train.batch_size=32", "tune.folds=2", "train.omnifuse.depth=1", "tune.metric=brier",
+                             "tune.holdout=none", "ray.progress_bars=false"])
+    summary = run_compare(cfg, methods=["omnifuse", "late"])
+    table = pd.read_csv(summary["table"])
+    assert list(table.method) == ["omnifuse", "late"]  # ablation rows only when asked for
+    assert summary["metric"] == "brier" and summary["higher_is_better"] is False
+    assert summary["rank"] == sorted(["omnifuse", "late"], key=lambda m: summary["mean"][m])  # lower brier first
+    fold_of = pd.read_parquet(summary["folds_file"])
+    assert len(fold_of) == len(read_embeddings(emb)) == summary["rows"]  # every row, the test split too
+
+
+def test_compare_fails_fast_before_ray(emb, tmp_path):
+    import subprocess
+    import sys
+
+    for extra, message in ((["--metric", "accuracy"], "not reported for a binary task"),
+                           (["--set", "ingest.label_columns=[outcome]"], "label column(s) ['outcome']")):
+        proc = subprocess.run([sys.executable, "-m", "raypipe.cli", "compare", "--input", emb, "--out-dir",
+                               str(tmp_path), "--methods", "concat", *extra], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 1 and message in proc.stderr
+        assert "starting a local Ray" not in proc.stderr
+        assert not os.path.exists(os.path.join(tmp_path, ".ray"))

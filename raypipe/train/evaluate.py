@@ -31,6 +31,10 @@ def all_patterns(n_modalities: int) -> list[tuple[bool, ...]]:
 
 
 def _predict(predict_fn: PredictFn, x: dict[str, np.ndarray], mask: np.ndarray, batch_size: int = 4096):
+    if len(mask) == 0:  # no rows (e.g. ingest.test_fraction 0: no test split): the outputs' empty shapes
+        one = predict_fn({m: np.zeros((1,) + v.shape[1:], np.float32) for m, v in x.items()},
+                         np.ones((1, mask.shape[1]), bool))
+        return {k: np.asarray(v)[:0] for k, v in one.items()}
     outs: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(mask), batch_size):
         part = predict_fn({m: v[i:i + batch_size] for m, v in x.items()}, mask[i:i + batch_size])
@@ -107,7 +111,7 @@ def evaluate_test(predict_fn: PredictFn, x: dict[str, np.ndarray], mask: np.ndar
     result["missing_rate_curve"] = curve
     weights = {k[len("weight_"):]: v for k, v in natural.items() if k.startswith("weight_")}
     if weights:
-        result["reliability_mean"] = {m: float(np.nanmean(w)) for m, w in weights.items()}
+        result["reliability_mean"] = {m: float(np.nanmean(w)) if len(w) else float("nan") for m, w in weights.items()}
     if groups:
         result["subgroups"] = subgroup_metrics(task, y, natural["probabilities"], groups, gap_threshold)
     return result, natural

@@ -42,8 +42,13 @@ def kfold_assignments(sample_ids, labels, groups=None, k: int = 5, seed: int = 0
 
 
 def holdout_mask(sample_ids, labels, groups=None, fraction: float = 0.2, seed: int = 0) -> np.ndarray:
-    """Boolean mask of a held-out part of about ``fraction`` of the patients (grouped, stratified)."""
+    """Boolean mask of a held-out part of about ``fraction`` of the patients (grouped, stratified).
+
+    ``fraction`` 0 holds out nothing (every entry False): e.g. ``ingest.test_fraction: 0``.
+    """
+    if fraction == 0:
+        return np.zeros(len(np.asarray(sample_ids)), dtype=bool)
     if not 0 < fraction < 1:
-        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
     k = max(2, int(round(1.0 / fraction)))
     return kfold_assignments(sample_ids, labels, groups, k=k, seed=seed) == 0

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from raypipe.config import Config, config_from_dict, dump_config, fingerprint
+from raypipe.tune.folds import summarise
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,15 @@ def _fit_fold_in_trial(cfg: Config, meta: dict, data: tuple, fold: int) -> float
     out = loop.fit(method, part(fold_of != fold), part(fold_of == fold), meta["task"], epochs=tc.epochs,
                    batch_size=tc.batch_size, lr=tc.lr, weight_decay=tc.weight_decay, p_drop=tc.p_drop,
                    patience=tc.patience, seed=meta["seed"], device=device, precision=tc.precision)
-    return float(out["best_val"])
+    return _selected_score(out["history"], out["best_epoch"], meta, float(out["best_val"]))
+
+
+def _selected_score(history: list[dict], best_epoch: int, meta: dict, best_val: float) -> float:
+    """The fold's score on ``tune.metric`` at the best (early-stopping) epoch; the main metric's is best_val."""
+    metric = meta.get("select_metric") or meta.get("main_metric")
+    if metric is None or metric == meta.get("main_metric") or not best_epoch:
+        return best_val
+    return float(history[best_epoch - 1].get(f"val_{metric}", np.nan))
 
 
 def _cv_trainable(config: dict, base_config: dict, folds: dict, meta: dict, data: tuple | None = None) -> None:
@@ -176,14 +185,27 @@ def _cv_trainable(config: dict, base_config: dict, folds: dict, meta: dict, data
             val_ids = {s for s, v in folds.items() if v == f}
             result = fit_torch_trainer(cfg, meta, train_ids, val_ids, f"{cfg.run.name}-tune-{trial}-fold{f}",
                                        meta["storage_path"], log_epochs=False)
-            scores.append(float((result.metrics or {}).get("best_val", np.nan)))  # best validation score
+            scores.append(_trainer_fold_score(result, meta))
         with tempfile.TemporaryDirectory() as tmp:
             with open(os.path.join(tmp, CV_STATE_FILE), "w") as fh:
                 json.dump({"fold_scores": scores}, fh)
             ray.tune.report({"fold": f + 1, "fold_score": scores[-1], "cv_mean": float(np.nanmean(scores)),
-                             "cv_std": float(np.nanstd(scores)), "fold_seconds": time.perf_counter() - t0,
+                             "cv_std": summarise(np.asarray(scores))[1], "fold_seconds": time.perf_counter() - t0,
                              "fold_scores": json.dumps(scores)},
                             checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+
+
+def _trainer_fold_score(result, meta: dict) -> float:
+    """A TorchTrainer fold's score: ``tune.metric`` at the epoch that was best on the main metric."""
+    main = meta.get("main_metric")
+    metric = meta.get("select_metric") or main
+    best = (result.metrics or {}).get("best_val", np.nan)
+    if metric == main:
+        return float(best)  # best validation score
+    reports = [m for _, m in (getattr(result, "best_checkpoints", None) or []) if f"val_{main}" in m]
+    if not reports:
+        return float("nan")
+    return float(max(reports, key=lambda m: m[f"val_{main}"]).get(f"val_{metric}", np.nan))
 
 
 def search_fingerprint(cfg: Config) -> str:
@@ -212,8 +234,6 @@ def run_tune(cfg: Config, train_final: bool = True) -> dict:
 
     ``train_final=False`` stops after the search (the benchmark times the search alone).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -221,21 +241,24 @@ def run_tune(cfg: Config, train_final: bool = True) -> dict:
     from raypipe.train import metrics as M
     from raypipe.train.splits import kfold_assignments
     from raypipe.train.tables import infer_task, read_embeddings
-    from raypipe.train.trainer import assign_splits, model_meta, run_train
+    from raypipe.train.trainer import model_meta, run_train
+    from raypipe.tune.folds import cv_rows, resolve_metric, write_folds
 
+    # everything that can be wrong with the input fails here, before Ray starts
+    table = read_embeddings(cfg.train_input, cfg.ingest.label_columns)
+    task, n_outputs = infer_task(table.y, cfg.train.task)
+    metric, higher = resolve_metric(cfg.tune.metric, task)
+    portion = cv_rows(table, cfg)  # tune.holdout test_split: the search never sees the test split
+    ids, y = table.sample_id[portion], table.y[portion]
+    folds = kfold_assignments(ids, y, k=cfg.tune.folds, seed=cfg.run.seed)
     rctx = init_ray(cfg)
     out_dir = cfg.tune.out or cfg.path("tune")
     os.makedirs(out_dir, exist_ok=True)
-    table = read_embeddings(cfg.train_input, cfg.ingest.label_columns)
-    task, n_outputs = infer_task(table.y, cfg.train.task)
-    split = assign_splits(table, cfg)
-    portion = split != "test"  # the search never sees the test split
-    ids, y = table.sample_id[portion], table.y[portion]
-    folds = kfold_assignments(ids, y, k=cfg.tune.folds, seed=cfg.run.seed)
-    pq.write_table(pa.table({"sample_id": ids, "fold": folds}), os.path.join(out_dir, "folds.parquet"))
+    write_folds(os.path.join(out_dir, "folds.parquet"), ids, folds)
     meta = model_meta(cfg, table, task, n_outputs)
     main = M.main_metric_name(task)
     meta["main_metric"] = main
+    meta["select_metric"] = metric
     meta["storage_path"] = rctx.results_dir
 
     res = cluster_resources()
@@ -273,12 +296,15 @@ def run_tune(cfg: Config, train_final: bool = True) -> dict:
     else:
         tuner = ray.tune.Tuner(
             trainable, param_space=search_space(cfg),
-            tune_config=ray.tune.TuneConfig(metric="cv_mean", mode="max", num_samples=cfg.tune.num_samples,
+            tune_config=ray.tune.TuneConfig(metric="cv_mean", mode="max" if higher else "min",
+                                            num_samples=cfg.tune.num_samples,
                                             scheduler=scheduler, search_alg=search_alg,
                                             max_concurrent_trials=max_conc,
                                             # a trial's process (torch and raypipe imported) runs the next trial
                                             reuse_actors=runner == "trial"),
-            run_config=ray.tune.RunConfig(name=name, storage_path=rctx.results_dir))
+            # ray.progress_bars false: no Tune status tables on the console either
+            run_config=ray.tune.RunConfig(name=name, storage_path=rctx.results_dir,
+                                          verbose=None if cfg.ray.progress_bars else 0))
     t0 = time.perf_counter()
     grid = tuner.fit()
     seconds = time.perf_counter() - t0
@@ -298,7 +324,7 @@ def run_tune(cfg: Config, train_final: bool = True) -> dict:
 
     results_csv = os.path.join(out_dir, "results.csv")
     df = pd.DataFrame(rows, columns=["trial_id", *space_keys, "cv_mean", "cv_std", "folds_done", "fold_scores",
-                                     "seconds"]).sort_values("cv_mean", ascending=False)
+                                     "seconds"]).sort_values("cv_mean", ascending=not higher)
     df.to_csv(results_csv, index=False)
     best_path = os.path.join(out_dir, "best_config.yaml")
     if os.path.exists(best_path):  # a best config always belongs to the search just finished
@@ -327,7 +353,8 @@ def run_tune(cfg: Config, train_final: bool = True) -> dict:
         "train": best_cfg.train.model_copy(update={"out": final_dir})})
     with open(best_path, "w") as fh:
         fh.write(dump_config(best_cfg))
-    summary = {"ok": True, "trials": len(df), "trials_complete": len(complete), "resumed": resumed,
+    summary = {"ok": True, "metric": metric, "higher_is_better": higher, "holdout": cfg.tune.holdout,
+               "trials": len(df), "trials_complete": len(complete), "resumed": resumed,
                "fold_runner": runner, "max_concurrent_trials": max_conc, "search_seconds": round(seconds, 1),
                "best_cv_mean": best_row["cv_mean"], "best_cv_std": best_row["cv_std"],
                "results": os.path.abspath(results_csv),
