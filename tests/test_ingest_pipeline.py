@@ -19,6 +19,7 @@ import pytest
 
 from raypipe.config import load_config
 from raypipe.ids import pseudonym
+from raypipe.ingest.safety import MARKER, path_key, pseudonymous_path, write_marker
 from raypipe.schema import RECORDS_SCHEMA, payload_to_array
 
 pytestmark = pytest.mark.ray
@@ -56,11 +57,12 @@ def shipped_cohort(tmp_path_factory):
         for i, src in enumerate(files):
             pid = f"{modality}{i:03d}"
             rel = os.path.join("files", f"{pid}_{os.path.basename(src)}")
-            os.symlink(src, root / rel)
+            # copies, not symlinks: a symlink out of the input folder is quarantined (PathOutsideInput)
+            (shutil.copytree if os.path.isdir(src) else shutil.copyfile)(src, root / rel)  # a folder: NotAFile
             if src.endswith(".hdr"):  # Analyze pairs: the .img travels with its header
                 img = src[:-4] + ".img"
                 if os.path.exists(img):
-                    os.symlink(img, root / (rel[:-4] + ".img"))
+                    shutil.copyfile(img, root / (rel[:-4] + ".img"))
             rows.append((pid, modality, fmt, rel))
             labels.append((pid, i % 2))
     pd.DataFrame(rows, columns=["patient_id", "modality", "format", "path"]).to_csv(root / "manifest.csv", index=False)
@@ -83,13 +85,15 @@ def test_every_shipped_file_is_ingested_or_quarantined(ray_session, shipped_coho
     assert (errors.message.str.len() > 10).all() and errors.error_class.notna().all()
     ingested_samples = set(rec.sample_id)
     quarantined = set(errors.source_path)
+    key = path_key(SECRET)
     for pid, modality, _, rel in rows:
         sid = pseudonym(SECRET, pid)
-        # exactly one of the two outcomes per file (one patient per file)
-        assert (sid in ingested_samples) != (rel.replace(pid, sid) in quarantined), rel
+        # exactly one of the two outcomes per file (one patient per file); paths pseudonymised per component
+        assert (sid in ingested_samples) != (pseudonymous_path(rel, key) in quarantined), rel
     per = summary["per_modality"]
     assert per["scan"]["ingested"] >= 15 and per["vol"]["ingested"] >= 3
-    assert {"NotDicom", "NoPixelData", "UnsupportedPhotometric"} <= set(per["scan"]["quarantined_by_class"])
+    assert {"CorruptHeader", "NoPixelData", "UnsupportedPhotometric"} <= set(per["scan"]["quarantined_by_class"])
+    assert "UnexpectedError" not in set(errors.error_class)
     ct_small = rec[rec.sample_id == pseudonym(SECRET, next(r[0] for r in rows if r[3].endswith("_CT_small.dcm")))]
     assert len(ct_small) == 1 and list(ct_small["shape"].iloc[0]) == [1, 16, 16]
     rtdose = rec[rec.sample_id == pseudonym(SECRET, next(r[0] for r in rows if r[3].endswith("_rtdose.dcm")))]
@@ -166,7 +170,7 @@ def test_hospital_reconciliation_and_quarantine(hospital_run):
     ct = summary["per_modality"]["ct"]
     # 28 good slices (4 selected per series) + 3 bad files
     assert ct == {"seen": 31, "ingested": 16, "not_selected": 12, "quarantined": 3, "empty_as_missing": 0,
-                  "reconciled": True, "quarantined_by_class": {"NotDicom": 1, "TruncatedFile": 1,
+                  "reconciled": True, "quarantined_by_class": {"CorruptHeader": 1, "TruncatedFile": 1,
                                                                "WrongModality": 1}}
     assert summary["per_modality"]["report"]["empty_as_missing"] == 1
     assert summary["files_seen"] == sum(summary[f"files_{s}"] for s in ("ingested", "quarantined", "empty_as_missing",
@@ -177,9 +181,9 @@ def test_hospital_reconciliation_and_quarantine(hospital_run):
     assert "quarantined" in summary["printed"] and "ct" in summary["printed"]
     errors = pd.read_parquet(os.path.join(cfg.records_dir, "errors.parquet"))
     assert (errors.stage == "ingest").all()
-    # the patient's folder name is an identifier: errors name the sample id instead
-    sid = pseudonym(SECRET, PATIENTS[1])
-    assert f"patients/{sid}/ct/truncated.dcm" in set(errors.source_path)
+    # the patient's folder name is an identifier: every path component is a keyed hash instead
+    assert pseudonymous_path(f"patients/{PATIENTS[1]}/ct/truncated.dcm", path_key(SECRET)) in set(errors.source_path)
+    assert not any(p in sp for p in PATIENTS for sp in errors.source_path)
 
 
 def test_hospital_records_sorted_and_anatomical(hospital_run, hospital_cohort):
@@ -283,6 +287,7 @@ def test_rerun_replaces_previous_output_atomically(ray_session, hospital_cohort,
     cfg = _cfg(tmp_path, root, HOSPITAL_MODALITIES, "ingest.error_budget=0.5", "ingest.test_fraction=0.5")
     os.makedirs(cfg.records_dir)
     open(os.path.join(cfg.records_dir, "stale.txt"), "w").write("old")
+    write_marker(cfg.records_dir, "ingest")  # what an earlier run leaves: replaceable, but only on success
 
     def boom(*a, **k):
         raise RuntimeError("crash before the rename")
@@ -290,7 +295,7 @@ def test_rerun_replaces_previous_output_atomically(ray_session, hospital_cohort,
     monkeypatch.setattr(pipeline, "summarise", boom)
     with pytest.raises(RuntimeError):
         pipeline.run_ingest(cfg)
-    assert os.listdir(cfg.records_dir) == ["stale.txt"]  # untouched by the failed run
+    assert sorted(os.listdir(cfg.records_dir)) == [MARKER, "stale.txt"]  # untouched by the failed run
     assert not [d for d in os.listdir(os.path.dirname(cfg.records_dir)) if d.startswith(".ingest-")]
 
 

@@ -73,8 +73,14 @@ def resize_image(chw: np.ndarray, size: int) -> np.ndarray:
 
 
 def check_finite(values: np.ndarray, what: str) -> None:
+    """``EmptyImage`` for an empty array, ``NonFinite`` (with the count) when any value is NaN or infinite.
+
+    ``what`` is a fixed word from raypipe's code (``slice``, ``volume``, ``record``), never file content.
+    """
+    from raypipe.ingest.safety import fail
+
     if values.size == 0:
-        raise DecodeError("EmptyImage", f"{what}: no pixels")
+        raise fail("EmptyImage", what)
     if not np.isfinite(values).all():
         bad = int((~np.isfinite(values)).sum())
-        raise DecodeError("NonFiniteValues", f"{what}: {bad} NaN/inf values; the file is corrupt or mis-scaled")
+        raise fail("NonFinite", what, non_finite_values=bad, values=int(values.size))

@@ -15,7 +15,12 @@ Two steps, so that only the selected slices are ever decoded:
    resize -> float32 (1, S, S) in [0, 1].
 
 PHI never leaves this module: only geometry, units and flags go into ``meta``,
-and error messages built from a dataset are scrubbed of its identifying values.
+and error messages come from :mod:`raypipe.ingest.safety`'s fixed vocabulary plus
+numbers, tag keywords and known UIDs -- never a header value or an exception's text
+(a damaged header can make pydicom quote any element, PatientName included).
+Declared sizes (rows x columns x frames x samples, frame counts, a deflated
+dataset's inflated size, the file size) are checked against ``ingest.limits``
+before any pixel data is read, decompressed or allocated.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from raypipe.ingest import safety
 from raypipe.ingest.common import DecodeError, apply_window, check_finite, resize_plane, select_indices
+from raypipe.ingest.safety import DEFAULT_LIMITS, Limits, fail
 
 DICOM_EXTRA_HINT = "install the optional decoders: pip install 'raypipe[dicom]' (pylibjpeg plugins)"
 
@@ -114,28 +121,46 @@ def _dcmread(path: str, stop_before_pixels: bool, force: bool = False):
         return ds, fh.tell()
 
 
-def _read(path: str, stop_before_pixels: bool, with_offset: bool = False):
-    """dcmread with a fallback for files without the 128-byte preamble / 'DICM' prefix."""
+def _read(path: str, stop_before_pixels: bool, with_offset: bool = False, limits: Limits | None = None):
+    """dcmread with a fallback for files without the 128-byte preamble / 'DICM' prefix.
+
+    The file size (and a deflated dataset's inflated size) is checked against ``limits`` first.
+    """
     from pydicom.errors import InvalidDicomError
 
+    limits = limits or DEFAULT_LIMITS
+    try:
+        safety.check_file_size(path, limits.max_file_bytes)
+    except IsADirectoryError:
+        raise fail("NotAFile") from None
+    except FileNotFoundError:
+        raise fail("FileMissing") from None
+    except OSError as err:
+        raise fail("Unreadable", type(err).__name__) from None
+    safety.check_deflated_dicom(path, limits)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns with element values (possible PHI) on odd files
         try:
             ds, offset = _dcmread(path, stop_before_pixels)
             return (ds, offset) if with_offset else ds
-        except InvalidDicomError as err:
-            reason = str(err).split(".")[0]
+        except InvalidDicomError:
             try:  # raw datasets without a preamble are still DICOM if they carry an image
                 ds, offset = _dcmread(path, stop_before_pixels, force=True)
                 if "SOPClassUID" in ds and "Rows" in ds and "Columns" in ds:
                     return (ds, offset) if with_offset else ds
             except Exception:  # noqa: BLE001 - forced parsing of a non-DICOM file fails in many ways
                 pass
-            raise DecodeError("NotDicom", f"not a DICOM file ({reason})") from None
+            raise fail("CorruptHeader", "not a DICOM file (no DICM prefix and no image tags)") from None
         except IsADirectoryError:
-            raise DecodeError("NotAFile", "the path is a directory, not a DICOM file") from None
-        except (EOFError, OSError, ValueError, KeyError, AttributeError, TypeError, IndexError) as err:
-            raise DecodeError("CorruptDicom", f"cannot parse the DICOM file: {type(err).__name__}: {err}") from None
+            raise fail("NotAFile") from None
+        except FileNotFoundError:
+            raise fail("FileMissing") from None
+        except PermissionError:
+            raise fail("Unreadable") from None
+        except MemoryError:
+            raise fail("ResourceLimit", "the DICOM header declares an element larger than memory allows") from None
+        except Exception as err:  # noqa: BLE001 - pydicom fails in many ways on damaged headers
+            raise fail("CorruptHeader", f"DICOM header parse failed ({type(err).__name__})") from None
 
 
 def slice_normal(iop) -> np.ndarray | None:
@@ -201,31 +226,55 @@ def frame_positions(ds) -> list[float | None] | None:
     return out
 
 
-def read_header(path: str, expected: set[str] | None = None) -> SliceHeader:
+def read_header(path: str, expected: set[str] | None = None, limits: Limits | None = None) -> SliceHeader:
     """Header facts needed to group and order slices (pixel data not read).
 
     ``expected``: accepted Modality values (e.g. ``{"CT"}``); another Modality is ``WrongModality``.
     """
     with quiet_pydicom():
-        return _read_header(path, expected)
+        return _read_header(path, expected, limits)
 
 
-def _check_slice_kind(ds, expected: set[str] | None) -> str:
-    """The file's Modality, after checking it is the expected one and a single-sample (gray) image."""
-    modality = str(ds.get("Modality", "") or "")
+def _int_tag(ds, keyword: str, default: int) -> int:
+    """An integer tag, ``default`` when absent; a malformed value is ``CorruptHeader`` naming the keyword."""
+    try:
+        v = ds.get(keyword, default)
+        return int(default if v is None or v == "" else v)
+    except Exception:  # noqa: BLE001 - a damaged element raises anything
+        raise fail("CorruptHeader", "a malformed integer tag", tag=keyword) from None
+
+
+def check_declared_size(ds, limits: Limits | None = None) -> None:
+    """Rows x Columns x NumberOfFrames x SamplesPerPixel and the frame count against ``limits``, before any
+    pixel data is decoded (the same check for every transfer syntax: the declared size bounds the output)."""
+    limits = limits or DEFAULT_LIMITS
+    rows, cols = _int_tag(ds, "Rows", 0), _int_tag(ds, "Columns", 0)
+    frames, spp = _int_tag(ds, "NumberOfFrames", 1), _int_tag(ds, "SamplesPerPixel", 1)
+    safety.check_frames(frames, limits)
+    safety.check_voxels((rows, cols, frames, spp), limits, "Rows x Columns x NumberOfFrames x SamplesPerPixel")
+
+
+def _check_slice_kind(ds, expected: set[str] | None, limits: Limits | None = None) -> str:
+    """The file's Modality, after checking the declared size, that it is the expected Modality and a
+    single-sample (gray) image."""
+    check_declared_size(ds, limits)
+    try:
+        modality = str(ds.get("Modality", "") or "")
+    except Exception:  # noqa: BLE001
+        raise fail("CorruptHeader", "a malformed tag", tag="Modality") from None
     if expected and modality not in expected:
-        raise DecodeError("WrongModality", f"DICOM Modality is {modality or 'missing'}, expected "
-                                           f"{' or '.join(sorted(expected))}")
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise DecodeError("UnsupportedPhotometric",
-                          f"{ds.get('PhotometricInterpretation')} with {ds.get('SamplesPerPixel')} samples per pixel "
-                          "is not a CT/PET slice")
+        raise fail("WrongModality", f"Modality is {safety.dicom_modality(modality)}, expected "
+                                    f"{' or '.join(sorted(expected))}")
+    spp = _int_tag(ds, "SamplesPerPixel", 1)
+    if spp != 1:
+        raise fail("UnsupportedPhotometric", samples_per_pixel=spp)
     return modality
 
 
-def _read_header(path: str, expected: set[str] | None) -> SliceHeader:
-    ds, pixel_offset = _read(path, stop_before_pixels=True, with_offset=True)
-    return header_of(ds, path, expected, os.path.getsize(path) - pixel_offset - 8)  # after the tag and its length
+def _read_header(path: str, expected: set[str] | None, limits: Limits | None = None) -> SliceHeader:
+    ds, pixel_offset = _read(path, stop_before_pixels=True, with_offset=True, limits=limits)
+    # pixel bytes: what follows the Pixel Data tag and its length
+    return header_of(ds, path, expected, os.path.getsize(path) - pixel_offset - 8, limits=limits)
 
 
 def _native_length(ds) -> int:
@@ -235,14 +284,15 @@ def _native_length(ds) -> int:
     return (n + 7) // 8 if bits == 1 else n * (bits // 8)
 
 
-def header_of(ds, path: str, expected: set[str] | None, pixel_bytes: int | None = None) -> SliceHeader:
+def header_of(ds, path: str, expected: set[str] | None, pixel_bytes: int | None = None,
+              limits: Limits | None = None) -> SliceHeader:
     """Header facts of a parsed dataset (checks included); ``pixel_bytes``: how many pixel-data bytes the
     file holds (None: a full read, measured from the dataset's Pixel Data)."""
     try:
         if "Rows" not in ds or "Columns" not in ds:
             # stop_before_pixels hides PixelData; Rows/Columns must accompany any image
-            raise DecodeError("NoPixelData", f"DICOM object without an image (SOP class {ds.get('SOPClassUID', '?')})")
-        modality = _check_slice_kind(ds, expected)
+            raise fail("NoPixelData")
+        modality = _check_slice_kind(ds, expected, limits)
         ts_uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         if ts_uid is not None and ts_uid.is_compressed and not _decoder_plugins(ts_uid)[0]:
             raise _compressed_error(ts_uid, None)  # no decoder at all: no need to wait for the decode
@@ -253,24 +303,22 @@ def header_of(ds, path: str, expected: set[str] | None, pixel_bytes: int | None 
                 data = ds.get("PixelData")
                 pixel_bytes = len(data) if isinstance(data, (bytes, bytearray)) else need
             if pixel_bytes < need:
-                raise DecodeError("TruncatedFile", f"pixel data needs {need} bytes, the file holds at most "
-                                                   f"{max(pixel_bytes, 0)}: the file is truncated")
+                raise fail("TruncatedFile", needed_bytes=need, file_holds_at_most=max(pixel_bytes, 0))
         try:
             inst = int(ds.get("InstanceNumber"))
         except (TypeError, ValueError):
             inst = None  # absent or malformed: ordering falls back to the position / path
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frames = _int_tag(ds, "NumberOfFrames", 1)
         fpos = frame_positions(ds) if frames > 1 else None
         if fpos is not None and len(fpos) != frames:
             fpos = None
         return SliceHeader(path=path, series_uid=str(ds.get("SeriesInstanceUID", "") or path), modality=modality,
                            position=slice_position(ds), instance=inst, frames=frames,
                            transfer_syntax=str(ts_uid or ""), frame_positions=fpos)
-    except DecodeError as err:
-        raise DecodeError(err.error_class, scrub(str(err), ds)) from None
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
-        raise DecodeError("BadHeader", scrub(f"unreadable image/geometry tags: {type(err).__name__}: {err}",
-                                             ds)) from None
+    except DecodeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged element raises anything; its text may quote PHI
+        raise fail("CorruptHeader", f"unreadable image or geometry tags ({type(err).__name__})") from None
 
 
 def slice_refs(headers: list[SliceHeader]) -> list[SliceRef]:
@@ -413,16 +461,14 @@ def _compressed_error(ts, err: Exception | None) -> DecodeError:
     syntax is unsupported *here*: the message names it and the extra to install. With the plugin
     installed, the data itself is at fault (every installed decoder failed): CorruptPixelData.
     """
-    name = f"{ts} ({getattr(ts, 'name', '?')})"
+    name = safety.transfer_syntax(ts)
     installed, missing = _decoder_plugins(ts)
-    why = " ".join(f"{type(err).__name__}: {err}".split()) if err is not None else ""
+    why = f" ({type(err).__name__})" if err is not None else ""
     if not {"pylibjpeg", "gdcm"} & set(installed):
-        have = f"installed decoders ({', '.join(installed)}) failed" if installed else "no decoder is installed"
-        return DecodeError("UnsupportedTransferSyntax",
-                           f"compressed transfer syntax {name}: {have}{f' ({why})' if why and installed else ''}; "
-                           f"{DICOM_EXTRA_HINT}")
-    return DecodeError("CorruptPixelData", f"{name} pixel data could not be decoded by the installed decoders "
-                                           f"({', '.join(installed)}): {why}")
+        have = f"installed decoders ({', '.join(installed)}) failed{why}" if installed else "no decoder is installed"
+        return fail("UnsupportedTransferSyntax", f"transfer syntax {name}: {have}")
+    return fail("CorruptPixelData", f"transfer syntax {name}: the installed decoders ({', '.join(installed)}) "
+                                    f"failed{why}")
 
 
 def decode_pixels(ds, frame: int | None = None) -> np.ndarray:
@@ -430,9 +476,9 @@ def decode_pixels(ds, frame: int | None = None) -> np.ndarray:
     from pydicom.pixels import pixel_array
 
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _int_tag(ds, "NumberOfFrames", 1)
     if frame is not None and not 0 <= frame < frames:
-        raise DecodeError("FrameOutOfRange", f"frame {frame} of a {frames}-frame file")
+        raise fail("FrameOutOfRange", frame=frame, frames=frames)
     fast = native_frame(ds, frame if frames > 1 else None)
     if fast is not None:
         return fast
@@ -442,12 +488,12 @@ def decode_pixels(ds, frame: int | None = None) -> np.ndarray:
             if frames > 1:
                 return pixel_array(ds, index=frame or 0)
             return ds.pixel_array
+    except MemoryError:
+        raise fail("ResourceLimit", "decoding the pixel data ran out of memory") from None
     except Exception as err:  # noqa: BLE001 - every decoder failure becomes a quarantine reason
         if ts is not None and getattr(ts, "is_compressed", False):
-            e = _compressed_error(ts, err)
-            raise DecodeError(e.error_class, scrub(str(e), ds)) from None
-        raise DecodeError("CorruptPixelData", scrub(f"cannot decode pixel data: {type(err).__name__}: {err}",
-                                                    ds)) from None
+            raise _compressed_error(ts, err) from None
+        raise fail("CorruptPixelData", f"pixel data decode failed ({type(err).__name__})") from None
 
 
 def rescale(ds, frame: int | None = None) -> tuple[float, float] | None:
@@ -502,14 +548,14 @@ def physical_values(ds, arr: np.ndarray, frame: int | None = None,
 
 
 def decode_slice(path: str, size: int, window: tuple[float, float] | None, frame: int | None = None,
-                 expected: set[str] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                 expected: set[str] | None = None, limits: Limits | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """One slice (or one frame of a multi-frame file) -> float32 (1, size, size) in [0, 1] and meta.
 
     ``window`` None: min-max of the slice itself (per-slice normalisation, ``meta.normalisation``).
     """
     with quiet_pydicom():
-        ds = _read(path, stop_before_pixels=False)
-        return _decode_dataset(ds, size, window, frame, expected)
+        ds = _read(path, stop_before_pixels=False, limits=limits)
+        return _decode_dataset(ds, size, window, frame, expected, limits=limits)
 
 
 def decode_dataset(ds, size: int, window: tuple[float, float] | None, frame: int | None = None,
@@ -519,12 +565,13 @@ def decode_dataset(ds, size: int, window: tuple[float, float] | None, frame: int
         return _decode_dataset(ds, size, window, frame, expected)
 
 
-def _decode_dataset(ds, size: int, window, frame: int | None, expected: set[str] | None, checked: bool = False):
+def _decode_dataset(ds, size: int, window, frame: int | None, expected: set[str] | None, checked: bool = False,
+                    limits: Limits | None = None):
     if not checked:  # header_of checked this dataset already
-        _check_slice_kind(ds, expected)
+        _check_slice_kind(ds, expected, limits)
     arr = decode_pixels(ds, frame)
     if arr.ndim != 2:
-        raise DecodeError("UnsupportedShape", f"pixel array of shape {arr.shape} (expected one 2-D frame)")
+        raise fail("UnsupportedShape", "expected one 2-D frame", shape=tuple(arr.shape))
     try:
         values, meta = physical_values(ds, arr, frame, dtype=np.float32)
         spacing = ds.get("PixelSpacing")
@@ -532,9 +579,8 @@ def _decode_dataset(ds, size: int, window, frame: int | None, expected: set[str]
             meta["pixel_spacing_mm"] = [float(spacing[0]), float(spacing[1])]
         if ds.get("SliceThickness") not in (None, ""):
             meta["slice_thickness_mm"] = float(ds.SliceThickness)
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
-        raise DecodeError("BadHeader", scrub(f"unreadable rescale/geometry tags: {type(err).__name__}: {err}",
-                                             ds)) from None
+    except Exception as err:  # noqa: BLE001 - a damaged element raises anything; its text may quote PHI
+        raise fail("CorruptHeader", f"unreadable rescale or geometry tags ({type(err).__name__})") from None
     check_finite(values, "slice")
     if frame is not None:
         meta["frame"] = int(frame)
@@ -550,8 +596,9 @@ def _decode_dataset(ds, size: int, window, frame: int | None, expected: set[str]
 
 
 def _unexpected(err: Exception, ds=None) -> DecodeError:
-    """An exception no check foresaw (a bug or a pydicom failure mode): quarantined as UnexpectedError."""
-    return DecodeError("UnexpectedError", scrub(f"{type(err).__name__}: {err}", ds))
+    """An exception no check foresaw (a bug or a pydicom failure mode): quarantined as UnexpectedError,
+    with its type and raypipe's line, never its text (see :func:`raypipe.ingest.safety.unexpected`)."""
+    return safety.unexpected(err)
 
 
 @dataclass
@@ -567,7 +614,7 @@ class DecodedSlice:
 
 
 def decode_series(paths: list[str], size: int, window: tuple[float, float] | None, policy: str = "even",
-                  count: int = 16, k: int = 2, expected: set[str] | None = None
+                  count: int = 16, k: int = 2, expected: set[str] | None = None, limits: Limits | None = None
                   ) -> tuple[list[DecodedSlice], list[tuple[str, DecodeError]], list[str]]:
     """The files of one patient's modality -> (decoded slices, (path, error) per failure, unselected paths).
 
@@ -588,8 +635,8 @@ def decode_series(paths: list[str], size: int, window: tuple[float, float] | Non
             ds = None
             try:
                 if full_first:
-                    ds = _read(path, stop_before_pixels=False)
-                    h = header_of(ds, path, expected)
+                    ds = _read(path, stop_before_pixels=False, limits=limits)
+                    h = header_of(ds, path, expected, limits=limits)
                     for f in ([None] if h.frames == 1 else range(h.frames)):
                         try:
                             decoded[(path, f)] = _decode_dataset(ds, size, window, f, expected, checked=True)
@@ -598,7 +645,7 @@ def decode_series(paths: list[str], size: int, window: tuple[float, float] | Non
                         except Exception as err:  # noqa: BLE001 - one bad slice never takes the series down
                             decoded[(path, f)] = _unexpected(err, ds)
                 else:
-                    h = _read_header(path, expected)
+                    h = _read_header(path, expected, limits)
             except DecodeError as err:
                 errors.append((path, err))
                 continue
@@ -628,8 +675,8 @@ def decode_series(paths: list[str], size: int, window: tuple[float, float] | Non
                     if res is None:
                         if cache is None or cache[0] != ref.path:
                             cache = None
-                            cache = (ref.path, _read(ref.path, stop_before_pixels=False))
-                        res = _decode_dataset(cache[1], size, window, ref.frame, expected)
+                            cache = (ref.path, _read(ref.path, stop_before_pixels=False, limits=limits))
+                        res = _decode_dataset(cache[1], size, window, ref.frame, expected, limits=limits)
                     if isinstance(res, DecodeError):
                         raise res
                 except DecodeError as err:

@@ -7,16 +7,23 @@ step carries the previous value forward, a never-observed channel takes the norm
 value. 12 continuous channels + one-hot categoricals (2 + 8 + 12 + 13 + 12) + 17
 observation masks = 76 features. Continuous channels are standardised with statistics
 fitted on the training split only (:func:`fit_normalisation`), applied unchanged elsewhere.
+
+A continuous value outside its physiological limits (:data:`OUTLIER_RANGES`, the
+benchmark's outlier bounds, configurable) is dropped as an outlier and counted
+(``meta.outliers``), so one ``1e39`` cannot turn a channel's mean into inf and every
+patient's records into NaN; every tensor is checked finite before it leaves.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 import numpy as np
 
-from raypipe.ingest.common import DecodeError
+from raypipe.ingest.common import check_finite
+from raypipe.ingest.safety import fail
 
 #: (variable, normal value) in the benchmark's (alphabetical) channel order
 VARIABLES: list[tuple[str, Any]] = [
@@ -68,6 +75,34 @@ GCS_SCORES: dict[str, dict[str, int]] = {
 }
 
 CONTINUOUS = [v for v, normal in VARIABLES if v not in CATEGORIES]
+
+#: physiological limits [low, high] of the continuous variables: the MIMIC-III benchmark's outlier
+#: bounds (mimic3-benchmarks resources/variable_ranges.csv, OUTLIER LOW / OUTLIER HIGH); a value
+#: outside is dropped and counted. Override per variable with ``ingest.ehr.outlier_ranges``.
+OUTLIER_RANGES: dict[str, tuple[float, float]] = {
+    "Diastolic blood pressure": (0.0, 375.0),
+    "Fraction inspired oxygen": (0.2, 1.1),
+    "Glucose": (0.0, 2200.0),
+    "Heart Rate": (0.0, 390.0),
+    "Height": (0.0, 275.0),
+    "Mean blood pressure": (0.0, 375.0),
+    "Oxygen saturation": (0.0, 150.0),
+    "Respiratory rate": (0.0, 330.0),
+    "Systolic blood pressure": (0.0, 375.0),
+    "Temperature": (14.2, 47.0),
+    "Weight": (0.0, 250.0),
+    "pH": (6.3, 10.0),
+}
+
+
+def outlier_ranges(overrides: dict | None = None) -> dict[str, tuple[float, float]]:
+    """:data:`OUTLIER_RANGES` with ``overrides`` (``ingest.ehr.outlier_ranges``) applied."""
+    out = dict(OUTLIER_RANGES)
+    for var, bounds in (overrides or {}).items():
+        if var not in out:
+            raise ValueError(f"ingest.ehr.outlier_ranges: {var!r} is not a continuous variable ({sorted(out)})")
+        out[var] = (float(bounds[0]), float(bounds[1]))
+    return out
 N_FEATURES = sum(len(CATEGORIES[v]) if v in CATEGORIES else 1 for v, _ in VARIABLES) + len(VARIABLES)
 assert N_FEATURES == 76
 
@@ -98,10 +133,11 @@ def category_index(variable: str, value: str) -> int | None:
         return lower.index(text.lower())
     try:  # numeric spellings such as "15.0" or "1"
         num = float(text)
-        for cand in (f"{num:.1f}", str(int(num))):
-            if cand in cats:
-                return cats.index(cand)
-    except ValueError:
+        if math.isfinite(num):
+            for cand in (f"{num:.1f}", str(int(num))):
+                if cand in cats:
+                    return cats.index(cand)
+    except (ValueError, OverflowError):
         pass
     m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(.*)$", text)
     score = int(float(m.group(1))) if m and m.group(2) else None
@@ -116,23 +152,35 @@ def category_index(variable: str, value: str) -> int | None:
     return None
 
 
-def read_events(path: str):
+def read_events(path: str, max_bytes: int = 256 * 1024**2):
     """Events of an EHR CSV as a DataFrame (stay, hours, variable, value), time-sorted within each stay.
 
     ``hours`` counts from the stay's first event (long format) or is the wide file's ``Hours``.
-    A long file may hold several stays (``stay_id``); without the column it is one stay.
+    A long file may hold several stays (``stay_id``); without the column it is one stay. Stay ids
+    are read as written (``"NA"`` is an id). Files above ``max_bytes`` are ``ResourceLimit``.
     """
+    import os
+
     import pandas as pd
 
     try:
-        df = pd.read_csv(path, dtype=str)
-    except Exception as err:
-        raise DecodeError("BadCSV", f"cannot read the EHR CSV: {type(err).__name__}: {err}") from None
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise fail("FileMissing") from None
+    except OSError as err:
+        raise fail("Unreadable", type(err).__name__) from None
+    if size > max_bytes:
+        raise fail("ResourceLimit", "ingest.limits.max_table_bytes", file_bytes=size, limit=max_bytes)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = df.replace({"": None})  # an empty cell is no event; every other text is kept as written
+    except Exception as err:  # noqa: BLE001 - pandas' messages may quote the file's cells
+        raise fail("BadCSV", f"the CSV cannot be parsed ({type(err).__name__})") from None
     if {"charttime", "variable", "value"} <= set(df.columns):
         stay = df["stay_id"].fillna("") if "stay_id" in df.columns else pd.Series([""] * len(df), index=df.index)
         t = pd.to_datetime(df["charttime"], errors="coerce")
         if t.isna().all():
-            raise DecodeError("BadCSV", "no parseable charttime")
+            raise fail("BadCSV", "no parseable charttime")
         first = t.groupby(stay).transform("min")
         hours = (t - first).dt.total_seconds() / 3600.0
         ev = pd.DataFrame({"stay": stay, "start": first, "hours": hours, "variable": df["variable"],
@@ -143,22 +191,27 @@ def read_events(path: str):
         ev = pd.DataFrame({"stay": "", "start": pd.Timestamp(0), "hours": hours, "variable": long["variable"],
                            "value": long["value"]}).dropna()
     else:
-        raise DecodeError("BadCSV", "expected columns (stay_id, charttime, variable, value) or a wide file with Hours")
+        raise fail("BadCSV", "neither the long nor the wide column layout")
     known = {v for v, _ in VARIABLES}
     ev = ev[ev["variable"].str.strip().isin(known)].assign(variable=lambda d: d["variable"].str.strip())
     if ev.empty:
-        raise DecodeError("NoEvents", "no events of the 17 benchmark variables")
+        raise fail("NoEvents")
     return ev.sort_values(["start", "stay", "hours"], kind="stable")
 
 
-def discretise_events(ev, step_hours: float = 2.0, window_hours: float = 48.0) -> tuple[np.ndarray, dict]:
-    """Unstandardised (T, 76) float32 tensor of one stay's events and meta (unknown value counts)."""
+def discretise_events(ev, step_hours: float = 2.0, window_hours: float = 48.0,
+                      ranges: dict[str, tuple[float, float]] | None = None) -> tuple[np.ndarray, dict]:
+    """Unstandardised (T, 76) float32 tensor of one stay's events and meta (unknown value and outlier counts).
+
+    ``ranges``: physiological limits per continuous variable (default :data:`OUTLIER_RANGES`).
+    """
+    ranges = OUTLIER_RANGES if ranges is None else ranges
     T = int(round(window_hours / step_hours))
     ev = ev[(ev["hours"] >= 0) & (ev["hours"] < window_hours)]
     raw: dict[str, list] = {v: [None] * T for v, _ in VARIABLES}
     observed = np.zeros((T, len(VARIABLES)), np.float32)
     index = {v: i for i, (v, _) in enumerate(VARIABLES)}
-    unknown = 0
+    unknown = outliers = 0
     for hours, var, value in zip(ev["hours"].to_numpy(), ev["variable"].to_numpy(), ev["value"].to_numpy()):
         step = min(int(hours // step_hours), T - 1)
         if var in CATEGORIES:
@@ -174,6 +227,10 @@ def discretise_events(ev, step_hours: float = 2.0, window_hours: float = 48.0) -
             if not np.isfinite(value):
                 unknown += 1
                 continue
+            lo, hi = ranges.get(var, (-np.inf, np.inf))
+            if not lo <= value <= hi:
+                outliers += 1
+                continue
         raw[var][step] = value  # events are time-sorted: the last one in the step wins
         observed[step, index[var]] = 1.0
     x = np.zeros((T, N_FEATURES), np.float32)
@@ -188,20 +245,22 @@ def discretise_events(ev, step_hours: float = 2.0, window_hours: float = 48.0) -
             else:
                 x[t, START[var]] = float(val)
     x[:, MASK_OFFSET:] = observed
+    check_finite(x, "record")
     return x, {"steps": T, "step_hours": step_hours, "window_hours": window_hours, "unknown_values": unknown,
-               "observed_fraction": float(observed.mean())}
+               "outliers": outliers, "observed_fraction": float(observed.mean())}
 
 
-def discretise_stays(path: str, step_hours: float = 2.0, window_hours: float = 48.0
+def discretise_stays(path: str, step_hours: float = 2.0, window_hours: float = 48.0,
+                     ranges: dict[str, tuple[float, float]] | None = None, max_bytes: int = 256 * 1024**2
                      ) -> list[tuple[str, np.ndarray, dict]]:
     """[(stay id, (T, 76) tensor, meta)] for every stay of the file, earliest stay first.
 
     The stay id is returned for keyed hashing only; it never goes into ``meta``.
     """
-    ev = read_events(path)
+    ev = read_events(path, max_bytes)
     out = []
     for (_, stay), group in ev.groupby(["start", "stay"], sort=True):  # chronological, then by id
-        x, meta = discretise_events(group, step_hours, window_hours)
+        x, meta = discretise_events(group, step_hours, window_hours, ranges)
         out.append((str(stay), x, meta))
     return out
 
@@ -218,6 +277,9 @@ def fit_normalisation(sums: np.ndarray, sumsq: np.ndarray, count: float) -> dict
     var = np.maximum(sumsq / max(count, 1.0) - mean**2, 0.0)
     std = np.sqrt(var)
     std[std < 1e-6] = 1.0
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise ValueError("EHR statistics are not finite: a value escaped the physiological limits "
+                         "(ingest.ehr.outlier_ranges); this is a bug, please report it")
     return {"columns": CONTINUOUS_COLUMNS, "mean": mean.tolist(), "std": std.tolist(), "count": float(count)}
 
 

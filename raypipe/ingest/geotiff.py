@@ -12,7 +12,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from raypipe.ingest import safety
 from raypipe.ingest.common import DecodeError
+from raypipe.ingest.safety import DEFAULT_LIMITS, Limits, fail
 
 
 def _band_names(gdal_metadata: str | None, n: int) -> list[str]:
@@ -38,14 +40,26 @@ def _geotransform(page) -> tuple[float, ...] | None:
     return None
 
 
-def read_scene(path: str) -> tuple[np.ndarray, list[str], float | None, tuple[float, ...] | None]:
-    """(bands (B, H, W) float32, band names, nodata value, geotransform (x0, dx, rx, y0, ry, dy))."""
+def read_scene(path: str, limits: Limits | None = None
+               ) -> tuple[np.ndarray, list[str], float | None, tuple[float, ...] | None]:
+    """(bands (B, H, W) float32, band names, nodata value, geotransform (x0, dx, rx, y0, ry, dy)).
+
+    The series' declared shape is checked against ``ingest.limits.max_voxels`` before it is decoded.
+    """
     import tifffile
 
+    limits = limits or DEFAULT_LIMITS
+    try:
+        safety.check_file_size(path, limits.max_file_bytes)
+    except FileNotFoundError:
+        raise fail("FileMissing") from None
+    except OSError as err:
+        raise fail("Unreadable", type(err).__name__) from None
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             page = tif.pages[0]
+            safety.check_voxels(tuple(series.shape), limits, "declared TIFF series shape")
             data = series.asarray()
             axes = series.axes
             nodata_tag = page.tags.get(42113)  # GDAL_NODATA
@@ -58,8 +72,12 @@ def read_scene(path: str) -> tuple[np.ndarray, list[str], float | None, tuple[fl
             md = page.tags.get(42112)  # GDAL_METADATA (band descriptions)
             gdal_metadata = str(md.value) if md is not None else None
             geo = _geotransform(page)
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError) as err:
-        raise DecodeError("NotGeoTIFF", f"cannot read as TIFF: {type(err).__name__}: {err}") from None
+    except DecodeError:
+        raise
+    except MemoryError:
+        raise fail("ResourceLimit", "decoding the TIFF ran out of memory") from None
+    except Exception as err:  # noqa: BLE001 - tifffile raises many types; their text may quote tags
+        raise fail("CorruptHeader", f"not a readable TIFF ({type(err).__name__})") from None
     # bring the band axis first, whatever the storage layout (planar 'SYX'/'CYX', contiguous 'YXS')
     if data.ndim == 2:
         data = data[None]
@@ -67,9 +85,9 @@ def read_scene(path: str) -> tuple[np.ndarray, list[str], float | None, tuple[fl
         band_axis = next((axes.index(a) for a in "SCQI" if a in axes), 0 if axes[-1] == "X" else 2)
         data = np.moveaxis(data, band_axis, 0)
     else:
-        raise DecodeError("UnsupportedShape", f"TIFF of shape {data.shape} (axes {axes}); expected one 2-D/3-D scene")
+        raise fail("UnsupportedShape", "expected one 2-D or 3-D scene", shape=tuple(data.shape))
     if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
-        raise DecodeError("UnsupportedDtype", f"pixel type {data.dtype}")
+        raise fail("UnsupportedDtype", dtype=str(data.dtype))
     return data.astype(np.float32), _band_names(gdal_metadata, data.shape[0]), nodata, geo
 
 
@@ -79,12 +97,12 @@ def select_bands(data: np.ndarray, names: list[str], bands: Sequence[int | str] 
     idx = []
     for b in bands:
         if isinstance(b, str):
-            if b not in names:
-                raise DecodeError("UnknownBand", f"band {b!r} not in the scene's bands {names}")
+            if b not in names:  # the configured name may be quoted; the file's band names are not
+                raise fail("UnknownBand", band=b, bands_in_scene=len(names))
             idx.append(names.index(b))
         else:
             if not 0 <= int(b) < len(names):
-                raise DecodeError("UnknownBand", f"band index {b} out of range 0..{len(names) - 1}")
+                raise fail("UnknownBand", band_index=int(b), bands_in_scene=len(names))
             idx.append(int(b))
     return data[idx], [names[i] for i in idx]
 
@@ -107,19 +125,20 @@ def normalise(data: np.ndarray, valid: np.ndarray, percentiles: tuple[float, flo
     return out
 
 
-def decode_scene(path: str, size: int, bands=None, percentiles=(2.0, 98.0)) -> list[tuple[int, np.ndarray, dict[str, Any]]]:
+def decode_scene(path: str, size: int, bands=None, percentiles=(2.0, 98.0),
+                 limits: Limits | None = None) -> list[tuple[int, np.ndarray, dict[str, Any]]]:
     """[(patch index, float32 (B, size, size), meta)] tiling the scene into size x size patches.
 
     Patches that are entirely nodata are skipped; edge patches are padded with nodata (0).
     """
-    data, names, nodata, geo = read_scene(path)
+    data, names, nodata, geo = read_scene(path, limits)
     data, names = select_bands(data, names, bands)
     band_valid = np.isfinite(data)
     if nodata is not None:
         band_valid &= data != nodata
     valid = band_valid.any(axis=0)  # a pixel is data when any band has a value there
     if not valid.any():
-        raise DecodeError("AllNodata", "every pixel is nodata")
+        raise fail("AllNodata")
     norm = normalise(np.nan_to_num(data), band_valid, tuple(percentiles))
     _, h, w = norm.shape
     out = []

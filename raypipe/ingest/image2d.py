@@ -6,15 +6,31 @@ from typing import Any
 
 import numpy as np
 
+from raypipe.ingest import safety
 from raypipe.ingest.common import DecodeError, resize_image
+from raypipe.ingest.safety import DEFAULT_LIMITS, Limits, fail
 
 
-def decode_image(path: str, size: int, channels: str = "gray") -> tuple[np.ndarray, dict[str, Any]]:
-    """float32 (C, size, size) in [0, 1]; C = 1 (gray) or 3 (rgb)."""
+def decode_image(path: str, size: int, channels: str = "gray",
+                 limits: Limits | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """float32 (C, size, size) in [0, 1]; C = 1 (gray) or 3 (rgb).
+
+    The declared width x height x bands is checked against ``ingest.limits.max_voxels`` before the
+    pixels are decoded (Image.open reads the header only).
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    limits = limits or DEFAULT_LIMITS
+    try:
+        safety.check_file_size(path, limits.max_file_bytes)
+    except FileNotFoundError:
+        raise fail("FileMissing") from None
+    except OSError as err:
+        raise fail("Unreadable", type(err).__name__) from None
     try:
         with Image.open(path) as opened:
+            safety.check_voxels((opened.size[0], opened.size[1], len(opened.getbands())), limits,
+                                "declared width x height x bands")
             opened.load()
             im = ImageOps.exif_transpose(opened)  # phones and some viewers store the rotation in EXIF
             mode = im.mode
@@ -26,9 +42,15 @@ def decode_image(path: str, size: int, channels: str = "gray") -> tuple[np.ndarr
                 conv = im.convert("L" if channels == "gray" else "RGB")
                 arr = np.asarray(conv, dtype=np.float32) / 255.0
                 chw = arr[None] if arr.ndim == 2 else np.transpose(arr, (2, 0, 1))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise DecodeError("NotAnImage", f"cannot read as an image: {type(err).__name__}: {err}") from None
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError:
+        raise fail("ResourceLimit", "Pillow's decompression-bomb limit") from None
+    except MemoryError:
+        raise fail("ResourceLimit", "decoding the image ran out of memory") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, TypeError) as err:
+        raise fail("CorruptHeader", f"not a readable image ({type(err).__name__})") from None
     if chw.size == 0:
-        raise DecodeError("EmptyImage", "image without pixels")
+        raise fail("EmptyImage")
     return resize_image(chw, size), {"original_mode": mode, "original_shape": list(chw.shape[1:]),
                                      "channels": channels}

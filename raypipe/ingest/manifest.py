@@ -25,6 +25,10 @@ EXTENSION_FORMATS = {".dcm": "dicom", ".dicom": "dicom", ".nii": "nifti", ".nii.
                      ".csv": "csv", ".txt": "text"}
 
 
+#: cells read as missing in labels.csv's label and group columns (pandas' usual markers); never in patient_id
+_NA_MARKERS = ("", "NA", "N/A", "n/a", "NaN", "nan", "null", "NULL", "None", "#N/A", "-NaN", "-nan")
+
+
 def guess_format(path: str) -> str | None:
     lower = path.lower()
     for ext in sorted(EXTENSION_FORMATS, key=len, reverse=True):
@@ -37,13 +41,15 @@ def read_manifest(root: str) -> pd.DataFrame:
     """The manifest as a DataFrame (patient_id, modality, format, path), sorted; folder convention if absent."""
     path = os.path.join(root, "manifest.csv")
     if os.path.isfile(path):
-        df = pd.read_csv(path, dtype=str)
+        # every cell as written: an id "NA", "null" or "" stays that string (never a missing value)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
         missing = {"patient_id", "modality", "path"} - set(df.columns)
         if missing:
             raise ValueError(f"{path}: missing columns {sorted(missing)} (need patient_id, modality, format, path)")
         if "format" not in df.columns:
-            df["format"] = df["path"].map(guess_format)
-        df["format"] = df["format"].fillna(df["path"].map(guess_format))
+            df["format"] = ""
+        df["format"] = [f.strip() or (guess_format(p) or "") for f, p in zip(df["format"], df["path"])]
+        df["row"] = range(2, len(df) + 2)  # the line of the file (the header is line 1), for messages
     else:
         base = os.path.join(root, "patients")
         if not os.path.isdir(base):
@@ -62,6 +68,8 @@ def read_manifest(root: str) -> pd.DataFrame:
                     name = entry.split(".")[0]
                     rows.append((pid, name, guess_format(entry), os.path.relpath(full, root)))
         df = pd.DataFrame(rows, columns=["patient_id", "modality", "format", "path"])
+        df["format"] = df["format"].fillna("")
+        df["row"] = 0  # no manifest file: no line to point at
     df["patient_id"] = df["patient_id"].astype(str)
     dup = df.duplicated(["patient_id", "modality", "path"])
     if dup.any():
@@ -88,7 +96,10 @@ def read_labels(root: str, label_columns: list[str], group_columns: list[str]) -
     path = os.path.join(root, "labels.csv")
     if not os.path.isfile(path):
         return None
-    df = pd.read_csv(path, dtype={"patient_id": str})
+    header = list(pd.read_csv(path, nrows=0).columns)
+    # patient ids as written ("NA" is an id); the other columns keep pandas' missing-value markers
+    df = pd.read_csv(path, dtype={"patient_id": str}, keep_default_na=False,
+                     na_values={c: list(_NA_MARKERS) for c in header if c != "patient_id"})
     if "age_band" in group_columns and "age_band" not in df.columns and "age" in df.columns:
         df["age_band"] = df["age"].map(age_band)
     missing = [c for c in ["patient_id", *label_columns] if c not in df.columns]
@@ -100,4 +111,17 @@ def read_labels(root: str, label_columns: list[str], group_columns: list[str]) -
         df[g] = df[g].astype(str)
     if df["patient_id"].duplicated().any():
         raise ValueError(f"{path}: duplicated patient_id rows")
+    empty = df["patient_id"].str.strip() == ""
+    if empty.any():
+        raise ValueError(f"{path}: {int(empty.sum())} rows with an empty patient_id (lines "
+                         f"{', '.join(str(i + 2) for i in list(df.index[empty])[:5])}): fill them in or remove them")
+    for c in label_columns:
+        if not pd.api.types.is_numeric_dtype(df[c]):
+            values = pd.to_numeric(df[c], errors="coerce")
+            bad = values.isna() & df[c].notna()
+            if bad.any():
+                raise ValueError(f"{path}: label column {c!r} has {int(bad.sum())} non-numeric values (lines "
+                                 f"{', '.join(str(i + 2) for i in list(df.index[bad])[:5])}): labels must be numbers "
+                                 "(0/1 for a binary task, class indices for multiclass)")
+            df[c] = values
     return df[["patient_id", *label_columns, *group_columns]]

@@ -18,7 +18,15 @@ The work items are sorted before decoding, a (patient, modality) never straddles
 tasks and each task sorts its own rows, so the records come out sorted by id without
 a global sort, and memory stays flat as the cohort grows: decoded pixels stream from
 the decode tasks into Parquet files. Outputs are written to a temporary directory and
-renamed into place when complete.
+renamed into place when complete; an existing output folder is replaced only when it
+carries raypipe's marker of an earlier ingest run (:func:`raypipe.ingest.safety.check_output_dir`).
+
+Safety (docs/ingest.md, "Security and privacy"): each task confines its paths to the
+input root and opens regular files only (:func:`raypipe.ingest.safety.confine`), the
+decoders check declared sizes against ``ingest.limits``, messages come from a fixed
+vocabulary, every float payload is checked finite, and a decode task that dies (e.g.
+killed by Ray's memory monitor) is retried once; its items are then decoded one per
+task, and an item whose task dies twice again becomes a ``ResourceLimit`` row.
 """
 
 from __future__ import annotations
@@ -42,7 +50,8 @@ import pyarrow as pa
 
 from raypipe.config import Config
 from raypipe.ids import pseudonym, resolve_secret
-from raypipe.ingest.common import DecodeError
+from raypipe.ingest import safety
+from raypipe.ingest.common import DecodeError, check_finite
 from raypipe.schema import (ERRORS_SCHEMA, NORMALISATION_KEY, RECORDS_SCHEMA, array_to_payload, samples_schema,
                             with_json_metadata)
 
@@ -71,63 +80,96 @@ STATES = ("ingested", "quarantined", "empty_as_missing", "not_selected")
 HEADER_READ_WEIGHT = 0.25
 #: the ``split`` of every sample of a cohort ingested without labels.csv (inference)
 UNLABELLED_SPLIT = "infer"
+#: Ray task retries of a decode task that dies (worker killed, e.g. by the memory monitor); Ray Data's
+#: default is unlimited, which loops forever on a file that always exhausts memory
+DECODE_TASK_RETRIES = 1
 
 
 # ----------------------------------------------------------------------------- UDFs (run in Ray tasks)
-def _decode_item(it: dict, mod_cfg: dict, ehr_cfg: dict, stats: dict | None) -> Iterable[dict]:
-    """One work item -> record dicts (RECORDS columns, ``meta`` as a dict)."""
+def _decode_item(it: dict, mod_cfg: dict, ehr_cfg: dict, stats: dict | None,
+                 limits: safety.Limits | None = None) -> Iterable[dict]:
+    """One work item (``path`` already confined) -> record dicts (RECORDS columns, ``meta`` as a dict)."""
     from raypipe.ingest import dicom, ehr, geotiff, image2d, nifti, report, tabular
 
+    limits = limits or safety.DEFAULT_LIMITS
     fmt, kind = it["format"], mod_cfg["kind"]
     size, window, sel = mod_cfg["size"], mod_cfg["window"], mod_cfg["slices"]
     base = {"sample_id": it["sample_id"], "modality": it["modality"], "source_key": it["source_key"]}
     if kind == "volume" and fmt == "nifti":
         return [{**base, "position": pos, **array_to_payload(img), "meta": meta}
                 for pos, img, meta in nifti.decode_volume(it["path"], size, window, sel["policy"], sel["n"], sel["k"],
-                                                          mod_cfg["frame"])]
+                                                          mod_cfg["frame"], limits)]
     if kind == "image" and fmt in ("png", "jpeg", "image"):
-        img, meta = image2d.decode_image(it["path"], size, mod_cfg["channels"])
+        img, meta = image2d.decode_image(it["path"], size, mod_cfg["channels"], limits)
         return [{**base, "position": 0, **array_to_payload(img), "meta": meta}]
     if kind == "image" and fmt == "dicom":  # e.g. a DX/CR chest X-ray: one image per file
-        img, meta = dicom.decode_slice(it["path"], size, window)
+        img, meta = dicom.decode_slice(it["path"], size, window, limits=limits)
         if mod_cfg["channels"] == "rgb":
             img = np.repeat(img, 3, axis=0)
         return [{**base, "position": 0, **array_to_payload(img), "meta": meta}]
     if kind == "geotiff" and fmt == "geotiff":
         return [{**base, "position": pos, **array_to_payload(img), "meta": meta}
-                for pos, img, meta in geotiff.decode_scene(it["path"], size, mod_cfg["bands"], mod_cfg["percentiles"])]
+                for pos, img, meta in geotiff.decode_scene(it["path"], size, mod_cfg["bands"], mod_cfg["percentiles"],
+                                                           limits)]
     if kind == "ehr" and fmt == "csv":
         out = []
+        ranges = ehr.outlier_ranges(ehr_cfg.get("outlier_ranges"))
         for pos, (_, x, meta) in enumerate(ehr.discretise_stays(it["path"], ehr_cfg["step_hours"],
-                                                               ehr_cfg["window_hours"])):
+                                                               ehr_cfg["window_hours"], ranges,
+                                                               limits.max_table_bytes)):
             if stats:
                 x = ehr.standardise(x, stats)
             meta["standardised"] = bool(stats)
             out.append({**base, "position": pos, **array_to_payload(x), "meta": meta})
         return out
     if kind == "text" and fmt == "text":
-        return [{**base, "position": 0, "text": report.read_report(it["path"], mod_cfg["max_words"]),
+        return [{**base, "position": 0, "text": report.read_report(it["path"], mod_cfg["max_words"],
+                                                                   limits.max_report_bytes),
                  "meta": {"max_words": mod_cfg["max_words"]}}]
     if kind == "tabular" and fmt == "csv":
-        vec, cols = tabular.read_row(it["path"], it["source_id"])
+        vec, cols = tabular.read_row(it["path"], it["source_id"], limits.max_table_bytes)
         return [{**base, "position": 0, **array_to_payload(vec), "meta": {"columns": cols}}]
-    raise DecodeError("UnsupportedFormat", f"format {fmt!r} cannot feed a {kind!r} modality (see docs/ingest.md)")
+    if not fmt:
+        raise safety.fail("UnsupportedFormat", f"no format column and {safety.extension(it['rel'])}")
+    known = fmt in {"dicom", "nifti", "png", "jpeg", "image", "geotiff", "csv", "text"}
+    raise safety.fail("UnsupportedFormat", f"format {fmt if known else 'not one raypipe reads'} cannot feed a "
+                                           f"{kind} modality", extension=safety.extension(it["rel"]).lstrip("."))
 
 
-def _decode_dicom_group(it: dict, mod_cfg: dict, source_secret: bytes) -> Iterable[dict]:
+def _decode_dicom_group(it: dict, mod_cfg: dict, source_secret: bytes, root: str,
+                        limits: safety.Limits | None = None) -> Iterable[dict]:
     """One patient's DICOM files of one modality -> record, error and not-selected rows (one parse per file
     where possible: see :func:`raypipe.ingest.dicom.decode_series`)."""
     from raypipe.ingest import dicom
 
     sel = mod_cfg["slices"]
-    file_of = dict(zip(it["group_paths"], it["group_files"]))
-    slices, errors, unselected = dicom.decode_series(
-        it["group_paths"], mod_cfg["size"], mod_cfg["window"], sel["policy"], sel["n"], sel["k"],
-        expected=dicom.EXPECTED_MODALITY.get(it["modality"]))
     base = {"sample_id": it["sample_id"], "modality": it["modality"]}
+    file_of, paths = {}, []
+    for rel, fid in zip(it["group_paths"], it["group_files"]):
+        try:
+            path = safety.confine(root, rel)
+        except DecodeError as err:
+            yield {**base, "kind": "error", "file": fid, "source_key": it["source_key"], "position": 0,
+                   "error_class": err.error_class, "message": str(err)}
+            continue
+        if path in file_of:  # two manifest rows naming one file (e.g. through a symlink): decoded once
+            yield {**base, "kind": "error", "file": fid, "source_key": it["source_key"], "position": 0,
+                   "error_class": "UnsupportedFormat",
+                   "message": safety.message("UnsupportedFormat", "the same file is listed twice for this patient")}
+            continue
+        file_of[path] = fid
+        paths.append(path)
+    slices, errors, unselected = dicom.decode_series(
+        paths, mod_cfg["size"], mod_cfg["window"], sel["policy"], sel["n"], sel["k"],
+        expected=dicom.EXPECTED_MODALITY.get(it["modality"]), limits=limits)
     keys: dict[str, str] = {}
     for sl in slices:
         key = keys.get(sl.series_uid) or keys.setdefault(sl.series_uid, pseudonym(source_secret, sl.series_uid))
+        try:
+            check_finite(sl.image, "record")
+        except DecodeError as err:
+            errors.append((sl.path, err))
+            continue
         yield {**base, "kind": "record", "file": file_of[sl.path], "source_key": key, "position": sl.position,
                "array": sl.image, "meta": json.dumps(sl.meta, sort_keys=True)}
     for path, err in errors:
@@ -138,29 +180,40 @@ def _decode_dicom_group(it: dict, mod_cfg: dict, source_secret: bytes) -> Iterab
 
 
 def _decode_batch(batch: pa.Table, modalities: dict, ehr_cfg: dict, stats: dict | None,
-                  source_secret: bytes = b"") -> pa.Table:
+                  source_secret: bytes = b"", root: str = "/", limits: dict | None = None) -> pa.Table:
     """map_batches UDF: decode each item with its own try/except (a bad file becomes an error row).
 
-    The rows come out sorted by the output key: a DICOM group's series keys are only known
-    once its files are read, so the task sorts its own rows (the groups never straddle tasks).
+    Each path is confined to ``root`` first (regular files only); every record's array is checked
+    finite before it is emitted. The rows come out sorted by the output key: a DICOM group's series
+    keys are only known once its files are read, so the task sorts its own rows (the groups never
+    straddle tasks).
     """
+    lim = safety.Limits.of(limits)
     rows: list[dict] = []
     for it in batch.to_pylist():
         head = {"file": it["file"], "sample_id": it["sample_id"], "modality": it["modality"],
                 "source_key": it["source_key"], "position": it["position"]}
         try:
             if it["format"] == "dicom_series":
-                rows.extend(_decode_dicom_group(it, modalities[it["modality"]], source_secret))
+                rows.extend(_decode_dicom_group(it, modalities[it["modality"]], source_secret, root, lim))
+                rows.append({**head, "kind": "done"})
                 continue
-            for rec in _decode_item(it, modalities[it["modality"]], ehr_cfg, stats):
+            it = {**it, "path": safety.confine(root, it["rel"])}
+            recs = list(_decode_item(it, modalities[it["modality"]], ehr_cfg, stats, lim))
+            for rec in recs:  # no non-finite float payload is ever written
+                if rec.get("payload") is not None and str(rec.get("dtype", "")).startswith("float"):
+                    check_finite(np.frombuffer(rec["payload"], dtype=rec["dtype"]), "record")
+            for rec in recs:
                 rec["meta"] = json.dumps(rec.get("meta") or {}, sort_keys=True)
                 rows.append({**head, **rec, "kind": "record"})
+            rows.append({**head, "kind": "done"})
         except Exception as e:  # noqa: BLE001 - quarantine, never crash the run
-            cls, msg = (e.error_class, str(e)) if isinstance(e, DecodeError) else \
-                (UNEXPECTED, f"{type(e).__name__}: {e}")
+            err = e if isinstance(e, DecodeError) else safety.unexpected(e)
+            cls, msg = err.error_class, str(err)
             # a failed group: every file of it gets the error row, so that each still ends in a state
             for fid in (it["group_files"] or [it["file"]]):
                 rows.append({**head, "file": fid, "kind": "error", "error_class": cls, "message": msg})
+            rows.append({**head, "kind": "done"})
     rows.sort(key=lambda r: (r["sample_id"], r["modality"], r["source_key"], r["position"], r["file"]))
     return _rows_table(rows)
 
@@ -201,16 +254,20 @@ def _rows_table(rows: list[dict]) -> pa.Table:
     return pa.table(cols, schema=ROW_SCHEMA)
 
 
-def _ehr_sums_batch(batch: pa.Table, ehr_cfg: dict) -> pa.Table:
+def _ehr_sums_batch(batch: pa.Table, ehr_cfg: dict, root: str = "/", limits: dict | None = None) -> pa.Table:
     """Per-batch sums of the continuous EHR channels of training stays (files that fail are skipped here
-    and quarantined by the decode pass)."""
+    and quarantined by the decode pass; the same confinement, limits and outlier ranges apply)."""
     from raypipe.ingest import ehr
 
+    lim = safety.Limits.of(limits)
+    ranges = ehr.outlier_ranges(ehr_cfg.get("outlier_ranges"))
     cols = ehr.CONTINUOUS_COLUMNS
     s, sq, n = np.zeros(len(cols)), np.zeros(len(cols)), 0.0
-    for path in batch.column("path").to_pylist():
+    for rel in batch.column("path").to_pylist():
         try:
-            stays = ehr.discretise_stays(path, ehr_cfg["step_hours"], ehr_cfg["window_hours"])
+            path = safety.confine(root, rel)
+            stays = ehr.discretise_stays(path, ehr_cfg["step_hours"], ehr_cfg["window_hours"], ranges,
+                                         lim.max_table_bytes)
         except Exception:  # noqa: BLE001 - reported by the decode pass
             continue
         for _, x, _ in stays:
@@ -222,8 +279,9 @@ def _ehr_sums_batch(batch: pa.Table, ehr_cfg: dict) -> pa.Table:
     return pa.table({"first": [first], "s": [s.tolist()], "sq": [sq.tolist()], "n": [n]})
 
 
-def _records_sink(out_dir: str):
-    """A Ray Data datasink writing each task's records to ``part-<task>.parquet`` and returning its errors.
+def _records_sink(out_dir: str, prefix: str = "part"):
+    """A Ray Data datasink writing each task's records to ``<prefix>-<task>.parquet`` and returning its
+    errors and the work items it finished (``done``).
 
     One file per write task, named by the task index: the input blocks are in key order and
     Ray Data numbers the tasks in that order, so the files are sorted by name and content.
@@ -246,21 +304,22 @@ def _records_sink(out_dir: str):
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
             tables = [t for t in tables if t.num_rows]
             if not tables:
-                return {"files": [], "errors": [], "not_selected": [], "records": 0}
+                return {"files": [], "errors": [], "not_selected": [], "records": 0, "done": []}
             rows = pa.concat_tables(tables)
             is_rec = pc.equal(rows.column("kind"), "record")
             n_rec = pc.sum(is_rec).as_py() or 0
             rec = rows if n_rec == rows.num_rows else rows.filter(is_rec)  # no copy when nothing failed
             if n_rec:
                 table = rec.select(RECORDS_SCHEMA.names).cast(RECORDS_SCHEMA)
-                pq.write_table(table, os.path.join(self.out_dir, f"part-{ctx.task_idx:05d}.parquet"),
+                pq.write_table(table, os.path.join(self.out_dir, f"{prefix}-{ctx.task_idx:05d}.parquet"),
                                **PARQUET_OPTIONS)
             other = [] if n_rec == rows.num_rows else \
                 rows.filter(pc.invert(is_rec)).select(["kind", "file", "error_class", "message"]).to_pylist()
             return {"files": sorted(set(rec.column("file").to_pylist())), "records": n_rec,
                     "errors": [{k: r[k] for k in ("file", "error_class", "message")} for r in other
                                if r["kind"] == "error"],
-                    "not_selected": sorted({r["file"] for r in other if r["kind"] == "skip"})}
+                    "not_selected": sorted({r["file"] for r in other if r["kind"] == "skip"}),
+                    "done": sorted({r["file"] for r in other if r["kind"] == "done"})}
 
         def on_write_complete(self, write_result) -> None:
             self.result = write_result
@@ -371,6 +430,24 @@ def _task_blocks(work: list[dict], mods: dict, per_task: int) -> list[pa.Table]:
 
 
 @contextlib.contextmanager
+def _tolerate_dead_tasks():
+    """Let a pass finish when some of its tasks die twice (``max_errored_blocks`` unlimited for the pass).
+
+    Every per-file failure is caught inside the UDFs, so the only blocks that can fail are tasks whose
+    worker died (killed for memory, a crash in native code); the driver notices their missing results.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    old = ctx.max_errored_blocks
+    ctx.max_errored_blocks = -1
+    try:
+        yield
+    finally:
+        ctx.max_errored_blocks = old
+
+
+@contextlib.contextmanager
 def _unordered():
     """Run a pass without Ray Data's output reordering (``preserve_order``).
 
@@ -401,19 +478,24 @@ def _load_stats(path: str) -> dict:
     return stats
 
 
-def _fit_stats(train_items: list[dict], cfg: Config) -> dict:
-    """EHR statistics of the training split (a Ray Data pass that returns sums only)."""
+def _fit_stats(train_items: list[dict], cfg: Config, root: str) -> dict:
+    """EHR statistics of the training split (a Ray Data pass that returns sums only).
+
+    A statistics task that dies twice (e.g. killed for memory) drops its files' sums with a warning;
+    the decode pass then quarantines those files itself.
+    """
     import ray.data
 
     from raypipe.ingest.ehr import fit_normalisation
 
     if not train_items:
         return {}
-    with _unordered():
-        ds = ray.data.from_items([{"path": it["path"]} for it in train_items],
+    with _unordered(), _tolerate_dead_tasks():
+        ds = ray.data.from_items([{"path": it["rel"]} for it in train_items],
                                  override_num_blocks=_num_blocks(len(train_items), cfg.ingest.items_per_task))
-        sums = ds.map_batches(_ehr_sums_batch, fn_kwargs={"ehr_cfg": cfg.ingest.ehr.model_dump()},
-                              batch_format="pyarrow", batch_size=None).take_all()
+        sums = ds.map_batches(_ehr_sums_batch, fn_kwargs={"ehr_cfg": cfg.ingest.ehr.model_dump(), "root": root,
+                                                         "limits": cfg.ingest.limits.model_dump()},
+                              batch_format="pyarrow", batch_size=None, max_retries=DECODE_TASK_RETRIES).take_all()
     sums.sort(key=lambda r: r["first"])  # a fixed summation order: the same statistics bytes every run
     n = float(sum(r["n"] for r in sums))
     if n == 0:
@@ -436,7 +518,7 @@ def _dicom_groups(dicom_items: list[dict]) -> list[dict]:
     for (sid, modality), its in sorted(groups.items()):
         its = sorted(its, key=lambda it: it["file"])
         out.append({**its[0], "format": "dicom_series", "source_key": "", "position": 0,
-                    "group_files": [it["file"] for it in its], "group_paths": [it["path"] for it in its]})
+                    "group_files": [it["file"] for it in its], "group_paths": [it["rel"] for it in its]})
     return out
 
 
@@ -448,15 +530,16 @@ def run_ingest(cfg: Config) -> dict:
     files exceeds ``ingest.error_budget`` (the CLI then exits non-zero).
     """
     import pyarrow.parquet as pq
-    import ray.data
 
     from raypipe.ingest.manifest import read_manifest
     from raypipe.runtime import init_ray
 
     secret = resolve_secret(cfg)
-    root = os.path.abspath(cfg.ingest_input)
+    root = os.path.realpath(cfg.ingest_input)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"cohort directory {root} does not exist: run `raypipe synth` or set ingest.input")
+    records_dir = os.path.abspath(cfg.records_dir)
+    safety.check_output_dir(records_dir, [root], "ingest")  # before any work: never delete what is not ours
     manifest = read_manifest(root)
     unlabelled = not os.path.isfile(os.path.join(root, "labels.csv"))
     has_ehr = any(c.kind == "ehr" and (manifest["modality"] == m).any() for m, c in cfg.ingest.modalities.items())
@@ -464,11 +547,14 @@ def run_ingest(cfg: Config) -> dict:
         raise ValueError(f"{root} has no labels.csv (an unlabelled cohort: nothing to fit the EHR statistics on) "
                          "but has EHR files: set ingest.ehr.normalisation to the ehr_normalisation.json written "
                          "by the ingest run of the training data")
-    init_ray(cfg)
     source_secret = source_key_secret(secret)
-    samples, ids = _samples(cfg, secret, root, manifest)
+    path_secret = safety.path_key(secret)
+    plain = cfg.privacy.plain_paths
+    samples, ids = _samples(cfg, secret, root, manifest)  # labels checked before Ray starts
+    init_ray(cfg)
     train_ids = set(samples.loc[samples["split"] == "train", "sample_id"])
     mods = {k: v.model_dump(mode="json") for k, v in cfg.ingest.modalities.items()}
+    limits = cfg.ingest.limits.model_dump()
 
     # --- one entry per manifest file; files of unconfigured modalities are counted as skipped
     files: list[dict] = []
@@ -479,18 +565,21 @@ def run_ingest(cfg: Config) -> dict:
         if row.modality not in mods:
             skipped[row.modality] += 1
             continue
-        pid = str(row.patient_id)
-        sid = ids.get(pid) or pseudonym(secret, pid)
-        f = {"file": len(files), "modality": row.modality, "public_path": public_path(str(row.path), pid, sid),
-             "path": os.path.join(root, str(row.path)), "patient_id": pid, "sample_id": sid}
+        pid, rel = str(row.patient_id), str(row.path)
+        line = int(getattr(row, "row", 0) or 0)
+        sid = (ids.get(pid) or pseudonym(secret, pid)) if pid.strip() else ""
+        f = {"file": len(files), "modality": row.modality, "public_path": safety.pseudonymous_path(rel, path_secret, plain),
+             "patient_id": pid, "sample_id": sid, "line": line}
         files.append(f)
+        if not pid.strip():
+            errors.append({"file": f["file"], "error_class": "MissingId", "message": safety.message("MissingId")})
+            continue
         if pid not in ids:
-            errors.append({"file": f["file"], "error_class": "NoLabel",
-                           "message": "patient not in labels.csv: add a labels row or drop the file from the manifest"})
+            errors.append({"file": f["file"], "error_class": "NoLabel", "message": safety.message("NoLabel")})
             continue
         items.append({"file": f["file"], "sample_id": sid, "source_id": pid, "modality": row.modality,
-                      "format": str(row.format), "path": f["path"], "position": 0,
-                      "source_key": pseudonym(source_secret, str(row.path)), "train": sid in train_ids,
+                      "format": str(row.format or ""), "rel": rel, "position": 0,
+                      "source_key": pseudonym(source_secret, rel), "train": sid in train_ids,
                       "group_files": None, "group_paths": None})
     log.info("ingest: %d files of %d modalities, %d patients", len(files), len({f["modality"] for f in files}),
              len(samples))
@@ -510,11 +599,12 @@ def run_ingest(cfg: Config) -> dict:
         stats = _load_stats(cfg.ingest.ehr.normalisation)
         stats["fitted_on"] = f"loaded: {os.path.basename(cfg.ingest.ehr.normalisation)}"
     else:
-        stats = _fit_stats([it for it in ehr_items if it["train"]], cfg)
+        stats = _fit_stats([it for it in ehr_items if it["train"]], cfg, root)
+    if stats and not (np.isfinite(stats["mean"]).all() and np.isfinite(stats["std"]).all()):
+        raise ValueError("EHR normalisation statistics are not finite: refit them (a saved file may be damaged)")
     if ehr_items and not stats:
         log.warning("no training-split EHR stays: EHR records are written unstandardised (meta standardised=false)")
 
-    records_dir = os.path.abspath(cfg.records_dir)
     parent = os.path.dirname(records_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".ingest-", dir=parent)
@@ -525,19 +615,26 @@ def run_ingest(cfg: Config) -> dict:
         if work:
             for it in work:
                 it.pop("train", None)
-            sink = _records_sink(rec_dir)
-            with _unordered():
-                ds = ray.data.from_arrow(_task_blocks(work, mods, cfg.ingest.items_per_task))
-                rows = ds.map_batches(_decode_batch, batch_format="pyarrow", batch_size=None,
-                                      fn_kwargs={"modalities": mods, "ehr_cfg": cfg.ingest.ehr.model_dump(),
-                                                 "stats": stats or None, "source_secret": source_secret})
-                rows.write_datasink(sink)
-            for ret in sink.result.write_returns:
+            fn_kwargs = {"modalities": mods, "ehr_cfg": cfg.ingest.ehr.model_dump(), "stats": stats or None,
+                         "source_secret": source_secret, "root": root, "limits": limits}
+            results = _decode_pass(_task_blocks(work, mods, cfg.ingest.items_per_task), rec_dir, "part", fn_kwargs)
+            lost = _lost_items(work, results)
+            if lost:  # tasks that died twice: their items again, one per task, to find the culprit(s)
+                log.warning("ingest: %d decode task(s) died twice (e.g. killed for memory); decoding their %d "
+                            "work items one per task", len(lost), sum(len(b) for b in lost))
+                single = [pa.Table.from_pylist([it]) for b in lost for it in b]
+                results += _decode_pass(single, rec_dir, "part-retry", fn_kwargs)
+                for it in (it for b in _lost_items(work, results) for it in b):
+                    for fid in it["group_files"] or [it["file"]]:
+                        errors.append({"file": fid, "error_class": "ResourceLimit", "message": safety.message(
+                            "ResourceLimit", "its Ray task died twice (killed for memory or crashed): lower "
+                            "ingest.limits or give the workers more memory")})
+            for ret in results:
                 n_records += ret["records"]
                 errors.extend(ret["errors"])
                 for fid in ret["files"]:
                     states[fid] = "ingested"
-            for ret in sink.result.write_returns:
+            for ret in results:
                 for fid in ret["not_selected"]:
                     states.setdefault(fid, "not_selected")  # a multi-frame file with another frame chosen: ingested
         if not n_records:
@@ -549,8 +646,10 @@ def run_ingest(cfg: Config) -> dict:
             f = files[e["file"]]
             if states.get(e["file"]) != "ingested":
                 states[e["file"]] = "empty_as_missing" if e["error_class"] in MISSING_CLASSES else "quarantined"
-            msg = str(e["message"]).replace(f["path"], f["public_path"]).replace(root, "<input>")
-            msg = public_path(msg, f["patient_id"], f["sample_id"])  # e.g. a companion file's path
+            # the fixed sentence of the class (+ facts); a manifest line number lets the user find the file
+            msg = safety.public_message(e["error_class"], e["message"])
+            if f["line"]:
+                msg += f" (manifest.csv line {f['line']})"
             err_rows.append({"source_path": f["public_path"], "stage": "ingest", "modality": f["modality"],
                              "error_class": e["error_class"], "message": msg})
         err_df = pd.DataFrame(err_rows, columns=ERRORS_SCHEMA.names).sort_values(
@@ -570,7 +669,8 @@ def run_ingest(cfg: Config) -> dict:
         summary["labelled"] = not unlabelled
         with open(os.path.join(tmp, "ingest_summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2, sort_keys=True)
-        _swap_into_place(tmp, records_dir)
+        safety.write_marker(tmp, "ingest")
+        _swap_into_place(tmp, records_dir, [root])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -579,8 +679,40 @@ def run_ingest(cfg: Config) -> dict:
     return {**summary, "records_dir": records_dir, "printed": reconciliation_table(summary)}
 
 
-def _swap_into_place(tmp: str, final: str) -> None:
-    """Rename the finished ``tmp`` directory to ``final`` (a previous output is moved aside first, then removed)."""
+def _decode_pass(blocks: list[pa.Table], rec_dir: str, prefix: str, fn_kwargs: dict) -> list[dict]:
+    """One Ray Data decode pass over ``blocks`` (one task each) into ``rec_dir/<prefix>-NNNNN.parquet``;
+    returns the write results of the tasks that finished (a task that died twice has none)."""
+    import ray.data
+
+    sink = _records_sink(rec_dir, prefix)
+    with _unordered(), _tolerate_dead_tasks():
+        ds = ray.data.from_arrow(blocks)
+        rows = ds.map_batches(_decode_batch, batch_format="pyarrow", batch_size=None, fn_kwargs=fn_kwargs,
+                              max_retries=DECODE_TASK_RETRIES)
+        rows.write_datasink(sink)
+    return list(sink.result.write_returns) if sink.result is not None else []
+
+
+def _lost_items(work: list[dict], results: list[dict]) -> list[list[dict]]:
+    """The work items no finished task reported on, in runs of consecutive items (one per dead task)."""
+    done = {fid for ret in results for fid in ret["done"]}
+    runs: list[list[dict]] = []
+    prev_lost = False
+    for it in work:
+        lost = it["file"] not in done
+        if lost:
+            if not prev_lost:
+                runs.append([])
+            runs[-1].append(it)
+        prev_lost = lost
+    return runs
+
+
+def _swap_into_place(tmp: str, final: str, inputs: list[str] | None = None) -> None:
+    """Rename the finished ``tmp`` directory to ``final``. A previous output is moved aside first, then
+    removed -- only after :func:`raypipe.ingest.safety.check_output_dir` finds raypipe's marker of an
+    earlier ingest run in it and nothing else (checked again here: the folder may have changed)."""
+    safety.check_output_dir(final, inputs or [], "ingest")
     old = None
     if os.path.lexists(final):
         old = tempfile.mkdtemp(prefix=".ingest-old-", dir=os.path.dirname(final))

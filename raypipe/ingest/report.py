@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from raypipe.ingest.common import DecodeError
+from raypipe.ingest import safety
+from raypipe.ingest.safety import fail
 
 #: a de-identification placeholder such as ``[**Doctor Last Name**]`` counts as one word and is kept verbatim
 _TOKEN = re.compile(r"\[\*\*.*?\*\*\]|\S+")
@@ -27,18 +28,22 @@ def clean_report(text: str, max_words: int = 150) -> str:
     return " ".join(words)
 
 
-def read_report(path: str, max_words: int = 150) -> str:
-    """Cleaned report text; an empty report is a missing modality (``EmptyReport``), not an empty string."""
+def read_report(path: str, max_words: int = 150, max_bytes: int = 1024**2) -> str:
+    """Cleaned report text; an empty report is a missing modality (``EmptyReport``), not an empty string.
+
+    At most ``max_bytes`` are read (``ingest.limits.max_report_bytes``; the words kept come first
+    anyway); a file that is not text (a NUL byte or many control characters: a DICOM file, an image,
+    an archive listed as a report) is ``UnsupportedFormat``, never text.
+    """
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        raw, truncated = safety.read_capped(path, max_bytes)
+    except FileNotFoundError:
+        raise fail("FileMissing") from None
+    except IsADirectoryError:
+        raise fail("NotAFile") from None
     except OSError as err:
-        raise DecodeError("Unreadable", f"{type(err).__name__}: {err.strerror}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    cleaned = clean_report(text, max_words)
+        raise fail("Unreadable", type(err).__name__) from None
+    cleaned = clean_report(safety.decode_text(raw, truncated), max_words)
     if not cleaned:
-        raise DecodeError("EmptyReport", "the report is empty: counted as a missing modality")
+        raise fail("EmptyReport")
     return cleaned
