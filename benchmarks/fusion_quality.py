@@ -1,23 +1,44 @@
-"""Fusion quality: every method on the same folds of embeddings with the laziness structure.
+"""Fusion quality: every method on the same folds and the same view-dropout masks, on synthetic or real data.
 
-Data: the synthetic clinical cohort's per-modality latent observations
-(``raypipe.synth.clinical.generate_truth``, no images), each rendered to a 64-d
-embedding-like vector by a fixed seeded map (``raypipe.synth.embeddings``).
-Protocol: 5 folds grouped by patient and stratified; inside each training part 20 %
-is held out for early stopping; every method gets the same width, epochs, patience,
-batch size, learning rate and the same modality-dropout simulation (p = 0.5).
+Data sets (``--dataset``):
 
-Conditions: (a) complete data (every modality present for every patient);
-(b) natural availability (``avail_<m>``) with 50 % random missingness on top (each
-available modality dropped with p = 0.5, at least one kept), the same masks for every
-method. Prints mean ± std AUROC per method, the paired t-test (scipy.stats.ttest_rel
-over folds) of omnifuse against each other row and omnifuse's rank, plus references:
-single-modality models (concat on one modality), the OmniFuse ablation rows of the
-paper's Table 4, the Bayes AUROC (true probability) and an oracle logistic regression
-on the observations' sufficient statistics (it knows the true observation directions
-and which site writes clean reports): the most a model of the observations can reach.
+- ``synthetic`` (default): the first synthetic clinical cohort's per-modality latent observations
+  (``raypipe.synth.latent.generate_truth``, no images), each rendered to a 64-d embedding-like vector by
+  a fixed seeded map (``raypipe.synth.embeddings``); natural availability ``avail_<m>``; binary.
+- ``synthetic2``: the second generator (``raypipe.synth.latent2``: cross-modal redundancy, a dominant
+  modality missing not at random, a slow-to-fit modality), rendered the same way; binary.
+- ``breast_cancer``: scikit-learn's Wisconsin diagnostic breast-cancer data (569 tumours, binary),
+  split into its three natural views of ten cell-nucleus features each: the *mean*, the *standard
+  error* and the *worst* (largest) value over the nuclei of an image. Real data shipped with
+  scikit-learn, nothing downloaded.
+- ``htad``: the HTAD home-tasks activity data (Garcia-Ceja et al., MMM 2021; 1,386 windows, 7
+  activities, multiclass), shipped in the ``multiviewstacking`` pip package: two sensor views, audio
+  (36 MFCC features) and wrist accelerometer (16 features). The package does not say which
+  participant a window comes from, so folds are stratified but cannot be grouped by person.
 
-    python benchmarks/fusion_quality.py                      # n=1000, 5 folds, <=40 epochs
+Protocol: ``--folds`` folds (stratified; grouped by patient where the data has patients); inside each
+training part 20 % is held out for early stopping; every method gets the same width, epochs,
+patience, batch size, learning rate and training modality-dropout simulation (``--p-drop``).
+OmniFuse's own hyper-parameters are the configuration's defaults (the paper's R = 5, alpha = 0.1,
+beta = 0.5, lambda = (1, 10, 0.5)) unless ``--depth`` overrides R.
+
+Conditions: view dropout at each rate of ``--dropout`` (default 0, 50 and 90 %): on top of the natural
+availability (real data: every view present), each available view is dropped with that probability,
+at least one view kept per sample. The masks are drawn once per rate from a seed and are the same
+for every method and every reference (train and test rows alike).
+
+Output: per metric (AUROC; multiclass also accuracy) a Markdown table with mean +- std (ddof = 1)
+over folds per condition, the paired t-test (scipy.stats.ttest_rel over folds) of omnifuse against
+every other row, and omnifuse's rank; references on the same folds and masks: a logistic regression
+on the concatenated views (standardised with the training fold's statistics, absent views
+mean-imputed, plus a presence indicator per view), single-view models (``--no-single`` to skip),
+the OmniFuse ablation rows of the paper's Table 4, and for the synthetic cohorts the Bayes AUROC
+(true probability; v1 also an oracle logistic regression on the sufficient statistics). Then the
+fit time per epoch of every method (mean over folds, training + validation pass) and its ratio to
+concat's.
+
+    python benchmarks/fusion_quality.py --dataset breast_cancer            # 5 folds, 0/50/90 %
+    python benchmarks/fusion_quality.py --dataset htad --epochs 20 --methods omnifuse,concat,late
     python benchmarks/fusion_quality.py --n 400 --epochs 15 --methods omnifuse,concat --no-ablation
 """
 
@@ -29,6 +50,8 @@ import logging
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,12 +59,11 @@ import torch
 from raypipe.config import TrainConfig
 from raypipe.fusion.base import ModalitySpec
 from raypipe.fusion.registry import REGISTRY, build_method
-from raypipe.synth.clinical import generate_truth
-from raypipe.synth.embeddings import render_embeddings
-from raypipe.synth.latent import MODALITIES, ClinicalParams, observation_directions
 from raypipe.train import loop
 from raypipe.train.metrics import compute_metrics
 from raypipe.train.splits import holdout_mask, kfold_assignments
+
+DATASETS = ("synthetic", "synthetic2", "breast_cancer", "htad")
 
 ABLATIONS = {  # OmniFuse Table 4 rows as config switches (docs/fusion.md); row a is concat, row e is omnifuse
     "b": ("DWFuse", dict(use_imp_forward=False, use_imp_backward=False, use_tla=False)),
@@ -51,165 +73,437 @@ ABLATIONS = {  # OmniFuse Table 4 rows as config switches (docs/fusion.md); row 
 }
 
 
+# ----------------------------------------------------------------------------- data sets
+@dataclass
+class MultiViewData:
+    """One data set as the benchmark needs it: views, labels, natural availability, groups."""
+
+    name: str
+    views: dict[str, np.ndarray]  # view name -> (N, d) float32
+    y: np.ndarray  # (N,) labels 0..K-1
+    task: str  # binary | multiclass
+    natural: np.ndarray  # (N, M) bool: which views exist for each sample before any dropout
+    ids: np.ndarray  # sample ids (str)
+    groups: np.ndarray | None = None  # patient (or other) ids for grouped folds; None = one per sample
+    description: str = ""
+    #: extra reference rows: label -> fn(mask, folds, k) -> per-fold scores {metric: [..]}
+    references: dict[str, Callable] = field(default_factory=dict)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.views)
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.y.max()) + 1
+
+
+def _subsample(n_total: int, y: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """Row indices: all rows, or a seeded stratified subsample of ``n`` (for quick runs and tests)."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(np.arange(n_total), train_size=n, stratify=y, random_state=seed)
+    return np.sort(keep)
+
+
+def _from_truth(name: str, truth, modalities, description: str) -> MultiViewData:
+    from raypipe.synth import latent
+    from raypipe.synth.embeddings import render_embeddings
+
+    if tuple(modalities) != tuple(latent.MODALITIES):
+        raise SystemExit(f"--dataset {name}: its modalities {tuple(modalities)} differ from the embedding "
+                         f"renderer's {tuple(latent.MODALITIES)}; raypipe.synth.embeddings must learn them first")
+    views = render_embeddings(truth, dim=64)
+    y = truth["label"].to_numpy().astype(np.int64)
+    natural = np.stack([truth[f"avail_{m}"].to_numpy().astype(bool) for m in modalities], 1)
+    refs = {"ref: Bayes (true probability)": _bayes_reference(truth)}
+    return MultiViewData(name, {m: views[m] for m in modalities}, y, "binary", natural,
+                         truth["sample_id"].to_numpy().astype(str), truth["patient_id"].to_numpy().astype(str)
+                         if "patient_id" in truth else None, description, refs)
+
+
+def load_synthetic(n: int | None, seed: int) -> MultiViewData:
+    from raypipe.synth.latent import MODALITIES, generate_truth
+
+    truth = generate_truth(n=n or 1000, seed=seed)
+    data = _from_truth("synthetic", truth, MODALITIES, "synthetic clinical cohort v1 (raypipe.synth.latent), "
+                       "64-d rendered embeddings, natural availability")
+    data.references["ref: oracle LR on sufficient stats"] = _oracle_reference(truth)
+    return data
+
+
+def load_synthetic2(n: int | None, seed: int) -> MultiViewData:
+    import importlib
+
+    try:
+        latent2 = importlib.import_module("raypipe.synth.latent2")
+    except ImportError as exc:
+        raise SystemExit("--dataset synthetic2 needs the second synthetic generator, raypipe.synth.latent2 "
+                         f"(generate_truth(n, seed) and MODALITIES); this checkout does not have it ({exc})") from None
+    for attr in ("generate_truth", "MODALITIES"):
+        if not hasattr(latent2, attr):
+            raise SystemExit(f"--dataset synthetic2: raypipe.synth.latent2 has no {attr}; it must provide "
+                             "generate_truth(n, seed) and MODALITIES")
+    truth = latent2.generate_truth(n=n or getattr(latent2, "DEFAULT_N", 1000), seed=seed)
+    return _from_truth("synthetic2", truth, latent2.MODALITIES, "synthetic clinical cohort v2 "
+                       "(raypipe.synth.latent2), 64-d rendered embeddings, natural availability")
+
+
+#: breast-cancer views: scikit-learn's feature names are "<feature>", "<feature> error", "worst <feature>"
+BREAST_CANCER_VIEWS = {"mean": lambda f: f.startswith("mean "), "se": lambda f: f.endswith(" error"),
+                       "worst": lambda f: f.startswith("worst ")}
+
+
+def load_breast_cancer(n: int | None, seed: int) -> MultiViewData:
+    from sklearn.datasets import load_breast_cancer as sk_load
+
+    bunch = sk_load()
+    names = [str(f) for f in bunch.feature_names]
+    rows = _subsample(len(bunch.target), bunch.target, n, seed)
+    views = {}
+    for view, belongs in BREAST_CANCER_VIEWS.items():
+        cols = [i for i, f in enumerate(names) if belongs(f)]
+        views[view] = bunch.data[np.ix_(rows, cols)].astype(np.float32)
+    if sum(v.shape[1] for v in views.values()) != len(names):
+        raise RuntimeError("breast_cancer: the three views do not partition scikit-learn's 30 features")
+    y = bunch.target[rows].astype(np.int64)
+    return MultiViewData("breast_cancer", views, y, "binary", np.ones((len(rows), 3), dtype=bool),
+                         np.array([f"bc_{i:04d}" for i in rows]), None,
+                         "scikit-learn breast cancer (WDBC), views: mean / standard error / worst of 10 nucleus features")
+
+
+def load_htad(n: int | None, seed: int) -> MultiViewData:
+    try:
+        import importlib.resources
+
+        import pandas as pd
+
+        with importlib.resources.files("multiviewstacking").joinpath("data/htad.csv").open("rb") as fh:
+            df = pd.read_csv(fh, encoding="latin-1")
+    except ModuleNotFoundError:
+        raise SystemExit("--dataset htad needs the multiviewstacking package (it ships the HTAD data): "
+                         "pip install 'multiviewstacking>=0.7' (Python >= 3.11), or pip install -e '.[dev]'") from None
+    classes = sorted(df["class"].unique())
+    y_all = df["class"].map({c: i for i, c in enumerate(classes)}).to_numpy().astype(np.int64)
+    rows = _subsample(len(df), y_all, n, seed)
+    audio = [c for c in df.columns if c.startswith("v1_")]
+    accel = [c for c in df.columns if c.startswith("v2_")]
+    views = {"audio": df[audio].to_numpy()[rows].astype(np.float32),
+             "accelerometer": df[accel].to_numpy()[rows].astype(np.float32)}
+    return MultiViewData("htad", views, y_all[rows], "multiclass", np.ones((len(rows), 2), dtype=bool),
+                         np.array([f"htad_{i:05d}" for i in rows]), None,
+                         f"HTAD (multiviewstacking package): audio {len(audio)} MFCC + accelerometer {len(accel)} "
+                         f"features, {len(classes)} activities; folds not grouped by participant (unknown)")
+
+
+LOADERS = {"synthetic": load_synthetic, "synthetic2": load_synthetic2, "breast_cancer": load_breast_cancer,
+           "htad": load_htad}
+
+
+def load_dataset(name: str, n: int | None = None, seed: int = 0) -> MultiViewData:
+    """The data set ``name`` (one of :data:`DATASETS`); ``n`` subsamples (synthetic: cohort size)."""
+    if name not in LOADERS:
+        raise SystemExit(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return LOADERS[name](n, seed)
+
+
+# ----------------------------------------------------------------------------- masks and folds
 def drop_at_random(mask: np.ndarray, rate: float, seed: int) -> np.ndarray:
-    """Drop each available modality with probability ``rate``, keeping at least one per sample."""
+    """Drop each available view with probability ``rate``, keeping at least one per sample."""
     rng = np.random.default_rng(seed)
     out = mask & (rng.random(mask.shape) >= rate)
-    for i in np.flatnonzero(~out.any(axis=1)):  # restore one of the sample's own modalities
+    for i in np.flatnonzero(~out.any(axis=1)):  # restore one of the sample's own views
         out[i, rng.choice(np.flatnonzero(mask[i]))] = True
     return out
 
 
-def run_one(name, omni, x, y, mask, train_idx, test_idx, args, seed) -> float:
-    """Train ``name`` on ``train_idx`` (20 % of it for early stopping), AUROC on ``test_idx``."""
-    specs = [ModalitySpec(m, (x[m].shape[1],)) for m in MODALITIES]
-    cfg = TrainConfig(hidden_dim=args.hidden, omnifuse={"depth": args.depth, **omni})
-    torch.manual_seed(seed)
-    method = build_method(name, specs, "binary", 2, cfg)
-    val = holdout_mask(train_idx.astype(str), y[train_idx], fraction=0.2, seed=seed)
-    tr, va = train_idx[~val], train_idx[val]
-    part = lambda idx: ({m: x[m][idx] for m in MODALITIES}, mask[idx], y[idx])  # noqa: E731
-    loop.fit(method, part(tr), part(va), "binary", epochs=args.epochs, batch_size=64, lr=args.lr,
-             p_drop=args.p_drop, patience=args.patience, seed=seed)
-    predict = loop.make_predict_fn(method, "binary")
-    xt, mt, yt = part(test_idx)
-    return compute_metrics("binary", yt, predict(xt, mt)["probabilities"])["auroc"]
-
-
-def oracle_auroc(truth, mask, y, folds, k) -> list[float]:
-    """Logistic regression on the sufficient statistics of the observations (projection on each true
-    observation direction; the report split by clean/noisy site), zero + indicator where masked."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-
-    dirs = observation_directions(ClinicalParams())
-    clean = np.isin(truth["site"].to_numpy(), ClinicalParams().clean_sites).astype(float)
-    proj = {m: np.stack(truth[f"obs_{m}"].to_numpy()) @ dirs[m] for m in MODALITIES}
-    cols = [proj["ct"], proj["pet"], proj["ehr"], proj["report"] * clean, np.tanh(proj["report"] / 3) * (1 - clean)]
-    owner = [0, 1, 2, 3, 3]
-    feats = np.stack([c * mask[:, j] for c, j in zip(cols, owner)] + [mask[:, j].astype(float) for j in range(4)], 1)
-    out = []
-    for f in range(k):
-        tr, te = folds != f, folds == f
-        clf = LogisticRegression(max_iter=2000).fit(feats[tr], y[tr])
-        out.append(float(roc_auc_score(y[te], clf.predict_proba(feats[te])[:, 1])))
+def make_conditions(data: MultiViewData, rates, seed: int) -> dict[str, np.ndarray]:
+    """{"drop 50%": mask} per rate: natural availability with seeded view dropout on top, one mask per
+    rate shared by every method (rate 0 = the natural availability itself)."""
+    out = {}
+    for r in rates:
+        label = f"drop {round(100 * r)}%"
+        out[label] = data.natural.copy() if r == 0 else drop_at_random(data.natural, r, seed + 99 + round(1000 * r))
     return out
 
 
-def logistic_auroc(truth, mask, y, folds, k, modalities) -> list[float]:
-    """Plain logistic regression on the raw observations of ``modalities`` (standardised; zero and an
-    indicator where masked): the model under which the generator's laziness was designed (docs/synthetic.md)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def make_folds(data: MultiViewData, k: int, seed: int) -> np.ndarray:
+    return kfold_assignments(data.ids, data.y, groups=data.groups, k=k, seed=seed)
 
+
+# ----------------------------------------------------------------------------- one fit
+def run_one(name: str, omni: dict, data: MultiViewData, mask: np.ndarray, train_idx: np.ndarray,
+            test_idx: np.ndarray, args, seed: int) -> dict:
+    """Train ``name`` on ``train_idx`` (20 % of it held out for early stopping), score ``test_idx``.
+
+    Returns the task's metrics plus ``seconds_per_epoch`` (training + validation pass, mean over the
+    epochs run) and ``epochs``.
+    """
+    specs = [ModalitySpec(m, (data.views[m].shape[1],)) for m in data.modalities]
+    omni_cfg = dict(omni)
+    if args.depth is not None:
+        omni_cfg["depth"] = args.depth
+    cfg = TrainConfig(hidden_dim=args.hidden, omnifuse=omni_cfg)
+    torch.manual_seed(seed)
+    method = build_method(name, specs, data.task, data.n_classes, cfg)
+    val = holdout_mask(data.ids[train_idx], data.y[train_idx],
+                       None if data.groups is None else data.groups[train_idx], fraction=0.2, seed=seed)
+    tr, va = train_idx[~val], train_idx[val]
+    part = lambda idx: ({m: data.views[m][idx] for m in data.modalities}, mask[idx], data.y[idx].astype(float))  # noqa: E731
+    res = loop.fit(method, part(tr), part(va), data.task, epochs=args.epochs, batch_size=args.batch_size,
+                   lr=args.lr, p_drop=args.p_drop, patience=args.patience, seed=seed)
+    predict = loop.make_predict_fn(method, data.task)
+    xt, mt, yt = part(test_idx)
+    out = compute_metrics(data.task, yt, predict(xt, mt)["probabilities"])
+    out["seconds_per_epoch"] = float(np.mean([h["seconds"] for h in res["history"]]))
+    out["epochs"] = len(res["history"])
+    return out
+
+
+# ----------------------------------------------------------------------------- references
+def _lr_features(data: MultiViewData, mask: np.ndarray, train: np.ndarray, modalities) -> np.ndarray:
+    """Per view: standardised with the training rows' statistics (present rows only), absent views
+    mean-imputed (0 after standardising), plus a presence indicator."""
     parts = []
     for m in modalities:
-        j = MODALITIES.index(m)
-        parts += [np.stack(truth[f"obs_{m}"].to_numpy()) * mask[:, [j]], mask[:, [j]].astype(float)]
-    feats = np.concatenate(parts, 1)
+        j = data.modalities.index(m)
+        v = data.views[m].astype(np.float64)
+        seen = train & mask[:, j]
+        mu = v[seen].mean(0) if seen.any() else np.zeros(v.shape[1])
+        sd = v[seen].std(0) if seen.sum() > 1 else np.ones(v.shape[1])
+        z = (v - mu) / np.where(sd > 0, sd, 1.0)
+        parts += [z * mask[:, [j]], mask[:, [j]].astype(float)]
+    return np.concatenate(parts, 1)
+
+
+def logistic_reference(data: MultiViewData, mask: np.ndarray, folds: np.ndarray, k: int,
+                       modalities=None) -> list[dict]:
+    """Logistic regression on the concatenated views (see :func:`_lr_features`), per fold."""
+    from sklearn.linear_model import LogisticRegression
+
     out = []
     for f in range(k):
         tr, te = folds != f, folds == f
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(feats[tr], y[tr])
-        out.append(float(roc_auc_score(y[te], clf.predict_proba(feats[te])[:, 1])))
+        feats = _lr_features(data, mask, tr, modalities or data.modalities)
+        clf = LogisticRegression(max_iter=3000).fit(feats[tr], data.y[tr])
+        out.append(compute_metrics(data.task, data.y[te].astype(float), clf.predict_proba(feats[te])))
     return out
 
 
-def main(argv=None):
+def _bayes_reference(truth) -> Callable:
+    def fn(data, mask, folds, k):
+        from raypipe.train.metrics import compute_metrics as cm
+
+        p = truth["prob"].to_numpy()
+        return [cm("binary", data.y[folds == f].astype(float), np.stack([1 - p, p], 1)[folds == f]) for f in range(k)]
+
+    return fn
+
+
+def _oracle_reference(truth) -> Callable:
+    """v1 only: logistic regression on the sufficient statistics of the observations (projection on
+    each true observation direction; the report split by clean/noisy site), zero + indicator where masked."""
+    def fn(data, mask, folds, k):
+        from sklearn.linear_model import LogisticRegression
+
+        from raypipe.synth.latent import MODALITIES, ClinicalParams, observation_directions
+
+        dirs = observation_directions(ClinicalParams())
+        clean = np.isin(truth["site"].to_numpy(), ClinicalParams().clean_sites).astype(float)
+        proj = {m: np.stack(truth[f"obs_{m}"].to_numpy()) @ dirs[m] for m in MODALITIES}
+        cols = [proj["ct"], proj["pet"], proj["ehr"], proj["report"] * clean, np.tanh(proj["report"] / 3) * (1 - clean)]
+        owner = [0, 1, 2, 3, 3]
+        feats = np.stack([c * mask[:, j] for c, j in zip(cols, owner)] + [mask[:, j].astype(float) for j in range(4)], 1)
+        out = []
+        for f in range(k):
+            tr, te = folds != f, folds == f
+            clf = LogisticRegression(max_iter=2000).fit(feats[tr], data.y[tr])
+            out.append(compute_metrics("binary", data.y[te].astype(float), clf.predict_proba(feats[te])))
+        return out
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- the benchmark
+def plan_runs(args) -> list[tuple[str, str, dict]]:
+    """(row label, registry name, omnifuse overrides) for the methods and the ablation rows."""
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in REGISTRY]
+    if unknown:
+        raise SystemExit(f"unknown --methods {unknown}; registered: {', '.join(sorted(REGISTRY))}")
+    runs = [(m, m, {}) for m in methods]
+    rows = [] if args.no_ablation else [r for r in args.ablation.split(",") if r]
+    runs += [(f"omnifuse row {r} ({ABLATIONS[r][0]})", "omnifuse", ABLATIONS[r][1]) for r in rows]
+    return runs
+
+
+def run_benchmark(data: MultiViewData, conditions: dict[str, np.ndarray], folds: np.ndarray, runs, args,
+                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    """scores[condition][row] = list over folds of metric dicts (plus seconds_per_epoch for trained rows)."""
+    k = int(folds.max()) + 1
+    scores: dict[str, dict[str, list[dict]]] = {c: {} for c in conditions}
+    t0 = time.perf_counter()
+    for cond, mask in conditions.items():
+        for label, fn in data.references.items():
+            scores[cond][label] = fn(data, mask, folds, k)
+        scores[cond]["ref: logistic regression, all views"] = logistic_reference(data, mask, folds, k)
+        for m in ([] if args.no_single else data.modalities):
+            j = data.modalities.index(m)
+            only = np.zeros_like(mask)
+            only[:, j] = True
+            rows = []
+            for f in range(k):  # single view: concat shown view m alone, on the samples that have it
+                tr = np.flatnonzero((folds != f) & mask[:, j])
+                te = np.flatnonzero((folds == f) & mask[:, j])
+                rows.append(run_one("concat", {}, data, only, tr, te, args, args.seed + f))
+            scores[cond][f"only:{m}"] = rows
+        for label, name, omni in runs:
+            rows = []
+            for f in range(k):
+                tr, te = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
+                rows.append(run_one(name, omni, data, mask, tr, te, args, args.seed + f))
+            scores[cond][label] = rows
+            main = _main(data.task)
+            vals = [r[main] for r in rows]
+            log(f"[{time.perf_counter() - t0:6.0f}s] {cond:9s} {label:36s} {main} {np.mean(vals):.3f} "
+                f"+- {_sd(vals):.3f}  {np.mean([r['seconds_per_epoch'] for r in rows]):.3f} s/epoch")
+    return scores
+
+
+def _main(task: str) -> str:
+    return "auroc"
+
+
+def _sd(values) -> float:
+    """Sample standard deviation (ddof = 1) over folds; nan for fewer than two values."""
+    v = np.asarray(values, dtype=float)
+    return float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+
+
+def table_metrics(task: str) -> list[str]:
+    return ["auroc", "accuracy"] if task == "multiclass" else ["auroc"]
+
+
+def metric_table(scores: dict, metric: str) -> list[str]:
+    """Markdown rows: method | mean +- std per condition | paired t-test p vs omnifuse per condition."""
+    from scipy.stats import ttest_rel
+
+    conds = list(scores)
+    lines = ["| method | " + " | ".join(conds) + " | " + " | ".join(f"p vs omnifuse ({c})" for c in conds) + " |",
+             "|---|" + "---|" * (2 * len(conds))]
+    for label in scores[conds[0]]:
+        cells, pv = [], []
+        for c in conds:
+            vals = [r.get(metric, np.nan) for r in scores[c][label]]
+            cells.append(f"{np.mean(vals):.3f} ± {_sd(vals):.3f}")
+            if label == "omnifuse" or "omnifuse" not in scores[c] or label.startswith("only:") or "Bayes" in label:
+                pv.append("-")
+            else:
+                ref = [r.get(metric, np.nan) for r in scores[c]["omnifuse"]]
+                p = ttest_rel(ref, vals).pvalue if len(vals) > 1 else np.nan
+                pv.append("-" if np.isnan(p) else f"{p:.2g}")
+        name = f"**{label}**" if label == "omnifuse" else label
+        lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(pv) + " |")
+    lines.append("")
+    for c in conds:
+        ranked = sorted((k for k in scores[c] if k in REGISTRY),
+                        key=lambda k: -np.mean([r.get(metric, np.nan) for r in scores[c][k]]))
+        if "omnifuse" in ranked:
+            lines.append(f"Rank of omnifuse by {metric} ({c}): {ranked.index('omnifuse') + 1} of {len(ranked)} methods "
+                         f"(order: {', '.join(ranked)}).")
+    return lines
+
+
+def timing_table(scores: dict) -> list[str]:
+    """Fit seconds per epoch (mean over folds) per trained row and condition, and the ratio to concat."""
+    conds = list(scores)
+    trained = [k for k in scores[conds[0]] if "seconds_per_epoch" in scores[conds[0]][k][0]]
+    lines = ["| method | " + " | ".join(f"s/epoch ({c})" for c in conds) + " | x concat (mean) | epochs run (mean) |",
+             "|---|" + "---|" * (len(conds) + 2)]
+    base = None
+    if "concat" in trained:
+        base = np.mean([r["seconds_per_epoch"] for c in conds for r in scores[c]["concat"]])
+    for label in trained:
+        per = [np.mean([r["seconds_per_epoch"] for r in scores[c][label]]) for c in conds]
+        ratio = f"{np.mean(per) / base:.1f}" if base else "-"
+        epochs = np.mean([r["epochs"] for c in conds for r in scores[c][label]])
+        lines.append(f"| {label} | " + " | ".join(f"{s:.3f}" for s in per) + f" | {ratio} | {epochs:.1f} |")
+    return lines
+
+
+def markdown_report(data: MultiViewData, scores: dict, conditions: dict, args, elapsed: float,
+                    command: str | None = None) -> str:
+    conds = list(scores)
+    k = len(next(iter(scores[conds[0]].values())))
+    realised = "; views actually dropped (of those naturally present): " + ", ".join(
+        f"{c} {1 - conditions[c].sum() / max(data.natural.sum(), 1):.0%}" for c in conds)
+    head = [f"Data: {data.description}; n = {len(data.y)}, {len(data.modalities)} views "
+            f"({', '.join(f'{m} {data.views[m].shape[1]}-d' for m in data.modalities)}), task {data.task}"
+            f"{f' ({data.n_classes} classes)' if data.task == 'multiclass' else ''}.",
+            f"{k}-fold CV, mean ± std (ddof = 1) over folds; p = paired t-test over folds vs omnifuse. Width "
+            f"{args.hidden}, OmniFuse R = {args.depth if args.depth is not None else TrainConfig().omnifuse.depth} "
+            f"(other OmniFuse settings: the configuration's defaults), <= {args.epochs} epochs (patience "
+            f"{args.patience}), batch {args.batch_size}, lr {args.lr}, training modality dropout p = {args.p_drop}. "
+            f"Conditions: view dropout at the named rate on top of the natural availability, same masks for every "
+            f"row{realised}. {elapsed / 60:.1f} min on {platform.machine()} ({torch.get_num_threads()} torch thread(s)).",
+            ]
+    if command:
+        head.append(f"Command: `{command}`")
+    out = head + [""]
+    for metric in table_metrics(data.task):
+        out += [f"**{metric}**", ""] + metric_table(scores, metric) + [""]
+    out += ["**fit time per epoch** (seconds; training pass + validation pass; noisy on a shared machine)", ""]
+    out += timing_table(scores)
+    return "\n".join(out)
+
+
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--dataset", default="synthetic", choices=DATASETS, help="which data (see above)")
+    p.add_argument("--n", type=int, default=None,
+                   help="synthetic: cohort size (default: the generator's, 1000); real data: a stratified "
+                        "subsample of this many rows (default: all)")
     p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--dropout", default="0,0.5,0.9", help="view-dropout rates of the conditions (comma list)")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--patience", type=int, default=8)
     p.add_argument("--hidden", type=int, default=32)
-    p.add_argument("--depth", type=int, default=3, help="R, residual autoencoders per cascade")
+    p.add_argument("--depth", type=int, default=None, help="override R (default: the configuration's, the paper's 5)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--p-drop", type=float, default=0.5, help="training modality-dropout simulation, every method")
-    p.add_argument("--missing", type=float, default=0.5, help="condition (b): random missingness on top of natural")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default=",".join(REGISTRY))
+    p.add_argument("--methods", default=",".join(REGISTRY), help="comma list of registered methods")
     p.add_argument("--ablation", default="b,c,d", help="OmniFuse ablation rows to add (b,c,d,f; '' for none)")
     p.add_argument("--no-ablation", action="store_true")
-    p.add_argument("--no-single", action="store_true", help="skip the single-modality rows")
+    p.add_argument("--no-single", action="store_true", help="skip the single-view rows")
     p.add_argument("--json", help="write the raw per-fold numbers here")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny models: 1 is fastest)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
+    try:
+        rates = [float(r) for r in args.dropout.split(",") if r.strip()]
+    except ValueError:
+        raise SystemExit(f"--dropout: comma-separated rates in [0, 1), got {args.dropout!r}") from None
+    if not rates or any(not 0 <= r < 1 for r in rates):
+        raise SystemExit(f"--dropout: rates must lie in [0, 1), got {args.dropout!r}")
 
-    truth = generate_truth(n=args.n, seed=args.seed)
-    x = render_embeddings(truth, dim=64)
-    y = truth["label"].to_numpy().astype(float)
-    ids = truth["sample_id"].to_numpy()
-    folds = kfold_assignments(ids, y, k=args.folds, seed=args.seed)
-    natural = np.stack([truth[f"avail_{m}"].to_numpy() for m in MODALITIES], 1)
-    conditions = {"complete": np.ones_like(natural), "missing": drop_at_random(natural, args.missing, args.seed + 99)}
-    runs = [(m, m, {}) for m in args.methods.split(",") if m]
-    rows = [] if args.no_ablation else [r for r in args.ablation.split(",") if r]
-    runs += [(f"omnifuse row {r} ({ABLATIONS[r][0]})", "omnifuse", ABLATIONS[r][1]) for r in rows]
-    scores: dict[str, dict[str, list[float]]] = {c: {} for c in conditions}
-    from sklearn.metrics import roc_auc_score
-
+    data = load_dataset(args.dataset, args.n, args.seed)
+    folds = make_folds(data, args.folds, args.seed)
+    conditions = make_conditions(data, rates, args.seed)
+    runs = plan_runs(args)
     t0 = time.perf_counter()
-    for cond, mask in conditions.items():
-        scores[cond]["ref: Bayes (true probability)"] = [
-            float(roc_auc_score(y[folds == f], truth["prob"].to_numpy()[folds == f])) for f in range(args.folds)]
-        scores[cond]["ref: oracle LR on sufficient stats"] = oracle_auroc(truth, mask, y, folds, args.folds)
-        scores[cond]["ref: LR on raw obs, ct alone"] = logistic_auroc(truth, mask, y, folds, args.folds, ["ct"])
-        scores[cond]["ref: LR on raw obs, all concatenated"] = logistic_auroc(truth, mask, y, folds, args.folds,
-                                                                              list(MODALITIES))
-        for j, m in enumerate([] if args.no_single else MODALITIES):
-            # single modality: concat shown only modality j, on the samples that have it
-            only = np.zeros_like(mask)
-            only[:, j] = True
-            has = mask[:, j]
-            for f in range(args.folds):
-                tr, te = np.flatnonzero((folds != f) & has), np.flatnonzero((folds == f) & has)
-                scores[cond].setdefault(f"only:{m}", []).append(
-                    run_one("concat", {}, x, y, only, tr, te, args, args.seed + f))
-        for label, name, omni in runs:
-            for f in range(args.folds):
-                tr, te = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
-                scores[cond].setdefault(label, []).append(run_one(name, omni, x, y, mask, tr, te, args, args.seed + f))
-            print(f"[{time.perf_counter() - t0:6.0f}s] {cond:9s} {label:36s} "
-                  f"{np.mean(scores[cond][label]):.3f} ± {np.std(scores[cond][label]):.3f}", file=sys.stderr, flush=True)
+    scores = run_benchmark(data, conditions, folds, runs, args)
     elapsed = time.perf_counter() - t0
-    print(markdown_table(scores, args, elapsed))
+    command = "python benchmarks/fusion_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(markdown_report(data, scores, conditions, args, elapsed, command))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "scores": scores, "seconds": elapsed}, fh, indent=2)
-
-
-def markdown_table(scores, args, elapsed: float) -> str:
-    """The results as a Markdown table (mean ± std over folds, paired t-test p vs omnifuse, ranks)."""
-    from scipy.stats import ttest_rel
-
-    conds = list(scores)
-    lines = [f"n = {args.n}, {args.folds}-fold CV, AUROC mean ± std over folds; width {args.hidden}, R = {args.depth}, "
-             f"<= {args.epochs} epochs (patience {args.patience}), lr {args.lr}, modality dropout p = {args.p_drop}; "
-             f"(b) = natural availability + {args.missing:.0%} random missingness. "
-             f"{elapsed / 60:.0f} min on {platform.machine()} ({torch.get_num_threads()} torch thread).", "",
-             "| method | " + " | ".join(conds) + " | " + " | ".join(f"p vs omnifuse ({c})" for c in conds) + " |",
-             "|---|" + "---|" * (2 * len(conds))]
-    for label in scores[conds[0]]:
-        cells = [f"{np.mean(scores[c][label]):.3f} ± {np.std(scores[c][label]):.3f}" for c in conds]
-        pv = []
-        for c in conds:
-            if label == "omnifuse" or "omnifuse" not in scores[c] or label.startswith(("ref:", "only:")):
-                pv.append("-")
-            else:
-                pv.append(f"{ttest_rel(scores[c]['omnifuse'], scores[c][label]).pvalue:.2g}")
-        name = f"**{label}**" if label == "omnifuse" else label
-        lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(pv) + " |")
-    lines.append("")
-    for c in conds:
-        ranked = sorted((k for k in scores[c] if k in REGISTRY), key=lambda k: -np.mean(scores[c][k]))
-        if "omnifuse" in ranked:
-            lines.append(f"Rank of omnifuse ({c}): {ranked.index('omnifuse') + 1} of {len(ranked)} methods "
-                         f"(order: {', '.join(ranked)}).")
-    return "\n".join(lines)
+            json.dump({"args": vars(args), "dataset": data.name, "scores": scores, "seconds": elapsed}, fh, indent=2)
+    return scores
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""benchmarks/fusion_quality.py: its data sets, masks and statistics, and a tiny end-to-end run.
+
+Functional checks only (the code path works, the numbers are well-formed); no quality assertion.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "fusion_quality.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("fusion_quality_bench", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_breast_cancer_is_split_into_its_three_natural_views(bench):
+    from sklearn.datasets import load_breast_cancer
+
+    raw = load_breast_cancer()
+    data = bench.load_dataset("breast_cancer")
+    assert data.modalities == ["mean", "se", "worst"] and data.task == "binary" and len(data.y) == 569
+    # WDBC's published column order: 10 means, then their 10 standard errors, then the 10 worst values
+    np.testing.assert_array_equal(data.views["mean"], raw.data[:, 0:10].astype(np.float32))
+    np.testing.assert_array_equal(data.views["se"], raw.data[:, 10:20].astype(np.float32))
+    np.testing.assert_array_equal(data.views["worst"], raw.data[:, 20:30].astype(np.float32))
+    assert data.natural.all()
+    small = bench.load_dataset("breast_cancer", n=100, seed=0)
+    assert len(small.y) == 100 and 0.3 < small.y.mean() < 0.8  # stratified: the 63 % benign share kept
+
+
+def test_view_dropout_masks_match_the_closed_form_and_are_shared(bench):
+    natural = np.ones((20000, 3), dtype=bool)
+    for rate in (0.5, 0.9):
+        mask = bench.drop_at_random(natural, rate, seed=1)
+        assert mask.any(axis=1).all()  # at least one view per sample
+        # each view dropped with p = r, a sample that lost all three gets one back:
+        # expected dropped share = (3 r - r^3) / 3 = 0.4583 (r = .5), 0.657 (r = .9)
+        assert 1 - mask.mean() == pytest.approx(rate - rate**3 / 3, abs=0.01)
+        np.testing.assert_array_equal(mask, bench.drop_at_random(natural, rate, seed=1))  # seeded
+    partial = natural.copy()
+    partial[::2, 0] = False  # a view that is naturally absent never comes back
+    assert not bench.drop_at_random(partial, 0.5, seed=2)[::2, 0].any()
+
+    class _Data:
+        natural = partial
+
+    conds = bench.make_conditions(_Data, [0.0, 0.5, 0.9], seed=0)
+    assert list(conds) == ["drop 0%", "drop 50%", "drop 90%"]
+    np.testing.assert_array_equal(conds["drop 0%"], partial)
+
+
+def test_fold_spread_is_the_sample_standard_deviation(bench):
+    assert bench._sd([1.0, 2.0, 3.0]) == pytest.approx(1.0)  # ddof = 1 (ddof = 0 would give 0.8165)
+    assert math.isnan(bench._sd([0.7]))
+
+
+def test_tiny_breast_cancer_run_produces_every_table(bench, capsys):
+    scores = bench.main(["--dataset", "breast_cancer", "--n", "80", "--folds", "2", "--epochs", "1",
+                         "--methods", "omnifuse,concat", "--no-ablation", "--no-single", "--dropout", "0,0.5"])
+    out = capsys.readouterr().out
+    assert list(scores) == ["drop 0%", "drop 50%"]
+    for cond in scores:
+        assert set(scores[cond]) == {"ref: logistic regression, all views", "omnifuse", "concat"}
+        for label, rows in scores[cond].items():
+            assert len(rows) == 2 and all(0.0 <= r["auroc"] <= 1.0 for r in rows), label
+        for label in ("omnifuse", "concat"):
+            assert all(r["seconds_per_epoch"] > 0 and r["epochs"] == 1 for r in scores[cond][label])
+    assert "mean ± std (ddof = 1)" in out
+    assert "| **omnifuse** |" in out and "| concat |" in out and "| ref: logistic regression, all views |" in out
+    assert "p vs omnifuse (drop 50%)" in out
+    assert "fit time per epoch" in out and "x concat" in out
+
+
+def test_synthetic2_is_wired_and_says_clearly_when_its_generator_is_missing(bench, monkeypatch):
+    try:
+        import raypipe.synth.latent2  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        data = bench.load_dataset("synthetic2", n=60, seed=0)
+        assert data.task == "binary" and len(data.y) == 60 and len(data.modalities) >= 2
+        assert "ref: Bayes (true probability)" in data.references
+    monkeypatch.setitem(sys.modules, "raypipe.synth.latent2", None)  # makes the import fail
+    with pytest.raises(SystemExit, match=r"raypipe\.synth\.latent2"):
+        bench.load_dataset("synthetic2", n=60, seed=0)
+
+
+def test_htad_views_from_the_multiviewstacking_package(bench):
+    pytest.importorskip("multiviewstacking")
+    data = bench.load_dataset("htad")
+    assert data.task == "multiclass" and data.n_classes == 7 and len(data.y) == 1386
+    assert {m: v.shape[1] for m, v in data.views.items()} == {"audio": 36, "accelerometer": 16}
+
+
+def test_unknown_dataset_and_bad_rates_are_clear_errors(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--dataset", "mnist"])
+    with pytest.raises(SystemExit, match="--dropout"):
+        bench.main(["--dataset", "breast_cancer", "--dropout", "0,1.5"])
