@@ -70,7 +70,22 @@ def read_manifest(root: str) -> pd.DataFrame:
         df = pd.DataFrame(rows, columns=["patient_id", "modality", "format", "path"])
         df["format"] = df["format"].fillna("")
         df["row"] = 0  # no manifest file: no line to point at
-    df["patient_id"] = df["patient_id"].astype(str)
+    return prepare_manifest(df)
+
+
+def prepare_manifest(df: pd.DataFrame) -> pd.DataFrame:
+    """A manifest table (patient_id, modality, format, path[, row]) made ready for ingest: strings as written,
+    a missing format guessed from the extension, duplicates dropped, sorted. ``row`` (the manifest.csv line,
+    0 when there is none) is added when absent."""
+    df = df.copy()
+    for c in ("patient_id", "modality", "path"):
+        df[c] = ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in df[c]]
+    if "format" not in df.columns:
+        df["format"] = ""
+    df["format"] = [(str(f).strip() if isinstance(f, str) else "") or (guess_format(p) or "")
+                    for f, p in zip(df["format"], df["path"])]
+    if "row" not in df.columns:
+        df["row"] = 0
     dup = df.duplicated(["patient_id", "modality", "path"])
     if dup.any():
         log.warning("manifest: %d duplicated (patient_id, modality, path) rows ignored", int(dup.sum()))

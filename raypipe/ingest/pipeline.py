@@ -523,15 +523,18 @@ def _dicom_groups(dicom_items: list[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- entry point
-def run_ingest(cfg: Config) -> dict:
+def run_ingest(cfg: Config, manifest: pd.DataFrame | None = None) -> dict:
     """Ingest ``cfg.ingest_input`` into ``cfg.records_dir``; returns the reconciliation summary.
+
+    ``manifest``: a manifest table (patient_id, modality, format, path; e.g. inferred by a folder scan)
+    in place of the input's manifest.csv or folder convention.
 
     The summary's ``ok`` is False when the reconciliation fails or the quarantined share of
     files exceeds ``ingest.error_budget`` (the CLI then exits non-zero).
     """
     import pyarrow.parquet as pq
 
-    from raypipe.ingest.manifest import read_manifest
+    from raypipe.ingest.manifest import prepare_manifest, read_manifest
     from raypipe.runtime import init_ray
 
     secret = resolve_secret(cfg)
@@ -540,7 +543,7 @@ def run_ingest(cfg: Config) -> dict:
         raise FileNotFoundError(f"cohort directory {root} does not exist: run `raypipe synth` or set ingest.input")
     records_dir = os.path.abspath(cfg.records_dir)
     safety.check_output_dir(records_dir, [root], "ingest")  # before any work: never delete what is not ours
-    manifest = read_manifest(root)
+    manifest = read_manifest(root) if manifest is None else prepare_manifest(manifest)
     unlabelled = not os.path.isfile(os.path.join(root, "labels.csv"))
     has_ehr = any(c.kind == "ehr" and (manifest["modality"] == m).any() for m, c in cfg.ingest.modalities.items())
     if unlabelled and has_ehr and not cfg.ingest.ehr.normalisation:
