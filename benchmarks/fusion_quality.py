@@ -433,6 +433,19 @@ def timing_table(scores: dict) -> list[str]:
     return lines
 
 
+def machine_description() -> str:
+    """CPU model and visible core count (the timings depend on them)."""
+    import os
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores visible)"
+
+
 def markdown_report(data: MultiViewData, scores: dict, conditions: dict, args, elapsed: float,
                     command: str | None = None) -> str:
     conds = list(scores)
@@ -447,7 +460,8 @@ def markdown_report(data: MultiViewData, scores: dict, conditions: dict, args, e
             f"(other OmniFuse settings: the configuration's defaults), <= {args.epochs} epochs (patience "
             f"{args.patience}), batch {args.batch_size}, lr {args.lr}, training modality dropout p = {args.p_drop}. "
             f"Conditions: view dropout at the named rate on top of the natural availability, same masks for every "
-            f"row{realised}. {elapsed / 60:.1f} min on {platform.machine()} ({torch.get_num_threads()} torch thread(s)).",
+            f"row{realised}. {elapsed / 60:.1f} min of run time on {machine_description()}, "
+            f"{getattr(args, 'threads', 1)} torch thread(s) per process.",
             ]
     if command:
         head.append(f"Command: `{command}`")
@@ -481,7 +495,12 @@ def main(argv=None) -> dict:
     p.add_argument("--no-single", action="store_true", help="skip the single-view rows")
     p.add_argument("--json", help="write the raw per-fold numbers here")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny models: 1 is fastest)")
+    p.add_argument("--from-json", nargs="+", metavar="FILE",
+                   help="print the report from --json files of earlier runs instead of running (e.g. one run per "
+                        "dropout rate in parallel, merged here); the data set and settings come from the files")
     args = p.parse_args(argv)
+    if args.from_json:
+        return report_from_json(args.from_json)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -502,7 +521,31 @@ def main(argv=None) -> dict:
     print(markdown_report(data, scores, conditions, args, elapsed, command))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "dataset": data.name, "scores": scores, "seconds": elapsed}, fh, indent=2)
+            json.dump({"args": vars(args), "dataset": data.name, "scores": scores, "seconds": elapsed,
+                       "command": command}, fh, indent=2)
+    return scores
+
+
+def report_from_json(paths) -> dict:
+    """Merge the conditions of several ``--json`` files (same data set and settings) and print the report."""
+    runs = []
+    for path in paths:
+        with open(path) as fh:
+            runs.append(json.load(fh))
+    first = argparse.Namespace(**runs[0]["args"])
+    for r in runs[1:]:
+        other = {k: v for k, v in r["args"].items() if k not in ("dropout", "json")}
+        if other != {k: v for k, v in runs[0]["args"].items() if k not in ("dropout", "json")}:
+            raise SystemExit(f"--from-json: the files were run with different settings: {paths}")
+    scores = {c: rows for r in runs for c, rows in r["scores"].items()}
+    data = load_dataset(first.dataset, first.n, first.seed)
+    rates = [float(c.split()[1].rstrip("%")) / 100 for c in scores]
+    conditions = make_conditions(data, rates, first.seed)
+    if list(conditions) != list(scores):
+        raise SystemExit(f"--from-json: unexpected condition names {list(scores)}")
+    elapsed = sum(r["seconds"] for r in runs)
+    commands = "; ".join(r.get("command", "?") for r in runs)
+    print(markdown_report(data, scores, conditions, first, elapsed, commands))
     return scores
 
 

@@ -71,9 +71,11 @@ def test_fold_spread_is_the_sample_standard_deviation(bench):
     assert math.isnan(bench._sd([0.7]))
 
 
-def test_tiny_breast_cancer_run_produces_every_table(bench, capsys):
+def test_tiny_breast_cancer_run_produces_every_table(bench, capsys, tmp_path):
+    saved = str(tmp_path / "run.json")
     scores = bench.main(["--dataset", "breast_cancer", "--n", "80", "--folds", "2", "--epochs", "1",
-                         "--methods", "omnifuse,concat", "--no-ablation", "--no-single", "--dropout", "0,0.5"])
+                         "--methods", "omnifuse,concat", "--no-ablation", "--no-single", "--dropout", "0,0.5",
+                         "--json", saved])
     out = capsys.readouterr().out
     assert list(scores) == ["drop 0%", "drop 50%"]
     for cond in scores:
@@ -86,6 +88,10 @@ def test_tiny_breast_cancer_run_produces_every_table(bench, capsys):
     assert "| **omnifuse** |" in out and "| concat |" in out and "| ref: logistic regression, all views |" in out
     assert "p vs omnifuse (drop 50%)" in out
     assert "fit time per epoch" in out and "x concat" in out
+    # the saved per-fold numbers print the same tables again (how parallel runs are merged)
+    again = bench.main(["--from-json", saved])
+    assert again == scores
+    assert "| **omnifuse** |" in capsys.readouterr().out
 
 
 def test_synthetic2_is_wired_and_says_clearly_when_its_generator_is_missing(bench, monkeypatch):
