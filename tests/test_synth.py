@@ -169,3 +169,130 @@ def test_regions_geotiff(tmp_path):
         assert "nir" in t.pages[0].tags[42112].value
     labels = pd.read_csv(tmp_path / "r" / "labels.csv")
     assert labels["label"].dtype.kind == "f"
+
+
+# ----------------------------------------------------------------------------- v2 generator (latent2)
+@pytest.fixture(scope="module")
+def truth_v2():
+    from raypipe.synth import latent2
+
+    return latent2.generate_truth(latent2.DEFAULT_N, 0)
+
+
+def _obs(truth, m):
+    return np.stack(truth[f"obs_{m}"].to_numpy()).astype(np.float64)
+
+
+def test_v2_has_the_v1_columns_and_shapes(truth_v2):
+    from raypipe.synth import latent2
+    from raypipe.synth.embeddings import render_embeddings
+
+    v1 = generate_truth(n=5, seed=0)
+    assert set(v1.columns) <= set(truth_v2.columns)
+    assert latent2.MODALITIES == MODALITIES
+    for m in MODALITIES:
+        assert _obs(truth_v2, m).shape == (len(truth_v2), 8) and truth_v2[f"avail_{m}"].dtype == bool
+    emb = render_embeddings(truth_v2.head(10), dim=16)
+    assert {k: v.shape for k, v in emb.items()} == {m: (10, 16) for m in MODALITIES}
+    again = latent2.generate_truth(50, 3)
+    pd.testing.assert_frame_equal(again, latent2.generate_truth(50, 3))  # deterministic in the seed
+
+
+def test_v2_each_modality_latent_recoverable_from_the_others(truth_v2):
+    """Cross-modal redundancy: ridge from the other three modalities' observations (5-fold, out of fold)."""
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    from raypipe.synth.latent2 import MODALITY_FACTORS
+
+    r2 = {}
+    for m in MODALITIES:
+        x = np.hstack([_obs(truth_v2, o) for o in MODALITIES if o != m])
+        target = truth_v2[list(MODALITY_FACTORS[m])].to_numpy()
+        pred = cross_val_predict(Ridge(alpha=1.0), x, target, cv=KFold(5, shuffle=True, random_state=0))
+        r2[m] = r2_score(target, pred)
+    assert min(r2.values()) >= 0.3, r2
+    # and the redundancy is the designed one: without the report, nothing else sees the physiology
+    x = np.hstack([_obs(truth_v2, o) for o in ("ct", "pet")])
+    pred = cross_val_predict(Ridge(alpha=1.0), x, truth_v2["u_phys"].to_numpy(), cv=5)
+    assert r2_score(truth_v2["u_phys"], pred) < 0.05
+
+
+def test_v2_pet_dominant_and_missing_by_site_and_severity(truth_v2):
+    from raypipe.synth.latent2 import bayes_auroc
+
+    y = truth_v2["label"].to_numpy()
+    single = {m: _cv_auroc(_obs(truth_v2, m), y) for m in MODALITIES}
+    concat = _cv_auroc(np.hstack([_obs(truth_v2, m) for m in MODALITIES]), y)
+    bayes = bayes_auroc(truth_v2)
+    assert max(single, key=single.get) == "pet", single
+    assert bayes > max(concat, single["pet"]) + 0.01, (bayes, concat, single)  # room for fusion to gain
+    avail = truth_v2["avail_pet"].to_numpy()
+    assert 0.4 <= 1 - avail.mean() <= 0.65  # the dominant modality is missing for about half
+    by_site = truth_v2.groupby("site")["avail_pet"].mean()
+    assert by_site[0] > 0.6 and by_site[2] < 0.3  # site 2 has no PET scanner
+    # not at random: within every site, patients with PET have the larger tumour burden
+    for s, part in truth_v2.groupby("site"):
+        assert part.loc[part.avail_pet, "u_tum"].mean() > part.loc[~part.avail_pet, "u_tum"].mean() + 0.3, s
+    assert truth_v2[[f"avail_{m}" for m in MODALITIES]].any(axis=1).all()
+
+
+def _gd_loss_fraction(x, y, steps, lr=0.5):
+    """Share of the achievable log-loss reduction that full-batch gradient descent on standardised
+    features reaches after ``steps`` (1.0 = the converged fit after 5000 steps)."""
+    x = (x - x.mean(0)) / x.std(0)
+
+    def run(k):
+        w, b = np.zeros(x.shape[1]), 0.0
+        for _ in range(k):
+            g = 1 / (1 + np.exp(-(x @ w + b))) - y
+            w, b = w - lr * x.T @ g / len(y), b - lr * g.mean()
+        z = x @ w + b
+        return np.mean(np.logaddexp(0, z) - y * z)
+
+    base = -(y.mean() * np.log(y.mean()) + (1 - y.mean()) * np.log(1 - y.mean()))
+    return (base - run(steps)) / (base - run(5000))
+
+
+def test_v2_ehr_is_slow_to_fit_because_of_its_nuisance(truth_v2):
+    from dataclasses import replace
+
+    from raypipe.synth import latent2
+
+    y = truth_v2["label"].to_numpy().astype(float)
+    frac = {m: _gd_loss_fraction(_obs(truth_v2, m), y, 20) for m in MODALITIES}
+    assert frac["ehr"] < 0.95 < min(frac[m] for m in ("ct", "pet", "report")), frac
+    # remove the sympathetic-tone factor and the EHR fits as fast as the rest
+    calm = latent2.generate_truth(latent2.DEFAULT_N, 0, params=replace(latent2.CohortParamsV2(), ehr_tone=0.0))
+    assert _gd_loss_fraction(_obs(calm, "ehr"), calm["label"].to_numpy().astype(float), 20) > 0.97
+
+
+def test_v2_templated_site_reports_are_noisier(truth_v2):
+    from sklearn.linear_model import LinearRegression
+    from sklearn.model_selection import cross_val_score
+
+    site = truth_v2["site"].to_numpy()
+    rep, u = _obs(truth_v2, "report"), truth_v2["u_tum"].to_numpy()
+    r2 = {s: cross_val_score(LinearRegression(), rep[site == s], u[site == s], cv=5).mean() for s in (0, 1)}
+    assert r2[0] > r2[1] + 0.2, r2
+
+
+def test_v2_cohort_files_and_config_key(tmp_path):
+    from raypipe.config import load_config
+    from raypipe.synth import write_cohort
+
+    cfg = load_config(None, [f"run.out_dir={tmp_path}", "synth.generator=v2", "synth.n=16", "synth.slices=4",
+                             "synth.image_size=16", "synth.seed=2"])
+    summary = write_cohort(cfg, progress=False)
+    out = cfg.cohort_dir
+    truth = pd.read_parquet(os.path.join(out, "truth.parquet"))
+    manifest = pd.read_csv(os.path.join(out, "manifest.csv"))
+    assert summary["generator"] == "v2" and "u_tum" in truth.columns
+    assert json.load(open(os.path.join(out, "truth.json")))["params"]["coef_tum"] == 1.5
+    for m in MODALITIES:
+        assert set(manifest.loc[manifest.modality == m, "patient_id"]) == set(truth.loc[truth[f"avail_{m}"], "patient_id"])
+    # an explicit synth.missing.rate replaces v2's structural missingness by MCAR rates
+    cfg2 = load_config(None, [f"run.out_dir={tmp_path / 'b'}", "synth.generator=v2", "synth.n=8", "synth.slices=4",
+                              "synth.image_size=16", "synth.missing.rate={pet: 0.0}"])
+    assert write_cohort(cfg2, progress=False)["available"]["pet"] == 8

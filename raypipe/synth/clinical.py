@@ -32,6 +32,7 @@ import pandas as pd
 
 from raypipe.synth.publish import publish_cohort
 
+from raypipe.synth import latent2
 from raypipe.synth.latent import MODALITIES, ClinicalParams, bayes_auroc, generate_truth
 
 log = logging.getLogger(__name__)
@@ -355,17 +356,36 @@ def _phi(rng: np.random.Generator, mrn: str, sex: str, age: int, site: int) -> d
 
 def write_clinical_cohort(out_dir: str, n: int = 200, seed: int = 0, slices: int = 24, image_size: int = 64,
                           sites: int = 3, pet_nifti_fraction: float = 0.5, missing_rate: dict | None = None,
-                          mnar: dict | None = None, progress: bool = False) -> dict:
+                          mnar: dict | None = None, progress: bool = False, generator: str = "v1") -> dict:
     """Write the clinical cohort to ``out_dir`` (atomically) and return the truth summary.
 
+    ``generator``: ``"v1"`` (:mod:`raypipe.synth.latent`, independent factors) or ``"v2"``
+    (:mod:`raypipe.synth.latent2`: cross-modal redundancy, PET dominant and missing by site and
+    severity, slow-to-fit EHR). Both render their 8-value observations into the same files.
+    For v2, ``missing_rate`` (if given) replaces the structural missingness of the named
+    modalities by missing-completely-at-random rates and ``mnar`` is ignored.
     Same ``seed`` -> same files (UIDs, names and pixel values are all seeded).
     """
-    params = ClinicalParams()
-    if missing_rate is not None:
-        params = replace(params, missing_rate=dict(missing_rate))
-    if mnar is not None:
-        params = replace(params, mnar=dict(mnar))
-    truth = generate_truth(n=n, seed=seed, sites=sites, params=params)
+    if generator == "v1":
+        params = ClinicalParams()
+        if missing_rate is not None:
+            params = replace(params, missing_rate=dict(missing_rate))
+        if mnar is not None:
+            params = replace(params, mnar=dict(mnar))
+        truth = generate_truth(n=n, seed=seed, sites=sites, params=params)
+        bayes = bayes_auroc(truth)
+        roles = {"ct": "dominant", "pet": "redundant (same latent as ct)", "ehr": "weaker informative",
+                 "report": "lazy (heavy-tailed noise outside the clean sites)"}
+    elif generator == "v2":
+        params = latent2.CohortParamsV2(missing_rate=dict(missing_rate or {}))
+        truth = latent2.generate_truth(n=n, seed=seed, sites=sites, params=params)
+        bayes = latent2.bayes_auroc(truth)
+        roles = {"ct": "tumour burden (shared with pet and the report)",
+                 "pet": "dominant (tumour burden and metabolic activity), missing by site and severity",
+                 "ehr": "physiology (shared with the report), slow to fit: signal beside a larger nuisance",
+                 "report": "describes the ct findings and the physiology; templated at some sites"}
+    else:
+        raise ValueError(f"unknown synthetic clinical generator {generator!r} (use 'v1' or 'v2')")
     rng = np.random.default_rng(seed + 1)
     geo_rng = np.random.default_rng(params.direction_seed + 1)
     ct_centers = _blob_centers(geo_rng, params.obs_dim, slices, image_size)
@@ -422,16 +442,16 @@ def write_clinical_cohort(out_dir: str, n: int = 200, seed: int = 0, slices: int
         truth.to_parquet(os.path.join(tmp, "truth.parquet"), index=False)
         summary = {
             "cohort": "clinical",
+            "generator": generator,
             "n": n,
             "seed": seed,
             "sites": sites,
             "slices": slices,
             "image_size": image_size,
             "modalities": list(MODALITIES),
-            "roles": {"ct": "dominant", "pet": "redundant (same latent as ct)", "ehr": "weaker informative",
-                      "report": "lazy (heavy-tailed noise outside the clean sites)"},
+            "roles": roles,
             "params": params.to_json(),
-            "bayes_auroc": bayes_auroc(truth),
+            "bayes_auroc": bayes,
             "prevalence": float(truth["label"].mean()),
             "available": {m: int(truth[f"avail_{m}"].sum()) for m in MODALITIES},
             "files": len(manifest),
