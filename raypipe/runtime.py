@@ -8,6 +8,8 @@ Rules (docs/cluster.md):
   ``<run.out_dir>/.ray`` and Train/Tune results under ``<run.out_dir>/ray_results``,
   so that one run's files live in one place.
 - Ray's token authentication is left exactly as Ray ships it.
+- Quiet console (``ray.quiet``, on unless ``raypipe -v``): Ray's own output goes to
+  ``<run.out_dir>/logs/ray.log``; see :mod:`raypipe.console`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -67,6 +70,12 @@ def configure_data_context(cfg: Config) -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
+    if _quiet(cfg):
+        # One bar per dataset on a terminal, none per operator; without a terminal Ray Data would log
+        # multi-line progress reports every few seconds instead: off (raypipe prints a line per stage).
+        ctx.enable_operator_progress_bars = False
+        if not sys.stdout.isatty():
+            ctx.enable_progress_bars = False
     # Outputs are sorted by id before writing; preserving order keeps runs reproducible.
     ctx.execution_options.preserve_order = True
     # Bad rows are quarantined inside our UDFs (errors table); a failing block is a bug,
@@ -84,10 +93,12 @@ def init_ray(cfg: Config, address: str | None = None) -> RayContext:
         configure_data_context(cfg)
         return RayContext(False, addr, res_dir, None)
 
+    run_log = _open_console(cfg)
     if addr:
         log.info("joining Ray cluster at %s", addr)
         ray.init(address=addr, log_to_driver=cfg.ray.log_to_driver)
         configure_data_context(cfg)
+        _route_console(cfg, run_log)
         return RayContext(False, addr, res_dir, None)
 
     os.makedirs(cfg.run.out_dir, exist_ok=True)
@@ -108,7 +119,38 @@ def init_ray(cfg: Config, address: str | None = None) -> RayContext:
     log.info("starting a local Ray with %s CPUs (temp dir %s)", kwargs["num_cpus"], temp_dir)
     ray.init(**kwargs)
     configure_data_context(cfg)
+    _route_console(cfg, run_log)
     return RayContext(True, None, res_dir, temp_dir)
+
+
+def _quiet(cfg: Config) -> bool:
+    from raypipe import console
+
+    return cfg.ray.quiet and not console.verbose()
+
+
+def _open_console(cfg: Config) -> str | None:
+    """Before ``ray.init``: the run log (Ray's start-up messages are its first lines)."""
+    from raypipe import console
+
+    if not _quiet(cfg) and not console.verbose():
+        return None  # ray.quiet=false from a library caller: Ray prints as it always does
+    path = console.open_run_log(cfg.run.out_dir)
+    if path:
+        log.info("Ray's messages: %s", path)
+    return path
+
+
+def _route_console(cfg: Config, run_log: str | None) -> None:
+    """After ``ray.init``: Ray's worker/raylet output and the driver's native error lines to the run log."""
+    from raypipe import console
+
+    if run_log is None:
+        return
+    console.open_run_log(cfg.run.out_dir)  # again: `import ray.data` configured its console handler
+    console.route_ray_output()
+    if _quiet(cfg):
+        console.capture_native_stderr()
 
 
 def _dashboard_wanted(setting: bool | None) -> bool:

@@ -48,6 +48,10 @@ def test_init_ray_starts_local_ray_with_files_under_run(tmp_path):
     temp = r.stdout.split("TEMP", 1)[1].strip()
     assert os.path.realpath(temp) == os.path.realpath(out / ".ray")
     assert any(name.startswith("session_") for name in os.listdir(temp))
+    # quiet console (ray.quiet, the default): Ray's messages went to the run log, not the console
+    log_text = (out / "logs" / "ray.log").read_text()
+    assert "Started a local Ray instance" in log_text
+    assert "Started a local Ray instance" not in r.stdout + r.stderr
 
 
 def test_dashboard_setting_resolves_against_the_installed_ray():

@@ -229,8 +229,10 @@ class ImageActor:
                  device: str | None = None):
         import torch
 
+        from raypipe import console
         from raypipe.embed.image import ImageEmbedder
 
+        console.worker_setup()  # raypipe's warnings from this actor reach the driver's console
         torch.set_num_threads(max(1, threads))
         # device None: CUDA when this actor was given a GPU (Ray hides the GPUs from the others)
         self.embedder = ImageEmbedder.from_config(image_cfg, seed=seed, device=device, precision=precision,
@@ -255,8 +257,10 @@ class TextActor:
     def __init__(self, text_cfg: dict, seed: int, precision: str, threads: int, device: str | None = None):
         import torch
 
+        from raypipe import console
         from raypipe.embed.text import TextEmbedder
 
+        console.worker_setup()  # raypipe's warnings from this actor reach the driver's console
         torch.set_num_threads(max(1, threads))
         self.embedder = TextEmbedder.from_config(text_cfg, seed=seed, device=device, precision=precision)
 

@@ -61,9 +61,11 @@ class Predictor:
     def __init__(self, run_dir: str, device: str = "cpu"):
         import torch
 
+        from raypipe import console
         from raypipe.train import loop
         from raypipe.train.trainer import load_trained
 
+        console.worker_setup()  # raypipe's warnings from this actor reach the driver's console
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("infer.num_gpus_per_actor > 0 but this actor sees no CUDA device")

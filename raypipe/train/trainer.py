@@ -167,9 +167,11 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
+    from raypipe import console
     from raypipe.train import loop
     from raypipe.train import metrics as M
 
+    console.worker_setup()  # raypipe's lines (the epoch line) reach the driver's console marked
     _set_report_log_level(config.get("train_log_level", "WARNING"))
     meta = config["meta"]
     tc = meta["train_config"]
