@@ -430,6 +430,18 @@ def _task_blocks(work: list[dict], mods: dict, per_task: int) -> list[pa.Table]:
 
 
 @contextlib.contextmanager
+def _remote_args_accepted():
+    """Ray 2.60 deprecates map_batches' free ``ray_remote_args`` but has no named parameter for
+    ``max_retries`` yet (named ones: num_cpus, memory, ...); the bound on retries matters more than the
+    warning, which is silenced here only."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated.*")
+        yield
+
+
+@contextlib.contextmanager
 def _tolerate_dead_tasks():
     """Let a pass finish when some of its tasks die twice (``max_errored_blocks`` unlimited for the pass).
 
@@ -493,9 +505,11 @@ def _fit_stats(train_items: list[dict], cfg: Config, root: str) -> dict:
     with _unordered(), _tolerate_dead_tasks():
         ds = ray.data.from_items([{"path": it["rel"]} for it in train_items],
                                  override_num_blocks=_num_blocks(len(train_items), cfg.ingest.items_per_task))
-        sums = ds.map_batches(_ehr_sums_batch, fn_kwargs={"ehr_cfg": cfg.ingest.ehr.model_dump(), "root": root,
-                                                         "limits": cfg.ingest.limits.model_dump()},
-                              batch_format="pyarrow", batch_size=None, max_retries=DECODE_TASK_RETRIES).take_all()
+        with _remote_args_accepted():
+            sums = ds.map_batches(_ehr_sums_batch, fn_kwargs={"ehr_cfg": cfg.ingest.ehr.model_dump(), "root": root,
+                                                             "limits": cfg.ingest.limits.model_dump()},
+                                  batch_format="pyarrow", batch_size=None, max_retries=DECODE_TASK_RETRIES)
+        sums = sums.take_all()
     sums.sort(key=lambda r: r["first"])  # a fixed summation order: the same statistics bytes every run
     n = float(sum(r["n"] for r in sums))
     if n == 0:
@@ -690,8 +704,9 @@ def _decode_pass(blocks: list[pa.Table], rec_dir: str, prefix: str, fn_kwargs: d
     sink = _records_sink(rec_dir, prefix)
     with _unordered(), _tolerate_dead_tasks():
         ds = ray.data.from_arrow(blocks)
-        rows = ds.map_batches(_decode_batch, batch_format="pyarrow", batch_size=None, fn_kwargs=fn_kwargs,
-                              max_retries=DECODE_TASK_RETRIES)
+        with _remote_args_accepted():
+            rows = ds.map_batches(_decode_batch, batch_format="pyarrow", batch_size=None, fn_kwargs=fn_kwargs,
+                                  max_retries=DECODE_TASK_RETRIES)
         rows.write_datasink(sink)
     return list(sink.result.write_returns) if sink.result is not None else []
 
