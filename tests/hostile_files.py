@@ -459,7 +459,9 @@ def _export_tree(tree: str, outside: str, rng: np.random.Generator) -> int:
         ds.save_as(os.path.join(pdir, f"{PLANTED['file']}_{k}"), enforce_file_format=False)  # no extension
         n += 1
     ct = planted_dicom(os.path.join(PYDICOM_DATA, "CT_small.dcm"))
-    hostile = {"trunc.dcm": truncate(ct, 0.3), "vr.dcm": flip_sop_class_vr(ct, b"OB"), "zero.dcm": zero_header(ct, 300),
+    hostile = {"trunc.dcm": truncate(ct, 0.3), "vr.dcm": flip_sop_class_vr(ct, b"OB"),
+               "vr_un.dcm": flip_sop_class_vr(ct, b"UN"), "vr_ut": flip_sop_class_vr(ct, b"UT"),
+               "zero.dcm": zero_header(ct, 300),
                "flip.dcm": flip_bytes(ct, rng, 8), "IM_noext_trunc": truncate(ct, 0.6),
                "huge_rle.dcm": dicom_declaring(os.path.join(PYDICOM_DATA, "MR_small_RLE.dcm"), Rows=65535,
                                                Columns=65535)}

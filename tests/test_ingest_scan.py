@@ -231,3 +231,27 @@ def test_cli_scan_prints_summary_and_refuses_foreign_out(tmp_path, ray_session, 
     rc = cli.main(["scan", "--input", tree, "--set", f"ingest.scan.out={tree}/scan", "--set",
                    "ray.progress_bars=false"])
     assert rc == 1 and not os.path.exists(os.path.join(tree, "scan"))
+
+
+@pytest.mark.parametrize("vr", [b"OB", b"UN", b"UT", b"SQ", b"OW"])
+def test_flipped_sop_class_vr_is_unreadable_and_quotes_nothing(tmp_path, vr, caplog):
+    """A flipped VR code of SOPClassUID swallows the header into that element: the scan calls the file
+    unreadable, and neither its answer nor a warning or log line quotes the swallowed names and ids."""
+    import logging
+    import warnings
+
+    src = tmp_path / "src.dcm"
+    _dicom(CT_SMALL, str(src), "MRN-HB-5501")
+    data = src.read_bytes()
+    pos = data.find(b"\x08\x00\x16\x00UI")
+    assert pos > 0
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(data[:pos + 4] + vr + data[pos + 6:])
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        facts = scan.dicom_facts(str(bad))
+    assert facts["ok"] is False and facts["error_class"] == "CorruptHeader"
+    said = json.dumps(facts) + " ".join(str(w.message) for w in caught) + caplog.text
+    for value in PHI[:4]:
+        assert value not in said

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: the only DICOM elements the scan reads (pixel data and every other element are skipped, not parsed)
 SCAN_TAGS = ["SOPClassUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"]
+#: values longer than this are not read by the header scan (a swallowed header can claim hundreds of MB)
+DEFER_BYTES = 1024
 #: DICOMDIR (media storage directory): an index of the other files, not an image
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 #: the four outcomes of a file that is not a manifest row
@@ -132,15 +134,19 @@ def needs_header(fact: Mapping) -> bool:
 @contextlib.contextmanager
 def _quiet_pydicom():
     """pydicom's warnings and log lines quote element values (possible PHI): silence them while reading."""
+    from pydicom import config
+
     pydicom_log = logging.getLogger("pydicom")
-    level = pydicom_log.level
+    level, mode = pydicom_log.level, config.settings.reading_validation_mode
     pydicom_log.setLevel(logging.CRITICAL)
+    config.settings.reading_validation_mode = config.IGNORE  # value validation only ever warns on reading
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         pydicom_log.setLevel(level)
+        config.settings.reading_validation_mode = mode
 
 
 def _text(value) -> str:
@@ -152,6 +158,24 @@ def _text(value) -> str:
     except Exception:  # noqa: BLE001 - a malformed value: treated as absent
         return ""
     return s
+
+
+class _Oversized(Exception):
+    """A grouping element longer than DICOM allows for it (e.g. a flipped VR that swallowed the header)."""
+
+
+def _element_text(ds, keyword: str, max_len: int = 256) -> str:
+    """A grouping element's value as text, its raw length checked first: values longer than ``max_len``
+    bytes (UIDs are at most 64, LO 64, CS 16) were deferred by the read and are never loaded."""
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return ""
+    length = getattr(ds.get_item(tag), "length", 0) or 0
+    if length > max_len:
+        raise _Oversized(keyword)
+    return _text(ds[tag].value)
 
 
 def dicom_facts(path: str, probe: bool = False) -> dict:
@@ -185,9 +209,15 @@ def dicom_facts(path: str, probe: bool = False) -> dict:
         for force in (False, True):
             try:
                 with open(path, "rb") as fh:
-                    ds = pydicom.dcmread(fh, stop_before_pixels=True, force=force, specific_tags=SCAN_TAGS)
-                if force and not _text(ds.get("SOPClassUID", None)):
-                    ds = None  # forced parsing of a non-DICOM file "succeeds" with garbage: need an SOP class
+                    ds = pydicom.dcmread(fh, stop_before_pixels=True, force=force, specific_tags=SCAN_TAGS,
+                                         defer_size=DEFER_BYTES)
+                if force:
+                    try:
+                        sop = _element_text(ds, "SOPClassUID")
+                    except _Oversized:
+                        sop = ""
+                    if not sop:
+                        ds = None  # forced parsing of a non-DICOM file "succeeds" with garbage: need an SOP class
                 break
             except InvalidDicomError:
                 continue  # no preamble / DICM prefix: try the raw dataset form once
@@ -205,12 +235,16 @@ def dicom_facts(path: str, probe: bool = False) -> dict:
         return fail("unreadable", "CorruptHeader", "a DICOM file whose header cannot be read (truncated or "
                     "damaged); check the export or remove the file")
     try:
-        meta_sop = _text(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", None))
-        facts = {"ok": True, "patient_id": _text(ds.get("PatientID", None)),
-                 "study_uid": _text(ds.get("StudyInstanceUID", None)),
-                 "series_uid": _text(ds.get("SeriesInstanceUID", None)),
-                 "dicom_modality": _text(ds.get("Modality", None)).upper(),
-                 "dicomdir": DICOMDIR_SOP_CLASS in (meta_sop, _text(ds.get("SOPClassUID", None)))}
+        with _quiet_pydicom():  # converting a raw element validates it, and the warning quotes the value
+            meta_sop = _text(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", None))
+            facts = {"ok": True, "patient_id": _element_text(ds, "PatientID"),
+                     "study_uid": _element_text(ds, "StudyInstanceUID"),
+                     "series_uid": _element_text(ds, "SeriesInstanceUID"),
+                     "dicom_modality": _element_text(ds, "Modality").upper(),
+                     "dicomdir": DICOMDIR_SOP_CLASS in (meta_sop, _element_text(ds, "SOPClassUID"))}
+    except _Oversized:
+        return fail("unreadable", "CorruptHeader", "an identifying element of the header is longer than DICOM "
+                    "allows (a damaged value representation swallowed the header); re-export the file")
     except Exception:  # noqa: BLE001 - a value that cannot be decoded (e.g. a flipped VR)
         return fail("unreadable", "CorruptHeader", "the identifying elements of the header cannot be decoded; "
                     "check the export or remove the file")
