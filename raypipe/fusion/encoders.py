@@ -46,6 +46,28 @@ class MaskedStandardize(nn.Module):
             z = z * present.to(z.dtype).unsqueeze(-1)
         return z
 
+    @torch.no_grad()
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """The standardisation with the current running statistics, never updating them.
+
+        For targets in the standardised space (the MVAE's reconstructions), computed after the
+        training forward pass has already updated the statistics from this batch once.
+        """
+        return ((x - self.mean) / torch.sqrt(self.var + self.eps)).clamp(-self.clip, self.clip)
+
+
+def reconstruction_target(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, n) the space a generative model reconstructs modality input ``x`` in, detached.
+
+    A pooled vector: its standardised form (the vector encoder's own input statistics, so
+    embeddings of very different scales weigh alike). A sequence (EHR, already normalised by
+    ingest): the flattened (T * F) values.
+    """
+    norm = getattr(encoder, "norm", None)
+    if isinstance(norm, MaskedStandardize):
+        return norm.transform(x).detach()
+    return x.detach().flatten(1)
+
 
 class VectorEncoder(nn.Module):
     """MLP for a pooled image/text embedding: (B, d) -> (B, D), on standardised inputs."""

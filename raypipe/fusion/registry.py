@@ -2,8 +2,9 @@
 
 ``build_method("omnifuse", specs, task, n_outputs, train_cfg)`` builds any method
 from the training config: ``hidden_dim`` for every method, ``train.omnifuse.*``
-for OmniFuse, ``train.method_args`` for a baseline's own knobs (e.g.
-``{"rho": 0.5}`` for metafusion, ``{"lambda_mi": 0.2}`` for ddf).
+for OmniFuse, ``train.method_args`` for a method's own knobs (e.g.
+``{"rho": 0.5}`` for metafusion, ``{"lambda_mi": 0.2}`` for ddf, ``{"latent_dim": 16}``
+for mvae, ``{"gate": "constant"}`` for hybrid, ``{"layers": 3}`` for graph).
 """
 
 from __future__ import annotations
@@ -13,9 +14,15 @@ from typing import Sequence
 
 from raypipe.fusion.base import FusionMethod, MethodInfo, ModalitySpec
 from raypipe.fusion.baselines import BASELINES
+from raypipe.fusion.graph import GraphFusion
+from raypipe.fusion.hybrid import HybridFusion
+from raypipe.fusion.mvae import MVAE
 from raypipe.fusion.omnifuse import OmniFuse
 
-REGISTRY: dict[str, type[FusionMethod]] = {"omnifuse": OmniFuse, **BASELINES}
+#: the survey's families beyond early/late/attention (docs/fusion.md): hybrid, graph-based, generative (VAE)
+FAMILIES: dict[str, type[FusionMethod]] = {"hybrid": HybridFusion, "graph": GraphFusion, "mvae": MVAE}
+
+REGISTRY: dict[str, type[FusionMethod]] = {"omnifuse": OmniFuse, **BASELINES, **FAMILIES}
 
 
 def list_methods(task: str | None = None, fusion_type: str | None = None) -> list[MethodInfo]:
