@@ -1,0 +1,107 @@
+"""Speed of ``train.method=auto``: N candidates x k folds on Ray vs the same fits one after another.
+
+One run, two paths, the same work on the same folds:
+
+(a) ``raypipe.tune.auto.cross_validate``: one 1-CPU Ray task per (candidate, fold), as many at
+    once as the local Ray has CPUs (``slots``), plus the greedy ensemble over the out-of-fold
+    predictions and the leaderboard. Timed: the whole call (Ray already started, as in a run
+    after ingest/embed; the refit of the winner is not included).
+(b) the same (candidate, fold) fits with the same fold function (``raypipe.tune.folds.fold_task``),
+    one after another in this process, 1 torch thread (what a 1-CPU task gets). Timed: every fit.
+
+Embeddings: the synthetic cohort's latent observations rendered as embeddings
+(``raypipe.synth.embeddings``; the demo's generator). Every fit runs all its epochs
+(patience = epochs). Prints both wall times, the speed-up (b)/(a), the slots and the goal
+0.8 x min(slots, N x k), and the per-candidate CV means of both paths (equal: same fits).
+
+    python benchmarks/auto_bench.py                                  # 4 candidates x 5 folds
+    python benchmarks/auto_bench.py --candidates concat,late,sum,se_gate,omnifuse --folds 5 --n 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--candidates", default="concat,late,sum,se_gate", help="comma-separated methods (N)")
+    p.add_argument("--folds", type=int, default=5, help="k")
+    p.add_argument("--n", type=int, default=600, help="samples (80%% cross-validated)")
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--hidden-dim", type=int, default=32)
+    p.add_argument("--cpus", type=int, default=None, help="local Ray CPUs (default: all)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    import numpy as np
+    import ray
+    import torch
+
+    from raypipe.config import load_config
+    from raypipe.runtime import init_ray
+    from raypipe.synth.embeddings import write_truth_embeddings
+    from raypipe.synth.latent import generate_truth
+    from raypipe.train.splits import kfold_assignments
+    from raypipe.train.tables import infer_task, read_embeddings
+    from raypipe.train.trainer import assign_splits
+    from raypipe.tune.auto import candidates, cross_validate
+    from raypipe.tune.folds import fold_task, n_outputs_for
+
+    work = tempfile.mkdtemp(prefix="auto-bench-")
+    emb = write_truth_embeddings(generate_truth(n=args.n, seed=0), os.path.join(work, "emb"), dim=args.dim)
+    cands = args.candidates.split(",")
+    cfg = load_config(None, [f"run.out_dir={work}", f"train.input={emb}", "train.method=auto",
+                             f"train.epochs={args.epochs}", f"train.patience={args.epochs}",
+                             f"train.hidden_dim={args.hidden_dim}", f"train.auto.folds={args.folds}",
+                             f"train.auto.candidates=[{','.join(cands)}]", "ray.progress_bars=false",
+                             *([f"ray.num_cpus={args.cpus}"] if args.cpus else [])])
+    table = read_embeddings(emb)
+    task, _ = infer_task(table.y)
+    init_ray(cfg)
+    slots = int(ray.cluster_resources().get("CPU", 1))
+
+    t0 = time.perf_counter()
+    summary = cross_validate(cfg, table, task, "auroc", True, os.path.join(work, "auto"))
+    t_ray = time.perf_counter() - t0
+
+    sub = table.take(assign_splits(table, cfg) != "test")
+    folds = kfold_assignments(sub.sample_id, sub.y, k=args.folds, seed=cfg.run.seed)
+    data = (sub.x, sub.mask, sub.y, sub.sample_id, {m: list(s) for m, s in sub.shapes.items()})
+    threads = torch.get_num_threads()
+    seq_means = {}
+    t0 = time.perf_counter()
+    for c in candidates(cfg, task):
+        scores = [fold_task(c.method, {}, c.train_cfg, data, f, folds, task, sub.modalities, cfg.run.seed,
+                            patterns=False, n_outputs=n_outputs_for(task, table.y))["auroc"]
+                  for f in range(args.folds)]
+        seq_means[c.label] = float(np.mean(scores))
+    t_seq = time.perf_counter() - t0
+    torch.set_num_threads(threads)
+    fits = len(cands) * args.folds
+    out = {"candidates": cands, "folds": args.folds, "fits": fits, "samples_cv": int(len(sub)),
+           "epochs": args.epochs, "slots": slots, "ray_seconds": round(t_ray, 2), "sequential_seconds": round(t_seq, 2),
+           "speedup": round(t_seq / t_ray, 3), "goal": round(0.8 * min(slots, fits), 2),
+           "chosen": summary["chosen"], "cv_mean_ray": {k: round(v, 4) for k, v in summary["mean"].items()},
+           "cv_mean_sequential": {k: round(v, 4) for k, v in seq_means.items()}}
+    print(f"auto CV, {len(cands)} candidates x {args.folds} folds = {fits} fits, {len(sub)} rows, "
+          f"{args.epochs} epochs, {slots} slots")
+    print(f"  Ray (raypipe auto):   {t_ray:7.1f} s (incl. ensemble + leaderboard)")
+    print(f"  sequential, 1 proc:   {t_seq:7.1f} s")
+    print(f"  speed-up {t_seq / t_ray:.2f} (goal >= 0.8 x min(slots, N x k) = {0.8 * min(slots, fits):.2f})")
+    print(f"  CV means, Ray vs sequential: " + ", ".join(
+        f"{k} {summary['mean'][k]:.4f}/{seq_means[k]:.4f}" for k in seq_means))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+    ray.shutdown()
+    return out
+
+
+if __name__ == "__main__":
+    main()

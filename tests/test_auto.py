@@ -1,0 +1,202 @@
+"""train.method=auto: greedy ensemble, time limit, determinism, an ensemble model in infer/report,
+and a table written by the public writer going through compare, tune, auto and infer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from raypipe.config import load_config
+from raypipe.fusion.ensemble import EnsembleMethod, combine, greedy_ensemble
+
+ray = pytest.mark.ray
+
+
+# ----------------------------------------------------------------------------- pure
+def test_greedy_ensemble_hand_worked_example():
+    # one row, y = 0, three "models" predicting +1, -2, +3; score = -(mean prediction - y)^2.
+    # step 1: A (-1) beats B (-4), C (-9)            -> {A}        score -1
+    # step 2: mean with A 1, with B -0.5, with C 2   -> {A, B}     score -0.25
+    # step 3: sums -1+1=0, -1-2, -1+3 over 3         -> {A, A, B}  score 0 (exact)
+    # step 4: (0+1)/4=.25 best                       -> {3A, B}    score -0.0625
+    # step 5: (1-2)/5=-.2 best                       -> {3A, 2B}   score -0.04
+    # step 6: (-1+1)/6=0                             -> {4A, 2B}   score 0, not better than step 3
+    y = np.zeros(1)
+    preds = [np.array([[1.0]]), np.array([[-2.0]]), np.array([[3.0]])]
+    w, history = greedy_ensemble(preds, y, lambda yy, p: -float(((p[:, 0] - yy) ** 2).mean()), size=6)
+    np.testing.assert_allclose(w, [2 / 3, 1 / 3, 0])  # the earliest best ensemble, {A, A, B}
+    np.testing.assert_allclose(history, [-1, -0.25, 0, -0.0625, -0.04, 0], atol=1e-12)
+    np.testing.assert_allclose(combine(preds, w), [[0.0]])
+
+
+def test_greedy_ensemble_lower_is_better_and_ties_go_to_the_first():
+    y = np.array([0.0, 1.0])
+    same = np.array([[0.5], [0.5]])
+    w, _ = greedy_ensemble([same, same.copy()], y, lambda yy, p: float(np.abs(p[:, 0] - yy).mean()), size=3,
+                           higher_is_better=False)
+    np.testing.assert_allclose(w, [1, 0])
+
+
+class _Const(torch.nn.Module):
+    def __init__(self, probs, weight):
+        super().__init__()
+        self.task, self.n_outputs, self.modalities = "binary", 2, ["a", "b"]
+        self.p, self.w = torch.tensor(probs), weight
+
+    def predict_with_trace(self, x, mask):
+        n = len(mask)
+        return {"probabilities": self.p.expand(n, 2), "weight_a": torch.full((n,), self.w),
+                "imputed_a": ~mask[:, 0]}
+
+
+def test_ensemble_method_weights_probabilities_and_takes_traces_from_the_top_member():
+    ens = EnsembleMethod([_Const([0.9, 0.1], 0.2), _Const([0.1, 0.9], 0.7)], [1, 3], ["p", "q"])
+    out = ens.predict_with_trace({}, torch.tensor([[True, False], [True, True]]))
+    # 0.25 * (0.9, 0.1) + 0.75 * (0.1, 0.9) = (0.3, 0.7)
+    np.testing.assert_allclose(out["probabilities"].numpy(), [[0.3, 0.7], [0.3, 0.7]], atol=1e-6)
+    np.testing.assert_allclose(out["weight_a"].numpy(), [0.7, 0.7])  # member q has the larger weight
+    assert out["imputed_a"].tolist() == [False, False]
+    with pytest.raises(ValueError, match="weights"):
+        EnsembleMethod([_Const([0.5, 0.5], 0.1)], [0], ["p"])
+
+
+def test_candidates_default_and_overrides():
+    from raypipe.fusion.registry import REGISTRY
+    from raypipe.tune.auto import candidates
+
+    cfg = load_config(None, [])
+    names = [c.label for c in candidates(cfg, "regression")]
+    assert names == [n for n, cls in REGISTRY.items() if "regression" in cls.info.tasks]
+    assert "pmr" not in names  # pmr is binary/multiclass only
+    cfg = load_config(None, ['train.auto.candidates=[concat, {method: late, epochs: 3}]'])
+    c = candidates(cfg, "binary")
+    assert [x.label for x in c] == ["concat", "late[epochs=3]"] and c[1].train_cfg["epochs"] == 3
+    with pytest.raises(ValueError, match="unknown method"):
+        candidates(load_config(None, ["train.auto.candidates=[nope]"]), "binary")
+
+
+# ----------------------------------------------------------------------------- Ray
+def _frame(n=90, seed=3):
+    """A pandas frame with one column per modality (lists; None where absent), 3 classes."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    a = np.eye(3)[y] @ rng.standard_normal((3, 6)) + 0.8 * rng.standard_normal((n, 6))
+    b = np.eye(3)[y] @ rng.standard_normal((3, 4)) + 1.2 * rng.standard_normal((n, 4))
+    df = pd.DataFrame({"sample_id": [f"s{i:03d}" for i in range(n)], "label": y, "site": ["x", "y", "z"][0:1] * n})
+    df["imaging"] = [None if i % 7 == 0 else r.tolist() for i, r in enumerate(a)]
+    df["notes"] = [None if i % 5 == 1 and i % 7 else r.tolist() for i, r in enumerate(b)]
+    return df
+
+
+@pytest.fixture(scope="module")
+def user_table(tmp_path_factory):
+    from raypipe.tables import write_embeddings
+
+    return write_embeddings(str(tmp_path_factory.mktemp("byo") / "emb"), _frame(), task="multiclass")
+
+
+FAST = ["train.epochs=2", "train.hidden_dim=8", "train.batch_size=16", "train.patience=2", "ray.progress_bars=false"]
+
+
+def _auto_cfg(tmp_path, table, *extra):
+    return load_config(None, [f"run.out_dir={tmp_path}", f"train.input={table}", "train.method=auto",
+                              "train.auto.folds=2", *FAST, *extra])
+
+
+@ray
+def test_auto_is_deterministic_and_the_ensemble_is_scored_on_the_folds(ray_session, user_table, tmp_path):
+    from raypipe.train.tables import infer_task, read_embeddings
+    from raypipe.tune.auto import cross_validate
+
+    table = read_embeddings(user_table)
+    task, _ = infer_task(table.y)
+    boards = []
+    for run in ("a", "b"):
+        cfg = _auto_cfg(tmp_path / run, user_table, "train.auto.candidates=[concat, late, sum]")
+        s = cross_validate(cfg, table, task, "accuracy", True, str(tmp_path / run / "auto"))
+        boards.append(pd.read_csv(s["leaderboard"]).drop(columns=["fit_seconds"]))
+    pd.testing.assert_frame_equal(boards[0], boards[1])  # same config and seed: same leaderboard and choice
+    b = boards[0].set_index("candidate")
+    assert set(b.index) == {"concat", "late", "sum", "ensemble"} and (b.status == "ok").all()
+    assert b.loc["ensemble", "members"]
+    for c in b.index:  # the mean and the ddof=1 std of the per-fold scores
+        folds = np.array(json.loads(b.loc[c, "folds"]), float)
+        assert b.loc[c, "accuracy_mean"] == pytest.approx(folds.mean(), abs=1e-6)
+        assert b.loc[c, "accuracy_std"] == pytest.approx(folds.std(ddof=1), abs=1e-6)
+    assert b["rank"].tolist() == [1, 2, 3, 4] and np.isnan(b.iloc[0][b.columns[b.columns.str.startswith("p_vs_")][0]])
+
+
+@ray
+def test_auto_time_limit_skips_what_cannot_finish(ray_session, user_table, tmp_path):
+    from raypipe.tune.auto import run_auto
+
+    cfg = _auto_cfg(tmp_path, user_table, "train.auto.time_limit=30",
+                    "train.auto.candidates=[concat, {method: late, epochs: 1000000, patience: 1000000}]")
+    summary = run_auto(cfg, refit=False)
+    assert list(summary["skipped"]) == ["late[epochs=1000000,patience=1000000]"]
+    assert "time limit" in summary["skipped"]["late[epochs=1000000,patience=1000000]"]
+    board = pd.read_csv(summary["leaderboard"])
+    assert board.set_index("candidate").loc["late[epochs=1000000,patience=1000000]", "status"].startswith("skipped")
+    assert summary["chosen"] == "concat"  # what finished is what is chosen from; no ensemble of one
+
+
+@ray
+def test_byo_table_through_compare_tune_auto_and_infer(ray_session, user_table, tmp_path):
+    from raypipe.cli import main
+
+    common = ["--out-dir", str(tmp_path), "--input", user_table, *sum((["--set", s] for s in FAST), [])]
+    assert main(["compare", *common, "--methods", "concat,late", "--folds", "2", "--metric", "macro_f1"]) == 0
+    table = pd.read_csv(tmp_path / "compare" / "table.csv")
+    assert {"macro_f1_mean", "macro_f1_std", "accuracy_mean"} <= set(table.columns)
+    assert main(["tune", *common, "--folds", "2", "--metric", "accuracy", "--set", "tune.num_samples=1",
+                 "--set", "tune.space={hidden_dim: 8, omnifuse.depth: 1}"]) == 0
+    assert pd.read_csv(tmp_path / "tune" / "results.csv")["cv_mean"].between(0, 1).all()
+    assert main(["train", *common, "--method", "auto", "--metric", "accuracy", "--set", "train.auto.folds=2",
+                 "--set", "train.auto.candidates=[concat, late]"]) == 0
+    run_dir = tmp_path / "train" / "auto"
+    summary = json.loads((run_dir / "auto_summary.json").read_text())
+    assert summary["metric"] == "accuracy" and os.path.isfile(run_dir / "model.pt")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["auto"]["chosen"] == summary["chosen"]
+    assert main(["infer", "--out-dir", str(tmp_path), "--checkpoint", str(run_dir), "--input", user_table,
+                 "--set", "ray.progress_bars=false"]) == 0
+    pred = pd.read_parquet(tmp_path / "predictions")
+    assert len(pred) == 90 and set(pred.prediction.unique()) <= {0.0, 1.0, 2.0}
+    assert main(["report", str(run_dir)]) == 0
+
+
+@ray
+def test_infer_and_report_with_an_ensemble_model(ray_session, user_table, tmp_path):
+    from raypipe.infer.pipeline import run_infer
+    from raypipe.report.html import write_report
+    from raypipe.train.tables import infer_task, read_embeddings
+    from raypipe.train.trainer import load_trained
+    from raypipe.tune.auto import _refit_ensemble, candidates
+
+    cfg = _auto_cfg(tmp_path, user_table, "train.auto.candidates=[concat, late]")
+    table = read_embeddings(user_table)
+    task, _ = infer_task(table.y)
+    run_dir = str(tmp_path / "train" / "auto")
+    cands = {c.label: c for c in candidates(cfg, task)}
+    res = _refit_ensemble(cfg, table, task, run_dir, {"concat": 0.25, "late": 0.75}, cands)
+    assert res["ok"] and 0 <= res["test_auroc"] <= 1
+    meta = json.loads(open(os.path.join(run_dir, "model_meta.json")).read())
+    assert meta["method"] == "ensemble" and [m["name"] for m in meta["members"]] == ["concat", "late"]
+    out = run_infer(cfg.model_copy(update={"infer": cfg.infer.model_copy(update={
+        "checkpoint": run_dir, "input": user_table, "out": str(tmp_path / "pred")})}))
+    pred = pd.read_parquet(out["predictions"]).set_index("sample_id").loc[table.sample_id]
+    # the saved ensemble predicts 0.25 x concat + 0.75 x late, each member loaded from its own run
+    from raypipe.train import loop
+
+    probs = []
+    for name in ("concat", "late"):
+        method, _ = load_trained(os.path.join(run_dir, "members", name))
+        probs.append(loop.make_predict_fn(method, task)(table.x, table.mask)["probabilities"])
+    np.testing.assert_allclose(np.stack(pred.probabilities.to_numpy()), 0.25 * probs[0] + 0.75 * probs[1],
+                               atol=1e-5)
+    assert write_report(run_dir)["ok"]
