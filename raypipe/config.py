@@ -253,6 +253,18 @@ class OmniFuseConfig(_Section):
     use_imp_backward: bool = True
     use_dwfuse: bool = True
     use_tla: bool = True
+    #: sum: losses summed as in the paper's Eq. 7, 8, 12 (squared norm over the imputed vector, CE
+    #: summed over modalities), so lambda = (1, 10, 0.5) mean what they mean; mean: per-element and
+    #: per-modality means (the earlier normalised variant). docs/fusion.md has the measurements.
+    loss_scale: Literal["sum", "mean"] = "sum"
+    #: an absent modality's encoder input: mean = zero in the encoder's standardised space (the
+    #: training mean); zero_input = the paper's e_m(0), raw zeros standardised like any input
+    absent_fill: Literal["mean", "zero_input"] = "mean"
+    #: forward-imputation loss over every slot whose truth is known (known, the paper's Eq. 7) or
+    #: only over the slots hidden by the missing-pattern simulation (dropped)
+    imp_forward_on: Literal["known", "dropped"] = "known"
+    #: TLA mines the lazy subset after every k-th epoch (1 = every epoch, the paper's schedule)
+    mine_every: int = Field(1, ge=1)
 
 
 class AutoConfig(_Section):

@@ -84,10 +84,12 @@ def test_true_value_probability_per_task():
     assert q.item() == pytest.approx(math.exp(-1.0 / 2.0))
 
 
-def test_dwfuse_loss_is_the_closed_form():
-    """L_DWFuse = (1/M) sum_m w_m CE_m + alpha CE_joint with w_m from the heads' own probabilities,
-    and the total is lambda2 * L_DWFuse when IMP and TLA are off."""
-    model = _model(use_imp_forward=False, use_imp_backward=False, use_tla=False, alpha=0.3, beta=0.8, lambda2=7.0)
+@pytest.mark.parametrize("loss_scale", ["sum", "mean"])
+def test_dwfuse_loss_is_the_closed_form(loss_scale):
+    """L_DWFuse = sum_m w_m CE_m + alpha CE_joint (paper Eq. 12-14; "mean": (1/M) sum_m) with w_m from
+    the heads' own probabilities, and the total is lambda2 * L_DWFuse when IMP and TLA are off."""
+    model = _model(use_imp_forward=False, use_imp_backward=False, use_tla=False, alpha=0.3, beta=0.8, lambda2=7.0,
+                   loss_scale=loss_scale)
     model.eval()
     x, y = _batch(9)
     mask = torch.ones(9, 3, dtype=torch.bool)
@@ -100,7 +102,7 @@ def test_dwfuse_loss_is_the_closed_form():
         manual_uni = torch.zeros(9)
         for m in range(3):
             w = ((1 - q[(m + 1) % 3]) * (1 - q[(m + 2) % 3])) ** (0.8 / 2)
-            manual_uni += w * -probs[m][torch.arange(9), y.long()].log() / 3
+            manual_uni += w * -probs[m][torch.arange(9), y.long()].log() / (3 if loss_scale == "mean" else 1)
         joint = F.cross_entropy(model.joint_head(v), y.long())
         manual = manual_uni.mean() + 0.3 * joint
     assert out["loss_dwfuse"].item() == pytest.approx(manual.item(), rel=1e-5)
@@ -137,7 +139,7 @@ def test_backward_cascade_has_its_own_parameters():
 
 
 def test_forward_loss_only_on_dropped_positions():
-    model = _model(use_tla=False)
+    model = _model(use_tla=False, loss_scale="mean", imp_forward_on="dropped")  # the normalised variant
     model.eval()  # no dropout: deterministic comparison
     x, y = _batch()
     full = torch.ones(12, 3, dtype=torch.bool)
@@ -160,7 +162,7 @@ def test_forward_loss_only_on_dropped_positions():
 
 
 def test_backward_loss_only_on_seen_positions():
-    model = _model(use_tla=False)
+    model = _model(use_tla=False, loss_scale="mean")  # per-position mean; the summed default: see below
     model.eval()
     x, y = _batch()
     seen = torch.ones(12, 3, dtype=torch.bool)
@@ -228,18 +230,27 @@ def test_subset_loss_is_mean_ce_over_samples_that_have_the_subset():
     assert d[(1, 2)] == pytest.approx(manual_bc, rel=1e-5)
 
 
-def test_tla_mining_with_four_modalities_enumerates_fifteen_subsets():
+@pytest.mark.parametrize("absent_fill", ["mean", "zero_input"])
+def test_tla_mining_with_four_modalities_enumerates_fifteen_subsets(absent_fill):
+    """The batched mining pass equals masking and running the joint head subset by subset
+    (updated when mining was batched: it no longer calls joint_logits once per subset)."""
     specs = SPECS + [ModalitySpec("d", (3,))]
     torch.manual_seed(0)
-    model = OmniFuse(specs, "binary", 2, hidden_dim=4, depth=1)
+    model = OmniFuse(specs, "binary", 2, hidden_dim=4, depth=2, absent_fill=absent_fill)
     x, y = _batch(12, specs=specs)
-    seen = []
-    orig = model.joint_logits
-    model.joint_logits = lambda xx, mm: (seen.append(tuple(mm[0].tolist())), orig(xx, mm))[1]
     mask = torch.ones(12, 4, dtype=torch.bool)
+    mask[:4, 3] = False
     trace = model.on_epoch_end(HookContext(train_batches=lambda: [{"x": x, "mask": mask, "y": y}]))["tla"]
-    assert len(seen) == len(set(seen)) == 15 == len(trace["d"])
-    assert all(any(p) for p in seen)
+    assert len(trace["d"]) == 15
+    model.eval()
+    with torch.no_grad():
+        for s in nonempty_subsets(4):
+            rows = mask[:, list(s)].all(1)
+            want = torch.zeros(1, 4, dtype=torch.bool)
+            want[0, list(s)] = True
+            lg = model.joint_logits({m: t[rows] for m, t in x.items()}, want.expand(int(rows.sum()), -1))
+            name = "+".join(model.modalities[i] for i in s)
+            assert trace["d"][name] == pytest.approx(F.cross_entropy(lg, y[rows].long()).item(), rel=1e-5)
 
 
 def test_tla_picks_the_argmax_subset(monkeypatch):

@@ -142,15 +142,31 @@ class FusionMethod(nn.Module):
         self.encoders = build_encoders(self.specs, hidden_dim)
         self.register_buffer("var_y", torch.tensor(1.0))
 
+    #: what an absent modality's encoder sees (METHOD 1.1): "mean" = the all-zero input in the
+    #: encoder's standardised space (the training mean, the project's choice); "zero_input" = the
+    #: paper's e_m(0), the raw all-zero vector pushed through the standardisation like any input.
+    #: Sequence (LSTM) encoders have no standardisation: both are the raw zeros there.
+    absent_fill: str = "mean"
+
     # -- encoding
     def encode(self, x: dict[str, torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
         """h_m per modality; a missing modality is the encoder applied to zeros (METHOD 1.1)."""
+        from raypipe.fusion.encoders import VectorEncoder
+
         hs = []
         for i, m in enumerate(self.modalities):
             xi = x[m]
             present = mask[:, i]
             keep = present.view(-1, *([1] * (xi.dim() - 1))).to(xi.dtype)
-            hs.append(self.encoders[m](xi * keep, present))
+            enc = self.encoders[m]
+            if self.absent_fill == "zero_input" and isinstance(enc, VectorEncoder):
+                z = enc.norm(xi * keep, present)  # running statistics from the present rows only
+                nm = enc.norm  # MaskedStandardize: raw zeros in its standardised space
+                z0 = (-nm.mean / torch.sqrt(nm.var + nm.eps)).clamp(-nm.clip, nm.clip).to(z.dtype)
+                z = torch.where(present.unsqueeze(-1), z, z0.unsqueeze(0).expand_as(z))
+                hs.append(enc.net(z))
+            else:
+                hs.append(enc(xi * keep, present))
         return hs
 
     @torch.no_grad()

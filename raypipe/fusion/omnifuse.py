@@ -63,6 +63,17 @@ class CascadeResidualAutoencoder(nn.Module):
             latents.append(c)
         return v + total, latents
 
+    def latents(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """c_1..c_R only: the same computation without the last decoder (its delta_R feeds nothing)."""
+        total, latents = None, []
+        for k, block in enumerate(self.blocks):
+            c = block.encoder(v if total is None else v + total)
+            latents.append(c)
+            if k + 1 < len(self.blocks):
+                delta = block.decoder(c)
+                total = delta if total is None else total + delta
+        return latents
+
 
 class OmniFuse(FusionMethod):
     info = MethodInfo("omnifuse", "imputation", hooks=("on_epoch_end",),
@@ -71,8 +82,19 @@ class OmniFuse(FusionMethod):
     def __init__(self, specs: Sequence[ModalitySpec], task: str, n_outputs: int, hidden_dim: int = 128,
                  depth: int = 5, alpha: float = 0.1, beta: float = 0.5, lambda1: float = 1.0, lambda2: float = 10.0,
                  lambda3: float = 0.5, use_imp_forward: bool = True, use_imp_backward: bool = True,
-                 use_dwfuse: bool = True, use_tla: bool = True):
+                 use_dwfuse: bool = True, use_tla: bool = True, loss_scale: str = "sum",
+                 absent_fill: str = "mean", imp_forward_on: str = "known", mine_every: int = 1):
         super().__init__(specs, task, n_outputs, hidden_dim)
+        if loss_scale not in ("sum", "mean"):
+            raise ValueError(f"loss_scale must be 'sum' (paper) or 'mean', got {loss_scale!r}")
+        if absent_fill not in ("mean", "zero_input"):
+            raise ValueError(f"absent_fill must be 'mean' or 'zero_input', got {absent_fill!r}")
+        if imp_forward_on not in ("known", "dropped"):
+            raise ValueError(f"imp_forward_on must be 'known' (paper) or 'dropped', got {imp_forward_on!r}")
+        if mine_every < 1:
+            raise ValueError(f"mine_every must be >= 1, got {mine_every}")
+        self.loss_scale, self.absent_fill, self.imp_forward_on = loss_scale, absent_fill, imp_forward_on
+        self.mine_every = int(mine_every)
         m, d = len(self.modalities), hidden_dim
         self.alpha, self.beta = alpha, beta
         self.lambda1, self.lambda2, self.lambda3 = lambda1, lambda2, lambda3
@@ -107,8 +129,20 @@ class OmniFuse(FusionMethod):
 
     def joint_logits(self, x: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         v = torch.cat(self.encode(x, mask), dim=1)
-        _, joint_in = self.impute(v)
+        return self.joint_from_v(v)
+
+    def joint_from_v(self, v: torch.Tensor) -> torch.Tensor:
+        """The joint head's logits for triplets v (only the cascade latents are computed)."""
+        joint_in = torch.cat(self.cra_forward.latents(v), dim=1) if self.use_imp_forward else v
         return self.joint_head(joint_in)
+
+    def _squared_error(self, diff: torch.Tensor, pm: torch.Tensor, batch: int) -> torch.Tensor:
+        """sum: the paper's per-sample squared norm over the counted positions, averaged over the batch
+        (Eq. 7-8); mean: the mean over the counted positions (the normalised variant)."""
+        se = ((diff ** 2) * pm).sum()
+        if self.loss_scale == "sum":
+            return se / max(batch, 1)
+        return se / pm.sum().clamp_min(1.0)
 
     def forward(self, batch: dict, full_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x, mask, y = batch["x"], batch["mask"], batch.get("y")
@@ -122,19 +156,21 @@ class OmniFuse(FusionMethod):
         losses: dict[str, torch.Tensor] = {}
         zero = logits.new_zeros(())
         # IMP forward: reconstruct the truly-available-but-dropped positions from encoders on the true input
+        batch_n = int(mask.shape[0])
         if self.use_imp_forward and full_mask is not None:
             dropped = full_mask & ~mask
+            # Eq. 7 compares v' with the true triplet wherever it is known (the cascade must also leave
+            # observed slots as they are); "dropped" counts only the slots hidden by the simulation
+            counted = full_mask if self.imp_forward_on == "known" else dropped
             if dropped.any():
                 v_full = torch.cat(self.encode_reference(x, full_mask), dim=1)
-                pm = self._position_mask(dropped)
-                losses["imp_forward"] = (((v_imp - v_full) ** 2) * pm).sum() / pm.sum()
+                losses["imp_forward"] = self._squared_error(v_imp - v_full, self._position_mask(counted), batch_n)
             else:
                 losses["imp_forward"] = zero
         # IMP backward: a second cascade maps v' back onto the positions the model saw
         if self.use_imp_backward:
             v_back, _ = self.cra_backward(v_imp)
-            pm = self._position_mask(mask)
-            losses["imp_backward"] = (((v_back - v.detach()) ** 2) * pm).sum() / pm.sum().clamp_min(1.0)
+            losses["imp_backward"] = self._squared_error(v_back - v.detach(), self._position_mask(mask), batch_n)
         # DWFuse: unimodal heads on the imputed slices, down-weighted by the others' confidence
         joint = per_sample_loss(logits, y, self.task).mean()
         if self.use_dwfuse:
@@ -143,7 +179,9 @@ class OmniFuse(FusionMethod):
             with torch.no_grad():
                 q = torch.stack([true_value_probability(lg, y, self.task, float(self.var_y)) for lg in uni_logits], 1)
                 w = down_weighting(q, self.beta)
-            losses["dwfuse"] = (w * uni_loss).mean(dim=1).mean() + self.alpha * joint
+            # Eq. 12: summed over modalities (paper); "mean" averages them
+            per_sample = (w * uni_loss).sum(dim=1) if self.loss_scale == "sum" else (w * uni_loss).mean(dim=1)
+            losses["dwfuse"] = per_sample.mean() + self.alpha * joint
             out["weights"] = w
         else:
             losses["dwfuse"] = joint
@@ -169,7 +207,12 @@ class OmniFuse(FusionMethod):
     @torch.no_grad()
     def subset_losses(self, batches, all_reduce=None) -> dict[tuple[int, ...], float]:
         """d_S for every non-empty subset S: mean CE of the joint head with modalities outside S masked,
-        over the samples that have every modality of S. Sums are all-reduced across workers."""
+        over the samples that have every modality of S. Sums are all-reduced across workers.
+
+        Batched: each modality is encoded once per batch (present and absent rows), the 2^M - 1 masked
+        triplets are assembled from those and pushed through the cascade and the joint head in one
+        pass. In eval mode the encoders are per-row functions, so this equals masking and encoding each
+        subset separately."""
         subsets = nonempty_subsets(len(self.modalities))
         sums = torch.zeros(len(subsets), dtype=torch.float64)
         counts = torch.zeros(len(subsets), dtype=torch.float64)
@@ -177,16 +220,26 @@ class OmniFuse(FusionMethod):
         self.eval()
         for batch in batches:
             x, mask, y = batch["x"], batch["mask"], batch["y"]
+            n = mask.shape[0]
+            present = torch.cat(self.encode(x, mask), dim=1)
+            absent = torch.cat(self.encode(x, torch.zeros_like(mask)), dim=1)
+            pieces, labels, owner = [], [], []
             for j, s in enumerate(subsets):
                 want = torch.zeros(len(self.modalities), dtype=torch.bool, device=mask.device)
                 want[list(s)] = True
                 rows = mask[:, want].all(dim=1)
                 if not rows.any():
                     continue
-                sub_mask = want.unsqueeze(0).expand(int(rows.sum()), -1)
-                lg = self.joint_logits({m: t[rows] for m, t in x.items()}, sub_mask)
-                sums[j] += per_sample_loss(lg, y[rows], self.task).sum().double().cpu()
-                counts[j] += float(rows.sum())
+                keep = self._position_mask(want.unsqueeze(0).expand(n, -1)).bool()
+                pieces.append(torch.where(keep, present, absent)[rows])
+                labels.append(y[rows])
+                owner.append(torch.full((int(rows.sum()),), j, dtype=torch.long))
+            if not pieces:
+                continue
+            loss = per_sample_loss(self.joint_from_v(torch.cat(pieces)), torch.cat(labels), self.task)
+            owner_t = torch.cat(owner)
+            sums.index_add_(0, owner_t, loss.double().cpu())
+            counts.index_add_(0, owner_t, torch.ones_like(owner_t, dtype=torch.float64))
         self.train(was_training)
         if all_reduce is not None:
             stacked = all_reduce(torch.stack([sums, counts]))
@@ -196,6 +249,8 @@ class OmniFuse(FusionMethod):
     def on_epoch_end(self, ctx) -> dict[str, Any] | None:
         if not self.use_tla:
             return None
+        if self.lazy_subset is not None and (ctx.epoch + 1) % self.mine_every != 0:
+            return {"tla": self.last_trace}  # option: mine every k epochs (the paper mines every epoch)
         d = self.subset_losses(ctx.train_batches(), ctx.all_reduce)
         self.lazy_subset = max(d, key=lambda s: (d[s], -len(s)))  # argmax (ties: the smaller subset)
         name = lambda s: "+".join(self.modalities[i] for i in s)  # noqa: E731

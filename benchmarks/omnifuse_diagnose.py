@@ -1,0 +1,291 @@
+"""Why does OmniFuse's imputation help or hurt? Measurements, not guesses (docs/fusion.md, "OmniFuse").
+
+For each data set and missing rate it fits concat and the OmniFuse ablation rows b-e on the
+same folds and masks (test AUROC, mean +- std over folds, ddof = 1), then opens the fitted
+row-d/e models on the test part and prints:
+
+1. **Imputation error**: for every modality m observed in a test sample, hide it and compare what
+   the forward cascade puts in its slot (v'_m) with the encoder's own embedding of the true input
+   h_m, as a normalised MSE (1.0 = predicting the training mean of h_m). References: the raw fill
+   the cascade starts from (v_m, no imputation), and a ridge regression (RidgeCV) from the other
+   slots of v -- exactly the information the cascade has -- fitted on the training part.
+2. **What the heads see**: the unimodal head g_m's AUROC on the imputed slice vs on the observed
+   slice; the slice's norm relative to the observed one.
+3. **Trust**: the label-free DWFuse weight w_m of imputed vs observed slices, and the weight of
+   the *other*, observed, modalities when m is imputed vs observed (an imputed slice built from
+   the others makes its head confident, which down-weights the modalities it was built from).
+4. **Loss terms** during training: the raw size of L_fwd, L_bwd, L_DWFuse, L_TLA in the first
+   and the best epoch, and their size times the objective's weights (1, lambda1, lambda2, lambda3).
+5. **Time**: mean seconds per epoch (training + validation) of omnifuse and concat, and the ratio.
+
+Data: the synthetic cohort's latent observations rendered as 64-d embeddings
+(``raypipe.synth.latent.generate_truth`` + ``raypipe.synth.embeddings.render_embeddings``,
+natural availability plus random view dropout), and scikit-learn's breast-cancer data split
+into its three natural views (mean / standard error / worst, 10 features each), complete plus
+random view dropout. Dropout keeps at least one view per sample and is the same for every method.
+
+    python benchmarks/omnifuse_diagnose.py                           # both data sets, 0/50/90 %
+    python benchmarks/omnifuse_diagnose.py --dataset breast_cancer --rates 0.5 --folds 2 --epochs 10
+    python benchmarks/omnifuse_diagnose.py --set loss_scale=mean --set absent_fill=mean   # a variant
+
+Timings are wall-clock on whatever machine runs this; on a shared machine they are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+from raypipe.config import TrainConfig
+from raypipe.fusion.base import ModalitySpec
+from raypipe.fusion.registry import build_method
+from raypipe.train import loop
+from raypipe.train.metrics import compute_metrics
+from raypipe.train.splits import holdout_mask, kfold_assignments
+
+ROWS = {  # OmniFuse Table 4 rows (docs/fusion.md); "concat" is row a
+    "concat": ("concat", {}),
+    "b": ("omnifuse", dict(use_imp_forward=False, use_imp_backward=False, use_tla=False)),
+    "c": ("omnifuse", dict(use_imp_forward=False, use_imp_backward=False)),
+    "d": ("omnifuse", dict(use_imp_backward=False)),
+    "e": ("omnifuse", {}),
+}
+
+
+# ----------------------------------------------------------------------------- data
+def load_dataset(name: str, n: int, seed: int):
+    """(x {view: (N, d)}, natural availability (N, M) bool, y (N,) float, view names)."""
+    if name == "synth":
+        from raypipe.synth.embeddings import render_embeddings
+        from raypipe.synth.latent import MODALITIES, generate_truth
+
+        truth = generate_truth(n=n, seed=seed)
+        x = render_embeddings(truth, dim=64)
+        natural = np.stack([truth[f"avail_{m}"].to_numpy() for m in MODALITIES], 1)
+        return x, natural, truth["label"].to_numpy().astype(float), list(MODALITIES)
+    if name == "breast_cancer":
+        from sklearn.datasets import load_breast_cancer
+
+        data = load_breast_cancer()
+        views = ["mean", "error", "worst"]  # columns 0-9, 10-19, 20-29 (sklearn's feature order)
+        x = {v: data.data[:, 10 * i:10 * (i + 1)].astype(np.float32) for i, v in enumerate(views)}
+        return x, np.ones((len(data.target), 3), bool), data.target.astype(float), views
+    raise ValueError(f"unknown dataset {name!r} (synth, breast_cancer)")
+
+
+def drop_at_random(mask: np.ndarray, rate: float, seed: int) -> np.ndarray:
+    """Drop each available view with probability ``rate``, keeping at least one per sample."""
+    rng = np.random.default_rng(seed)
+    out = mask & (rng.random(mask.shape) >= rate)
+    for i in np.flatnonzero(~out.any(axis=1)):
+        out[i, rng.choice(np.flatnonzero(mask[i]))] = True
+    return out
+
+
+# ----------------------------------------------------------------------------- fitting
+def fit_one(row, x, y, mask, views, tr_idx, te_idx, args, seed):
+    name, switches = ROWS[row]
+    specs = [ModalitySpec(v, (x[v].shape[1],)) for v in views]
+    cfg = TrainConfig(hidden_dim=args.hidden, omnifuse={"depth": args.depth, **args.omni, **switches})
+    torch.manual_seed(seed)
+    method = build_method(name, specs, "binary", 2, cfg)
+    val = holdout_mask(tr_idx.astype(str), y[tr_idx], fraction=0.2, seed=seed)
+    tr, va = tr_idx[~val], tr_idx[val]
+    part = lambda idx: ({v: x[v][idx] for v in views}, mask[idx], y[idx])  # noqa: E731
+    res = loop.fit(method, part(tr), part(va), "binary", epochs=args.epochs, batch_size=64, lr=args.lr,
+                   p_drop=args.p_drop, patience=args.patience, seed=seed)
+    xt, mt, yt = part(te_idx)
+    auroc = compute_metrics("binary", yt, loop.make_predict_fn(method, "binary")(xt, mt)["probabilities"])["auroc"]
+    return method, res, float(auroc), tr
+
+
+@torch.no_grad()
+def slot_views(method, x: dict[str, np.ndarray], mask: np.ndarray):
+    """(v, v', reference h) as numpy: v the encoded slots the model sees (absent = the fill), v' after
+    the forward cascade, h the encoders on the true input (eval mode)."""
+    method.eval()
+    xt = {m: torch.as_tensor(a, dtype=torch.float32) for m, a in x.items()}
+    mk = torch.as_tensor(mask)
+    v = torch.cat(method.encode(xt, mk), 1)
+    v_imp, _ = method.impute(v)
+    ref = torch.cat(method.encode(xt, torch.ones_like(mk)), 1)
+    return v.numpy(), v_imp.numpy(), ref.numpy()
+
+
+@torch.no_grad()
+def diagnose(method, x, y, mask, views, tr_idx, te_idx) -> dict:
+    """Imputation error (cascade vs ridge vs no imputation), heads on imputed slices, DWFuse trust."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import roc_auc_score
+
+    d = method.hidden_dim
+    sl = lambda i: slice(i * d, (i + 1) * d)  # noqa: E731
+    sub = lambda idx: {v: x[v][idx] for v in views}  # noqa: E731
+    v_tr, _, ref_tr = slot_views(method, sub(tr_idx), mask[tr_idx])
+    out: dict[str, dict] = {}
+    for i, m in enumerate(views):
+        has = mask[te_idx, i] & (mask[te_idx].sum(1) >= 2)  # observed, and something else to impute from
+        if has.sum() < 10:
+            continue
+        idx = te_idx[has]
+        hidden = mask[idx].copy()
+        hidden[:, i] = False
+        v, v_imp, ref = slot_views(method, sub(idx), hidden)
+        _, _, ref_obs = slot_views(method, sub(idx), mask[idx])
+        target = ref[:, sl(i)]
+        train_rows = mask[tr_idx, i]
+        mu = ref_tr[train_rows][:, sl(i)].mean(0)
+        scale = float(((target - mu) ** 2).sum(1).mean()) or 1.0
+        nmse = lambda pred: float(((pred - target) ** 2).sum(1).mean() / scale)  # noqa: E731
+        # ridge from the other slots of v, fitted on training samples that have m (others as they are)
+        others = [j for j in range(len(views)) if j != i]
+        cols = np.concatenate([np.arange(j * d, (j + 1) * d) for j in others])
+        ridge = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(v_tr[train_rows][:, cols], ref_tr[train_rows][:, sl(i)])
+        rec = {"n": int(has.sum()), "nmse_cascade": nmse(v_imp[:, sl(i)]), "nmse_ridge": nmse(ridge.predict(v[:, cols])),
+               "nmse_fill": nmse(v[:, sl(i)]), "nmse_train_mean": nmse(np.broadcast_to(mu, target.shape))}
+        # heads: g_m on the imputed slice vs the observed slice; DWFuse trust
+        yt = y[idx]
+        head = method.unimodal_heads[m]
+        imp_slice = torch.as_tensor(v_imp[:, sl(i)])
+        _, v_imp_obs, _ = slot_views(method, sub(idx), mask[idx])
+        obs_slice = torch.as_tensor(v_imp_obs[:, sl(i)])
+        p_imp = head(imp_slice).softmax(-1)[:, 1].numpy()
+        p_obs = head(obs_slice).softmax(-1)[:, 1].numpy()
+        two = len(set(yt)) == 2
+        rec["head_auroc_imputed"] = float(roc_auc_score(yt, p_imp)) if two else float("nan")
+        rec["head_auroc_observed"] = float(roc_auc_score(yt, p_obs)) if two else float("nan")
+        rec["norm_ratio_imputed_vs_observed"] = float(np.linalg.norm(v_imp[:, sl(i)], axis=1).mean()
+                                                      / max(np.linalg.norm(ref_obs[:, sl(i)], axis=1).mean(), 1e-9))
+        t_hid = method.predict_with_trace({k: torch.as_tensor(a) for k, a in sub(idx).items()}, torch.as_tensor(hidden))
+        t_obs = method.predict_with_trace({k: torch.as_tensor(a) for k, a in sub(idx).items()},
+                                          torch.as_tensor(mask[idx]))
+        rec["weight_imputed"] = float(t_hid[f"weight_{m}"].mean())
+        rec["weight_observed"] = float(t_obs[f"weight_{m}"].mean())
+        oth_hid = [float(t_hid[f"weight_{views[j]}"][torch.as_tensor(hidden[:, j])].mean())
+                   for j in others if hidden[:, j].any()]
+        oth_obs = [float(t_obs[f"weight_{views[j]}"][torch.as_tensor(mask[idx][:, j])].mean())
+                   for j in others if mask[idx][:, j].any()]
+        rec["others_weight_when_imputed"] = float(np.mean(oth_hid)) if oth_hid else float("nan")
+        rec["others_weight_when_observed"] = float(np.mean(oth_obs)) if oth_obs else float("nan")
+        out[m] = rec
+    return out
+
+
+def loss_terms(method, history: list[dict], best_epoch: int) -> dict:
+    weights = {"imp_forward": 1.0, "imp_backward": method.lambda1, "dwfuse": method.lambda2, "tla": method.lambda3}
+    out = {}
+    for label, h in (("first", history[0]), ("best", history[max(best_epoch, 1) - 1])):
+        out[label] = {k: (float(h[f"train_loss_{k}"]), float(h[f"train_loss_{k}"]) * w)
+                      for k, w in weights.items() if f"train_loss_{k}" in h}
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="breast_cancer,synth", help="comma list: synth, breast_cancer")
+    p.add_argument("--rates", default="0,0.5,0.9", help="random view-dropout rates of the condition masks")
+    p.add_argument("--rows", default="concat,b,c,d,e", help="concat and OmniFuse ablation rows b,c,d,e")
+    p.add_argument("--n", type=int, default=600, help="synthetic cohort size")
+    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--patience", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--depth", type=int, default=5, help="R, residual autoencoders per cascade (paper: 5)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--p-drop", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an OmniFuseConfig override for every OmniFuse row (repeatable)")
+    p.add_argument("--no-diagnose", action="store_true", help="AUROC table and times only")
+    p.add_argument("--json", help="write everything measured here")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    args.omni = {}
+    for kv in args.set:
+        k, _, val = kv.partition("=")
+        try:
+            args.omni[k] = json.loads(val)  # numbers, true/false, lists
+        except json.JSONDecodeError:
+            args.omni[k] = val  # a plain string (e.g. loss_scale=mean)
+    rows = [r for r in args.rows.split(",") if r]
+    rates = [float(r) for r in args.rates.split(",")]
+    report: dict = {"args": {k: v for k, v in vars(args).items()}, "results": {}}
+    t_start = time.perf_counter()
+    print(f"# OmniFuse diagnosis: width {args.hidden}, R = {args.depth}, {args.folds} folds, <= {args.epochs} epochs "
+          f"(patience {args.patience}), p_drop {args.p_drop}, overrides {args.omni or 'none'}; "
+          f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)")
+    for ds in args.dataset.split(","):
+        x, natural, y, views = load_dataset(ds, args.n, args.seed)
+        folds = kfold_assignments(np.arange(len(y)).astype(str), y, k=args.folds, seed=args.seed)
+        for rate in rates:
+            mask = drop_at_random(natural, rate, args.seed + 99) if rate > 0 else natural
+            key = f"{ds}@{rate:.0%}"
+            res = report["results"][key] = {"auroc": {}, "sec_per_epoch": {}, "diag": {}, "loss_terms": {}}
+            for row in rows:
+                for f in range(args.folds):
+                    tr, te = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
+                    method, fitres, auroc, fit_idx = fit_one(row, x, y, mask, views, tr, te, args, args.seed + f)
+                    res["auroc"].setdefault(row, []).append(auroc)
+                    res["sec_per_epoch"].setdefault(row, []).append(
+                        float(np.mean([h["seconds"] for h in fitres["history"]])))
+                    if row in ("d", "e") and not args.no_diagnose:
+                        res["diag"].setdefault(row, []).append(diagnose(method, x, y, mask, views, fit_idx, te))
+                    if ROWS[row][0] == "omnifuse":
+                        res["loss_terms"].setdefault(row, []).append(
+                            loss_terms(method, fitres["history"], fitres["best_epoch"]))
+                a = res["auroc"][row]
+                print(f"[{time.perf_counter() - t_start:6.0f}s] {key:20s} row {row:6s} AUROC {np.mean(a):.3f} ± "
+                      f"{np.std(a, ddof=1) if len(a) > 1 else 0:.3f}  {np.mean(res['sec_per_epoch'][row]):.3f} s/epoch",
+                      file=sys.stderr, flush=True)
+            print_condition(key, res, rows)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1, default=float)
+
+
+def print_condition(key: str, res: dict, rows: list[str]) -> None:
+    from scipy.stats import ttest_rel
+
+    print(f"\n## {key}")
+    a = res["auroc"]
+    cells = []
+    for r in rows:
+        s = f"{r}: {np.mean(a[r]):.3f} ± {np.std(a[r], ddof=1) if len(a[r]) > 1 else 0:.3f}"
+        if r != "e" and "e" in a and len(a[r]) > 1 and len(a[r]) == len(a["e"]):
+            s += f" (p vs e {ttest_rel(a['e'], a[r]).pvalue:.2g})"
+        cells.append(s)
+    print("AUROC  " + " | ".join(cells))
+    t = {r: np.mean(v) for r, v in res["sec_per_epoch"].items()}
+    if "concat" in t:
+        print("s/epoch " + " | ".join(f"{r}: {t[r]:.3f} ({t[r] / t['concat']:.1f}x concat)" for r in t))
+    for row, diags in res["diag"].items():
+        views = sorted({m for dg in diags for m in dg}, key=lambda m: list(diags[0]).index(m) if m in diags[0] else 99)
+        for m in views:
+            recs = [dg[m] for dg in diags if m in dg]
+            mean = lambda k: np.nanmean([r[k] for r in recs])  # noqa: E731
+            print(f"row {row} {m:8s} NMSE cascade {mean('nmse_cascade'):.3f} ridge {mean('nmse_ridge'):.3f} "
+                  f"fill {mean('nmse_fill'):.3f} | head AUROC imputed {mean('head_auroc_imputed'):.3f} observed "
+                  f"{mean('head_auroc_observed'):.3f} norm x{mean('norm_ratio_imputed_vs_observed'):.2f} | "
+                  f"w imputed {mean('weight_imputed'):.3f} observed {mean('weight_observed'):.3f}; others' w when "
+                  f"imputed {mean('others_weight_when_imputed'):.3f} vs observed {mean('others_weight_when_observed'):.3f}")
+    for row, lts in res["loss_terms"].items():
+        for label in ("first", "best"):
+            terms = {k: np.mean([lt[label][k][0] for lt in lts]) for k in lts[0][label]}
+            weighted = {k: np.mean([lt[label][k][1] for lt in lts]) for k in lts[0][label]}
+            print(f"row {row} loss terms ({label} epoch) raw " + " ".join(f"{k} {v:.3g}" for k, v in terms.items())
+                  + " | weighted " + " ".join(f"{k} {v:.3g}" for k, v in weighted.items()))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
