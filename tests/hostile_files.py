@@ -6,7 +6,7 @@ small synthetic clinical cohort, mutated the ways the issue-15 audit found harmf
 - DICOM: truncations, random byte flips, zeroed headers, the value-representation code of
   SOPClassUID flipped (the element then swallows the rest of the header: names, ids, dates),
   declared Rows x Columns of 65535 x 65535 (RLE and native), NumberOfFrames 2^31 - 1, a
-  deflated dataset that inflates far beyond its size
+  deflated dataset that inflates far beyond its size, an RLE stream that makes the Rust decoder panic
 - NIfTI: truncations, header byte flips, a 348-byte header declaring 1024^3 voxels (.nii and
   .nii.gz), a gzip bomb, NaN and infinite voxels
 - reports: a DICOM file or a PNG listed as a ``.txt`` report, ``/dev/zero``, a FIFO, symlinks
@@ -183,6 +183,17 @@ def deflate_bomb(inflated_mb: int = 3072) -> bytes:
     return head.getvalue() + out + block * inflated_mb + comp.flush()
 
 
+def rle_decoder_panic() -> bytes:
+    """MR_small_RLE.dcm with one byte of its RLE stream changed (found by the seeded byte flips) so that
+    pylibjpeg-rle's Rust decoder panics: ``pyo3_runtime.PanicException`` (a ``BaseException``, not an
+    ``Exception``) "index out of bounds: the len is 8192 but the index is 8193"."""
+    data = bytearray(planted_dicom(os.path.join(PYDICOM_DATA, "MR_small_RLE.dcm")))
+    pixel_tag = data.rfind(b"\xe0\x7f\x10\x00")
+    assert data[pixel_tag + 1766] == 245, "MR_small_RLE.dcm changed: find the byte again"
+    data[pixel_tag + 1766] = 197
+    return bytes(data)
+
+
 # ----------------------------------------------------------------------------- NIfTI
 def nifti_header_declaring(shape: tuple[int, ...], datatype: int = 16, bitpix: int = 32) -> bytes:
     """A valid NIfTI-1 single-file header (348 bytes + 4 extension bytes) declaring ``shape``, no data."""
@@ -300,6 +311,7 @@ def build(root: str, seed: int = 0, synth_n: int = 6) -> Corpus:
         add("dicom_huge_frames", modality, "dicom",
             dicom_declaring(os.path.join(PYDICOM_DATA, src_name), NumberOfFrames=2**31 - 1), "frames.dcm")
     add("dicom_deflate_bomb", "ct", "dicom", deflate_bomb(256), "deflated.dcm")
+    add("dicom_rle_decoder_panic", "mr", "dicom", rle_decoder_panic(), "panic.dcm")
     # a hostile series: good and bad files of one patient's CT together (the group must not fail as a whole)
     group_pid = "FZGROUP01"
     ct = planted_dicom(os.path.join(PYDICOM_DATA, "CT_small.dcm"))

@@ -237,6 +237,17 @@ def test_manifest_run_one_clear_class_per_cause(corpus, manifest_run):
     assert wrong == {}
 
 
+@pytest.mark.xfail(strict=True, reason="needs issue-15 fix in raypipe/ingest/pipeline.py (H4a): the per-item "
+                   "try/except catches Exception only; pylibjpeg-rle raises pyo3_runtime.PanicException (a "
+                   "BaseException), so the task dies, is retried, and the file ends as ResourceLimit")
+def test_manifest_run_decoder_panic_is_corrupt_pixel_data(corpus, manifest_run):
+    """A native decoder that panics on a damaged RLE stream: the file's pixel data is corrupt, its worker was
+    neither out of memory nor to be retried (a task that dies costs Ray's retries, ~a minute here)."""
+    _, summary, _ = manifest_run
+    m = corpus.manifest.assign(state=_state_by_row(corpus, summary["records_dir"]))
+    assert list(m.loc[m["category"] == "dicom_rle_decoder_panic", "state"]) == ["CorruptPixelData"]
+
+
 def test_manifest_run_has_no_unexpected_error(manifest_run):
     _, summary, _ = manifest_run
     errors = pq.read_table(os.path.join(summary["records_dir"], "errors.parquet")).to_pandas()
