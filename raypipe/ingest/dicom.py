@@ -41,12 +41,6 @@ from raypipe.ingest.safety import DEFAULT_LIMITS, Limits, fail
 
 DICOM_EXTRA_HINT = "install the optional decoders: pip install 'raypipe[dicom]' (pylibjpeg plugins)"
 
-#: identifying attributes whose values are scrubbed from any message that leaves this module
-PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "OtherPatientIDs",
-                "OtherPatientNames", "PatientAddress", "PatientTelephoneNumbers", "AccessionNumber",
-                "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
-                "OperatorsName", "StudyID", "IssuerOfPatientID", "MedicalRecordLocator", "PatientMotherBirthName")
-
 #: DICOM Modality values accepted per configured modality name (others: WrongModality)
 EXPECTED_MODALITY = {"ct": {"CT"}, "pet": {"PT"}}
 
@@ -93,23 +87,6 @@ def quiet_pydicom():
     finally:
         logger.setLevel(level)
         config.settings.reading_validation_mode = mode
-
-
-def scrub(message: str, ds) -> str:
-    """``message`` with every identifying value of ``ds`` replaced by ``<PHI>``."""
-    if ds is None:
-        return message
-    for kw in PHI_KEYWORDS:
-        try:
-            value = ds.get(kw)
-        except Exception:  # noqa: BLE001 - a malformed PHI element: nothing to scrub with
-            continue
-        values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
-        for v in values:
-            s = str(v).strip() if v is not None else ""
-            if len(s) >= 2:
-                message = message.replace(s, "<PHI>")
-    return message
 
 
 def _dcmread(path: str, stop_before_pixels: bool, force: bool = False):
