@@ -255,3 +255,19 @@ def test_flipped_sop_class_vr_is_unreadable_and_quotes_nothing(tmp_path, vr, cap
     said = json.dumps(facts) + " ".join(str(w.message) for w in caught) + caplog.text
     for value in PHI[:4]:
         assert value not in said
+
+
+def test_ingest_scans_only_a_folder_without_manifest_or_patients(tmp_path):
+    from raypipe.ingest.scan_pipeline import wants_scan
+
+    cfg = load_config(None, [])
+    export = tmp_path / "export"
+    export.mkdir()
+    assert wants_scan(cfg, str(export))
+    (export / "patients").mkdir()  # the folder convention (docs/ingest.md) wins
+    assert not wants_scan(cfg, str(export))
+    (export / "patients").rmdir()
+    (export / "manifest.csv").write_text("patient_id,modality,format,path\n")
+    assert not wants_scan(cfg, str(export))
+    assert wants_scan(load_config(None, ["ingest.scan.use=always"]), str(export))
+    assert not wants_scan(load_config(None, ["ingest.scan.use=never"]), str(tmp_path / "empty"))

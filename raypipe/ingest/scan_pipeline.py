@@ -17,8 +17,6 @@ The pure part (what a header says, how files group, what is written) is
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import logging
 import math
@@ -169,36 +167,12 @@ def wants_scan(cfg: Config, root: str) -> bool:
     return not (os.path.isfile(os.path.join(root, "manifest.csv")) or os.path.isdir(os.path.join(root, "patients")))
 
 
-@contextlib.contextmanager
-def _manifest_for(root: str, manifest: pd.DataFrame):
-    """Make the ingest of ``root`` read ``manifest`` (held in memory: it carries the raw PatientIDs,
-    which are never written) instead of looking for a manifest.csv in the input folder."""
-    from raypipe.ingest import manifest as manifest_module
-
-    original = manifest_module.read_manifest
-    real_root = os.path.realpath(root)
-
-    def read(path, *args, **kwargs):
-        if os.path.realpath(path) == real_root:
-            return manifest.copy()
-        return original(path, *args, **kwargs)
-
-    manifest_module.read_manifest = read
-    try:
-        yield
-    finally:
-        manifest_module.read_manifest = original
-
-
 def ingest_manifest(cfg: Config, manifest: pd.DataFrame) -> dict:
     """The normal ingest (:func:`raypipe.ingest.pipeline.run_ingest`) of ``ingest.input`` with ``manifest``
     (patient_id, modality, format, path; raw ids, in memory) in place of a manifest.csv."""
     from raypipe.ingest.pipeline import run_ingest
 
-    if "manifest" in inspect.signature(run_ingest).parameters:
-        return run_ingest(cfg, manifest=manifest)
-    with _manifest_for(os.path.abspath(cfg.ingest_input), manifest):
-        return run_ingest(cfg)
+    return run_ingest(cfg, manifest=manifest)
 
 
 def run_ingest_auto(cfg: Config) -> dict:
