@@ -398,25 +398,22 @@ def run_pipeline(cfg: Config, steps: tuple[str, ...] = PIPELINE_STEPS, methods: 
 
 
 def _headline(cfg: Config, methods: tuple[str, ...]) -> list[str]:
-    """Test-split headline: each trained method, and the best single modality given alone."""
-    lines = []
-    best_single = None
-    for m in methods:
-        path = os.path.join(cfg.train_dir(m), "metrics.json")
-        if not os.path.isfile(path):
-            continue
-        with open(path) as fh:
-            metrics = json.load(fh)
-        main = metrics.get("main_metric", "auroc")
-        value = metrics["test"]["natural"].get(main)
-        lines.append(f"{m:>10s}: test {main} {value:.3f} (natural missingness, n={metrics['n']['test']})")
-        for p in metrics["test"].get("patterns", []):
-            if "+" not in p["pattern"] and (best_single is None or p.get(main, -1) > best_single[1]):
-                best_single = (f"{p['pattern']} alone ({m})", p.get(main, float("nan")), main)
-    if best_single:
-        lines.append(f"best single modality: {best_single[0]}: test {best_single[2]} {best_single[1]:.3f}")
-    if lines:
-        lines.append(f"report: {os.path.abspath(os.path.join(cfg.train_dir(methods[0]), 'report.html'))}")
+    """Test-split headline with 95 % intervals (DeLong), the paired comparison of the methods, and
+    the best single modality against the fused model on the same patients, a loss said plainly."""
+    from raypipe.report.html import headline_lines, headline_numbers
+
+    run_dirs = {m: cfg.train_dir(m) for m in methods if os.path.isfile(os.path.join(cfg.train_dir(m), "metrics.json"))}
+    if not run_dirs:
+        return []
+    try:
+        h = headline_numbers(run_dirs)
+    except Exception as err:  # noqa: BLE001 - the run's own files are intact; say why there is no headline
+        log.warning("could not compute the headline numbers: %s", err)
+        return [f"headline numbers unavailable ({type(err).__name__}); see the run directories"]
+    lines = headline_lines(h)
+    with open(os.path.join(cfg.run.out_dir, "headline.json"), "w") as fh:
+        json.dump(h, fh, indent=2, default=float)
+    lines.append(f"report: {os.path.abspath(os.path.join(run_dirs[next(iter(run_dirs))], 'report.html'))}")
     return lines
 
 

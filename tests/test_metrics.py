@@ -117,3 +117,45 @@ def test_delong_agrees_with_hanley_mcneil_and_covers():
             lo, hi = auroc_ci_hanley_mcneil(out["auroc"], 100, 150)
             assert (hi - lo) == pytest.approx(out["hi"] - out["lo"], rel=0.15)
     assert 0.90 <= covered / 200 <= 0.99
+
+
+def _fake_run(path, labels, p1, masks, patterns):
+    import json
+    import os
+
+    import pandas as pd
+
+    os.makedirs(path, exist_ok=True)
+    json.dump({"method": "m", "task": "binary", "main_metric": "auroc", "modalities": list(masks),
+               "n": {"test": len(labels)}, "test": {"natural": {"n": len(labels)}, "patterns": patterns}},
+              open(os.path.join(path, "metrics.json"), "w"))
+    pd.DataFrame({"sample_id": [f"s{i:03d}" for i in range(len(labels))], "label": labels,
+                  "probabilities": [np.array([1 - p, p], np.float32) for p in p1],
+                  **{f"mask_{m}": v for m, v in masks.items()}}).to_parquet(os.path.join(path, "predictions_test.parquet"))
+    return str(path)
+
+
+def test_headline_says_plainly_when_fusion_loses_to_a_single_modality(tmp_path):
+    from raypipe.report.html import headline_lines, headline_numbers
+
+    y = np.array([0, 0, 1, 1] * 10)
+    fused = np.array([0.1, 0.4, 0.35, 0.8] * 10)  # AUROC 0.75
+    other = np.array([0.1, 0.2, 0.35, 0.8] * 10)  # AUROC 1.0
+    masks = {"ct": np.ones(40, bool), "pet": np.r_[np.ones(20, bool), np.zeros(20, bool)]}
+    pats = [{"pattern": "ct", "n": 40, "auroc": 0.9}, {"pattern": "pet", "n": 20, "auroc": 0.6},
+            {"pattern": "ct+pet", "n": 20, "auroc": 0.7}]
+    h = headline_numbers({"omnifuse": _fake_run(tmp_path / "a", y, fused, masks, pats),
+                          "concat": _fake_run(tmp_path / "b", y, other, masks, pats)})
+    assert h["methods"]["omnifuse"]["auroc"] == pytest.approx(0.75)
+    assert h["comparisons"]["concat"]["diff"] == pytest.approx(-0.25)
+    s = h["single"]
+    assert s["modality"] == "ct" and s["n"] == 40 and s["fused"]["auroc"] == pytest.approx(0.75)
+    text = "\n".join(headline_lines(h))
+    assert "BELOW ct alone (0.750 vs 0.900" in text
+    assert "95% CI" in text and "DeLong" in text
+    assert "omnifuse is significantly WORSE" in text  # 40 samples, difference -0.25 with se 0.056
+    assert "interval is" in text  # 40 test samples: wider than 0.05, and said so
+    # a fused model at least as good as the modality alone: no NOTE
+    pats_low = [{"pattern": "ct", "n": 40, "auroc": 0.7}]
+    h2 = headline_numbers({"omnifuse": _fake_run(tmp_path / "c", y, fused, masks, pats_low)})
+    assert "NOTE" not in "\n".join(headline_lines(h2))

@@ -159,6 +159,27 @@ def _projection_figure(proj) -> str | None:
     return _png(fig)
 
 
+def _patterns_with_intervals(patterns: list[dict], pred, modalities: list[str]) -> list[dict]:
+    """Pattern rows with a Hanley-McNeil AUROC interval (class counts from the test predictions' masks)."""
+    from raypipe.train.metrics import auroc_ci_hanley_mcneil
+
+    if pred is None or not patterns or "auroc" not in patterns[0]:
+        return patterns
+    rows = []
+    y = np.asarray(pred["label"])
+    for p in patterns:
+        r = dict(p)
+        mods = p["pattern"].split("+")
+        cols = [f"mask_{m}" for m in mods]
+        if y.ndim == 1 and all(c in pred.columns for c in cols) and np.isfinite(p.get("auroc", np.nan)):
+            sel = np.all(np.stack([pred[c].to_numpy().astype(bool) for c in cols]), axis=0)
+            lo, hi = auroc_ci_hanley_mcneil(p["auroc"], int((y[sel] == 1).sum()), int((y[sel] == 0).sum()))
+            r = {"pattern": p["pattern"], "n": p.get("n"), "auroc": p["auroc"], "auroc 95% CI": f"{lo:.3f}-{hi:.3f}",
+                 **{k: v for k, v in p.items() if k not in ("pattern", "n", "auroc")}}
+        rows.append(r)
+    return rows
+
+
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}img{max-width:100%;margin:.5em 0}.flag{color:#b00;font-weight:bold}
@@ -193,13 +214,33 @@ def build_report_html(run_dir: str) -> str:
     parts = [f"<h1>raypipe run: {html.escape(metrics.get('method', '?'))}</h1>",
              f"<p>task <b>{html.escape(str(metrics.get('task')))}</b>; modalities "
              f"{html.escape(', '.join(modalities))}; test samples {test.get('natural', {}).get('n', '?')}.</p>"]
+    from raypipe.tune.auto import leaderboard_html  # train.method=auto: the candidates' leaderboard ("" otherwise)
+
+    parts.append(leaderboard_html(run_dir))
     parts.append("<h2>Test metrics (natural missingness)</h2>")
-    parts.append(_table([test.get("natural", {})]))
+    natural = dict(test.get("natural", {}))
+    ci_note = ""
+    if pred is not None and metrics.get("task") == "binary":
+        from raypipe.train.metrics import auroc_ci
+
+        y = np.asarray(pred["label"], dtype=int)
+        ci = auroc_ci(y, np.array([float(np.asarray(p)[-1]) for p in pred["probabilities"]]))
+        if np.isfinite(ci["se"]):
+            natural = {"n": natural.pop("n", ci["n"]), "auroc": natural.pop("auroc", ci["auroc"]),
+                       "auroc 95% CI": f"{ci['lo']:.3f}-{ci['hi']:.3f}", **natural}
+            ci_note = ("<p>AUROC interval: DeLong's variance, normal approximation, over the "
+                       f"{ci['n']} test samples ({ci['n_pos']} positive).</p>")
+    parts.append(_table([natural]))
+    parts.append(ci_note)
     if pred is not None:
         for title, img in _roc_pr_figures(pred):
             parts.append(f"<h3>{title}</h3><img alt='{title}' src='{img}'>")
     parts.append("<h2>Every modality pattern</h2>")
-    parts.append(_table(test.get("patterns", [])))
+    parts.append(_table(_patterns_with_intervals(test.get("patterns", []), pred, modalities)))
+    parts.append("<p>Each row: the test samples that have every modality of the pattern, given only those "
+                 "modalities; rows differ in their patients, so compare a row with the natural-missingness "
+                 "result on the same patients, not with another row. AUROC interval: Hanley-McNeil "
+                 "(from the AUROC and the class counts).</p>")
     img = _curve_figure(test.get("missing_rate_curve", []), main_metric)
     if img:
         parts.append(f"<h2>Missing-rate curve</h2><img alt='missing-rate curve' src='{img}'>")
@@ -253,3 +294,104 @@ def write_report(cfg_or_run_dir) -> dict:
     os.replace(tmp, out)
     log.info("wrote %s", out)
     return {"ok": True, "report": os.path.abspath(out)}
+
+
+# ----------------------------------------------------------------------------- headline numbers
+def _binary_test_predictions(run_dir: str):
+    """(metrics, predictions DataFrame with a ``p1`` column) of a binary run, else (metrics, None)."""
+    import pandas as pd
+
+    with open(os.path.join(run_dir, "metrics.json")) as fh:
+        metrics = json.load(fh)
+    path = os.path.join(run_dir, "predictions_test.parquet")
+    if metrics.get("task") != "binary" or not os.path.isfile(path):
+        return metrics, None
+    pred = pd.read_parquet(path)
+    pred["p1"] = [float(np.asarray(p)[-1]) for p in pred["probabilities"]]
+    pred["label"] = pred["label"].astype(int)
+    return metrics, pred
+
+
+def headline_numbers(run_dirs: dict[str, str], level: float = 0.95) -> dict:
+    """Test-split headline of one or more trained runs, with intervals (binary tasks).
+
+    ``run_dirs``: {method: run directory}, the first is the one the others are compared with.
+    Returns {"methods": {m: auroc_ci(...)}, "comparisons": {m: paired DeLong difference first - m},
+    "single": {...} | None} where "single" compares, on the *same* test patients (those who have the
+    modality), the first method given only its best single modality (the pattern row of
+    metrics.json, with a Hanley-McNeil interval: no per-sample scores are kept for patterns)
+    against the same method given every modality those patients have (DeLong interval).
+    Non-binary runs: {"methods": {m: {"metric", "value", "n"}}} without intervals.
+    """
+    from raypipe.train import metrics as M
+
+    out: dict = {"level": level, "methods": {}, "comparisons": {}, "single": None}
+    preds = {}
+    for m, run_dir in run_dirs.items():
+        if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+            continue
+        metrics, pred = _binary_test_predictions(run_dir)
+        if pred is None:
+            main = metrics.get("main_metric", "auroc")
+            out["methods"][m] = {"metric": main, "value": metrics["test"]["natural"].get(main),
+                                 "n": metrics["test"]["natural"].get("n")}
+            continue
+        preds[m] = (metrics, pred)
+        out["methods"][m] = {"metric": "auroc", **M.auroc_ci(pred["label"].to_numpy(), pred["p1"].to_numpy(), level)}
+    if not preds:
+        return out
+    first = next(iter(preds))
+    metrics0, pred0 = preds[first]
+    for m, (_, pred) in preds.items():
+        if m == first:
+            continue
+        both = pred0[["sample_id", "label", "p1"]].merge(pred[["sample_id", "p1"]], on="sample_id", suffixes=("", "_b"))
+        if len(both) == len(pred0):
+            out["comparisons"][m] = M.auroc_difference(both["label"].to_numpy(), both["p1"].to_numpy(),
+                                                       both["p1_b"].to_numpy(), level)
+    singles = [p for p in metrics0["test"].get("patterns", []) if "+" not in p["pattern"]
+               and np.isfinite(p.get("auroc", np.nan)) and f"mask_{p['pattern']}" in pred0.columns]
+    if singles:
+        best = max(singles, key=lambda p: p["auroc"])
+        rows = pred0[pred0[f"mask_{best['pattern']}"].astype(bool)]
+        y = rows["label"].to_numpy()
+        lo, hi = M.auroc_ci_hanley_mcneil(best["auroc"], int(y.sum()), int((1 - y).sum()), level)
+        out["single"] = {"method": first, "modality": best["pattern"], "n": int(len(rows)),
+                         "alone": {"auroc": float(best["auroc"]), "lo": lo, "hi": hi, "method": "hanley-mcneil"},
+                         "fused": M.auroc_ci(y, rows["p1"].to_numpy(), level)}
+    return out
+
+
+def headline_lines(h: dict) -> list[str]:
+    """Plain-language lines for the console: intervals, and a loss to a single modality said as such."""
+    pct = int(round(100 * h.get("level", 0.95)))
+    lines = []
+    for m, r in h["methods"].items():
+        if "lo" not in r:
+            lines.append(f"{m:>10s}: test {r['metric']} {r['value']:.3f} (n={r['n']}; no interval for this task)")
+            continue
+        lines.append(f"{m:>10s}: test AUROC {r['auroc']:.3f} ({pct}% CI {r['lo']:.3f}-{r['hi']:.3f}, DeLong; "
+                     f"n={r['n']} test patients, natural missingness)")
+        if r["hi"] - r["lo"] >= 0.05:
+            lines.append(f"{'':>12s}note: the interval is {r['hi'] - r['lo']:.3f} wide; more test patients "
+                         "(synth.n, ingest.test_fraction) narrow it")
+    names = list(h["methods"])
+    for m, c in h["comparisons"].items():
+        verdict = (f"{names[0]} is significantly {'better' if c['diff'] > 0 else 'WORSE'}" if c["p"] < 0.05
+                   else "no significant difference")
+        lines.append(f"{names[0]} - {m}: {c['diff']:+.3f} AUROC ({pct}% CI {c['lo']:+.3f} to {c['hi']:+.3f}, "
+                     f"paired DeLong, p={c['p']:.3f}): {verdict}")
+    s = h.get("single")
+    if s:
+        a, f = s["alone"], s["fused"]
+        lines.append(f"best single modality: {s['modality']} alone ({s['method']} given only {s['modality']}): "
+                     f"AUROC {a['auroc']:.3f} ({pct}% CI {a['lo']:.3f}-{a['hi']:.3f}, Hanley-McNeil) on the "
+                     f"{s['n']} test patients who have {s['modality']}")
+        lines.append(f"{'':>22s}the same patients, all their modalities: AUROC {f['auroc']:.3f} "
+                     f"({pct}% CI {f['lo']:.3f}-{f['hi']:.3f}, DeLong)")
+        if f["auroc"] < a["auroc"]:
+            overlap = "the intervals overlap" if f["hi"] >= a["lo"] and a["hi"] >= f["lo"] else \
+                "the intervals do not overlap"
+            lines.append(f"NOTE: on these patients the fused {s['method']} scores BELOW {s['modality']} alone "
+                         f"({f['auroc']:.3f} vs {a['auroc']:.3f}; {overlap}): fusion did not help them here")
+    return lines
