@@ -119,6 +119,8 @@ def _session_logs() -> dict[str, bytes]:
         if os.path.isfile(f):
             with open(f, "rb") as fh:
                 logs[f] = fh.read()
+    # the workers' own stdout/stderr files are there (a grep of nothing would prove nothing)
+    assert any(os.path.basename(f).startswith("worker-") for f in logs), sorted(logs)[:5]
     return logs
 
 
@@ -186,6 +188,13 @@ def test_manifest_run_reconciles_every_row(corpus, manifest_run):
     errors = pq.read_table(os.path.join(summary["records_dir"], "errors.parquet")).to_pandas()
     assert len(errors) >= summary["files_quarantined"] + summary["files_empty_as_missing"]
     assert summary["files_ingested"] > 0  # the intact files and the synthetic cohort still get through
+    # per row: a configured row without an error row is ingested (or a slice not selected), one with an
+    # error row is quarantined (or an empty report): the counts of both kinds of row match the summary
+    state = _state_by_row(corpus, summary["records_dir"])
+    configured = corpus.manifest["modality"] != "ultrasound"
+    clean = sum(s == "ok" for s, c in zip(state, configured) if c)
+    assert clean == summary["files_ingested"] + summary["files_not_selected"]
+    assert sum(configured) - clean == summary["files_quarantined"] + summary["files_empty_as_missing"]
 
 
 #: hostile class -> the one error class each of its files must end in (the issue's "one class per cause")
