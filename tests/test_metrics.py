@@ -148,10 +148,11 @@ def test_headline_says_plainly_when_fusion_loses_to_a_single_modality(tmp_path):
                           "concat": _fake_run(tmp_path / "b", y, other, masks, pats)})
     assert h["methods"]["omnifuse"]["auroc"] == pytest.approx(0.75)
     assert h["comparisons"]["concat"]["diff"] == pytest.approx(-0.25)
-    s = h["single"]
+    s = h["single"]["omnifuse"]
     assert s["modality"] == "ct" and s["n"] == 40 and s["fused"]["auroc"] == pytest.approx(0.75)
     text = "\n".join(headline_lines(h))
-    assert "BELOW ct alone (0.750 vs 0.900" in text
+    assert "fused omnifuse scores BELOW ct alone (0.750 vs 0.900" in text
+    assert "fused concat scores BELOW" not in text  # concat (AUROC 1.0) beats ct alone (0.9)
     assert "95% CI" in text and "DeLong" in text
     assert "omnifuse is significantly WORSE" in text  # 40 samples, difference -0.25 with se 0.056
     assert "interval is" in text  # 40 test samples: wider than 0.05, and said so

@@ -317,15 +317,15 @@ def headline_numbers(run_dirs: dict[str, str], level: float = 0.95) -> dict:
 
     ``run_dirs``: {method: run directory}, the first is the one the others are compared with.
     Returns {"methods": {m: auroc_ci(...)}, "comparisons": {m: paired DeLong difference first - m},
-    "single": {...} | None} where "single" compares, on the *same* test patients (those who have the
-    modality), the first method given only its best single modality (the pattern row of
+    "single": {m: {...}}} where "single" compares, on the *same* test patients (those who have the
+    modality), each method given only its best single modality (the pattern row of
     metrics.json, with a Hanley-McNeil interval: no per-sample scores are kept for patterns)
     against the same method given every modality those patients have (DeLong interval).
     Non-binary runs: {"methods": {m: {"metric", "value", "n"}}} without intervals.
     """
     from raypipe.train import metrics as M
 
-    out: dict = {"level": level, "methods": {}, "comparisons": {}, "single": None}
+    out: dict = {"level": level, "methods": {}, "comparisons": {}, "single": {}}
     preds = {}
     for m, run_dir in run_dirs.items():
         if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
@@ -341,7 +341,7 @@ def headline_numbers(run_dirs: dict[str, str], level: float = 0.95) -> dict:
     if not preds:
         return out
     first = next(iter(preds))
-    metrics0, pred0 = preds[first]
+    _, pred0 = preds[first]
     for m, (_, pred) in preds.items():
         if m == first:
             continue
@@ -349,16 +349,18 @@ def headline_numbers(run_dirs: dict[str, str], level: float = 0.95) -> dict:
         if len(both) == len(pred0):
             out["comparisons"][m] = M.auroc_difference(both["label"].to_numpy(), both["p1"].to_numpy(),
                                                        both["p1_b"].to_numpy(), level)
-    singles = [p for p in metrics0["test"].get("patterns", []) if "+" not in p["pattern"]
-               and np.isfinite(p.get("auroc", np.nan)) and f"mask_{p['pattern']}" in pred0.columns]
-    if singles:
+    for m, (metrics, pred) in preds.items():
+        singles = [p for p in metrics["test"].get("patterns", []) if "+" not in p["pattern"]
+                   and np.isfinite(p.get("auroc", np.nan)) and f"mask_{p['pattern']}" in pred.columns]
+        if not singles:
+            continue
         best = max(singles, key=lambda p: p["auroc"])
-        rows = pred0[pred0[f"mask_{best['pattern']}"].astype(bool)]
+        rows = pred[pred[f"mask_{best['pattern']}"].astype(bool)]
         y = rows["label"].to_numpy()
         lo, hi = M.auroc_ci_hanley_mcneil(best["auroc"], int(y.sum()), int((1 - y).sum()), level)
-        out["single"] = {"method": first, "modality": best["pattern"], "n": int(len(rows)),
-                         "alone": {"auroc": float(best["auroc"]), "lo": lo, "hi": hi, "method": "hanley-mcneil"},
-                         "fused": M.auroc_ci(y, rows["p1"].to_numpy(), level)}
+        out["single"][m] = {"modality": best["pattern"], "n": int(len(rows)),
+                            "alone": {"auroc": float(best["auroc"]), "lo": lo, "hi": hi, "method": "hanley-mcneil"},
+                            "fused": M.auroc_ci(y, rows["p1"].to_numpy(), level)}
     return out
 
 
@@ -377,21 +379,20 @@ def headline_lines(h: dict) -> list[str]:
                          "(synth.n, ingest.test_fraction) narrow it")
     names = list(h["methods"])
     for m, c in h["comparisons"].items():
+        pval = "<0.001" if c["p"] < 0.001 else f"={c['p']:.3f}"
         verdict = (f"{names[0]} is significantly {'better' if c['diff'] > 0 else 'WORSE'}" if c["p"] < 0.05
                    else "no significant difference")
         lines.append(f"{names[0]} - {m}: {c['diff']:+.3f} AUROC ({pct}% CI {c['lo']:+.3f} to {c['hi']:+.3f}, "
-                     f"paired DeLong, p={c['p']:.3f}): {verdict}")
-    s = h.get("single")
-    if s:
+                     f"paired DeLong, p{pval}): {verdict}")
+    for m, s in h.get("single", {}).items():
         a, f = s["alone"], s["fused"]
-        lines.append(f"best single modality: {s['modality']} alone ({s['method']} given only {s['modality']}): "
-                     f"AUROC {a['auroc']:.3f} ({pct}% CI {a['lo']:.3f}-{a['hi']:.3f}, Hanley-McNeil) on the "
-                     f"{s['n']} test patients who have {s['modality']}")
-        lines.append(f"{'':>22s}the same patients, all their modalities: AUROC {f['auroc']:.3f} "
+        lines.append(f"{m} on its best single modality: {s['modality']} alone AUROC {a['auroc']:.3f} "
+                     f"({pct}% CI {a['lo']:.3f}-{a['hi']:.3f}, Hanley-McNeil) on the {s['n']} test patients who "
+                     f"have {s['modality']}; the same patients with all their modalities: AUROC {f['auroc']:.3f} "
                      f"({pct}% CI {f['lo']:.3f}-{f['hi']:.3f}, DeLong)")
         if f["auroc"] < a["auroc"]:
             overlap = "the intervals overlap" if f["hi"] >= a["lo"] and a["hi"] >= f["lo"] else \
                 "the intervals do not overlap"
-            lines.append(f"NOTE: on these patients the fused {s['method']} scores BELOW {s['modality']} alone "
+            lines.append(f"NOTE: on these patients fused {m} scores BELOW {s['modality']} alone "
                          f"({f['auroc']:.3f} vs {a['auroc']:.3f}; {overlap}): fusion did not help them here")
     return lines
