@@ -435,8 +435,9 @@ def test_hostile_cohort_outputs_carry_no_phi_no_secret_no_nan(hostile_run):
 @pytest.mark.ray
 def test_a_task_killed_twice_becomes_resource_limit_and_the_run_goes_on(ray_session, tmp_path, monkeypatch):
     """Failure 3: a task killed by Ray's memory monitor was retried forever and the run never ended. Here
-    the decode task holding one report dies (the worker process exits) on every attempt: after one retry
-    its items are re-run one per task, the others are ingested and the culprit is one ResourceLimit row."""
+    the decode task holding one report dies (the worker process exits) on every attempt: Ray does not retry
+    it (a memory-monitor kill would be retried without limit otherwise), the driver re-runs its items one
+    per task, the others are ingested and the culprit, killed twice in all, is one ResourceLimit row."""
     from raypipe.config import load_config
     from raypipe.ingest import pipeline
 
@@ -450,9 +451,12 @@ def test_a_task_killed_twice_becomes_resource_limit_and_the_run_goes_on(ray_sess
     pd.DataFrame(rows, columns=["patient_id", "modality", "format", "path"]).to_csv(root / "manifest.csv", index=False)
     pd.DataFrame({"patient_id": pids, "label": [0, 1, 0, 1]}).to_csv(root / "labels.csv", index=False)
     real = pipeline._decode_batch
+    deaths = str(tmp_path / "deaths.log")
 
     def dies_on_killer(batch, **kwargs):
         if any(r.endswith("killer.txt") for r in batch.column("rel").to_pylist()):
+            with open(deaths, "a") as fh:
+                fh.write("x")
             os._exit(1)  # what a kill by the memory monitor looks like from Ray's side: the worker is gone
         return real(batch, **kwargs)
 
@@ -464,3 +468,4 @@ def test_a_task_killed_twice_becomes_resource_limit_and_the_run_goes_on(ray_sess
     assert summary["reconciled"] and summary["files_ingested"] == 4 and summary["files_quarantined"] == 1
     err = pd.read_parquet(os.path.join(cfg.records_dir, "errors.parquet"))
     assert list(err.error_class) == ["ResourceLimit"] and "died twice" in err.message.iloc[0]
+    assert open(deaths).read() == "xx"  # killed twice, never retried in a loop

@@ -25,8 +25,9 @@ Safety (docs/ingest.md, "Security and privacy"): each task confines its paths to
 input root and opens regular files only (:func:`raypipe.ingest.safety.confine`), the
 decoders check declared sizes against ``ingest.limits``, messages come from a fixed
 vocabulary, every float payload is checked finite, and a decode task that dies (e.g.
-killed by Ray's memory monitor) is retried once; its items are then decoded one per
-task, and an item whose task dies twice again becomes a ``ResourceLimit`` row.
+killed by Ray's memory monitor) is not retried by Ray: its items are decoded again one
+per task, and an item whose own task dies too (its second death) becomes a
+``ResourceLimit`` row.
 """
 
 from __future__ import annotations
@@ -80,9 +81,12 @@ STATES = ("ingested", "quarantined", "empty_as_missing", "not_selected")
 HEADER_READ_WEIGHT = 0.25
 #: the ``split`` of every sample of a cohort ingested without labels.csv (inference)
 UNLABELLED_SPLIT = "infer"
-#: Ray task retries of a decode task that dies (worker killed, e.g. by the memory monitor); Ray Data's
-#: default is unlimited, which loops forever on a file that always exhausts memory
-DECODE_TASK_RETRIES = 1
+#: Ray's own retries of a decode task whose worker dies. Ray Data's default is unlimited
+#: (max_retries=-1), and for a task killed by the memory monitor Ray keeps a separate budget,
+#: task_oom_retries, unlimited by default and used whenever max_retries != 0: any value but 0
+#: loops forever on a file that always exhausts memory. The driver does the one retry itself
+#: (the dead task's items again, one per task), so that a killed item becomes an error row.
+DECODE_TASK_RETRIES = 0
 
 
 # ----------------------------------------------------------------------------- UDFs (run in Ray tasks)
@@ -443,7 +447,7 @@ def _remote_args_accepted():
 
 @contextlib.contextmanager
 def _tolerate_dead_tasks():
-    """Let a pass finish when some of its tasks die twice (``max_errored_blocks`` unlimited for the pass).
+    """Let a pass finish when some of its tasks die (``max_errored_blocks`` unlimited for the pass).
 
     Every per-file failure is caught inside the UDFs, so the only blocks that can fail are tasks whose
     worker died (killed for memory, a crash in native code); the driver notices their missing results.
@@ -493,8 +497,8 @@ def _load_stats(path: str) -> dict:
 def _fit_stats(train_items: list[dict], cfg: Config, root: str) -> dict:
     """EHR statistics of the training split (a Ray Data pass that returns sums only).
 
-    A statistics task that dies twice (e.g. killed for memory) drops its files' sums with a warning;
-    the decode pass then quarantines those files itself.
+    A statistics task that dies (e.g. killed for memory) drops its files' sums with a warning; the
+    decode pass then quarantines those files itself.
     """
     import ray.data
 
@@ -510,6 +514,10 @@ def _fit_stats(train_items: list[dict], cfg: Config, root: str) -> dict:
                                                              "limits": cfg.ingest.limits.model_dump()},
                                   batch_format="pyarrow", batch_size=None, max_retries=DECODE_TASK_RETRIES)
         sums = sums.take_all()
+    expected = min(len(train_items), _num_blocks(len(train_items), cfg.ingest.items_per_task))
+    if len(sums) < expected:
+        log.warning("ingest: %d of %d EHR statistics tasks died (e.g. killed for memory): the statistics leave "
+                    "their files out; the decode pass reports those files", expected - len(sums), expected)
     sums.sort(key=lambda r: r["first"])  # a fixed summation order: the same statistics bytes every run
     n = float(sum(r["n"] for r in sums))
     if n == 0:
@@ -636,8 +644,8 @@ def run_ingest(cfg: Config, manifest: pd.DataFrame | None = None) -> dict:
                          "source_secret": source_secret, "root": root, "limits": limits}
             results = _decode_pass(_task_blocks(work, mods, cfg.ingest.items_per_task), rec_dir, "part", fn_kwargs)
             lost = _lost_items(work, results)
-            if lost:  # tasks that died twice: their items again, one per task, to find the culprit(s)
-                log.warning("ingest: %d decode task(s) died twice (e.g. killed for memory); decoding their %d "
+            if lost:  # tasks that died: their items again, one per task, to find the culprit(s)
+                log.warning("ingest: %d decode task(s) died (e.g. killed for memory); decoding their %d "
                             "work items one per task", len(lost), sum(len(b) for b in lost))
                 single = [pa.Table.from_pylist([it]) for b in lost for it in b]
                 results += _decode_pass(single, rec_dir, "part-retry", fn_kwargs)
@@ -698,7 +706,7 @@ def run_ingest(cfg: Config, manifest: pd.DataFrame | None = None) -> dict:
 
 def _decode_pass(blocks: list[pa.Table], rec_dir: str, prefix: str, fn_kwargs: dict) -> list[dict]:
     """One Ray Data decode pass over ``blocks`` (one task each) into ``rec_dir/<prefix>-NNNNN.parquet``;
-    returns the write results of the tasks that finished (a task that died twice has none)."""
+    returns the write results of the tasks that finished (a task that died has none)."""
     import ray.data
 
     sink = _records_sink(rec_dir, prefix)
