@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import sklearn.metrics  # noqa: F401  (imported by the metrics on first use: not inside the first fit's timing)
 import torch
 
 from raypipe.config import TrainConfig
@@ -238,8 +239,9 @@ def run_one(name: str, omni: dict, data: MultiViewData, mask: np.ndarray, train_
             test_idx: np.ndarray, args, seed: int) -> dict:
     """Train ``name`` on ``train_idx`` (20 % of it held out for early stopping), score ``test_idx``.
 
-    Returns the task's metrics plus ``seconds_per_epoch`` (training + validation pass, mean over the
-    epochs run) and ``epochs``.
+    Returns the task's metrics plus ``seconds_per_epoch`` (wall time of training + validation pass,
+    mean over the epochs run), ``cpu_seconds_per_epoch`` (this process's CPU time per epoch, fit
+    overheads included) and ``epochs``.
     """
     specs = [ModalitySpec(m, (data.views[m].shape[1],)) for m in data.modalities]
     omni_cfg = dict(omni)
@@ -252,12 +254,17 @@ def run_one(name: str, omni: dict, data: MultiViewData, mask: np.ndarray, train_
                        None if data.groups is None else data.groups[train_idx], fraction=0.2, seed=seed)
     tr, va = train_idx[~val], train_idx[val]
     part = lambda idx: ({m: data.views[m][idx] for m in data.modalities}, mask[idx], data.y[idx].astype(float))  # noqa: E731
+    cpu0 = time.thread_time()
     res = loop.fit(method, part(tr), part(va), data.task, epochs=args.epochs, batch_size=args.batch_size,
                    lr=args.lr, p_drop=args.p_drop, patience=args.patience, seed=seed)
+    cpu = time.thread_time() - cpu0
     predict = loop.make_predict_fn(method, data.task)
     xt, mt, yt = part(test_idx)
     out = compute_metrics(data.task, yt, predict(xt, mt)["probabilities"])
     out["seconds_per_epoch"] = float(np.mean([h["seconds"] for h in res["history"]]))
+    # CPU seconds of the thread that trains (torch runs its ops there with 1 intra-op thread): far less
+    # sensitive than wall time to other jobs' load on a shared machine
+    out["cpu_seconds_per_epoch"] = cpu / max(len(res["history"]), 1)
     out["epochs"] = len(res["history"])
     return out
 
@@ -344,6 +351,12 @@ def run_benchmark(data: MultiViewData, conditions: dict[str, np.ndarray], folds:
     """scores[condition][row] = list over folds of metric dicts (plus seconds_per_epoch for trained rows)."""
     k = int(folds.max()) + 1
     scores: dict[str, dict[str, list[dict]]] = {c: {} for c in conditions}
+    # one untimed fit of every method first: one-off costs (lazy imports, first-call initialisation)
+    # must not land in the first timed fit's per-epoch time
+    warm = argparse.Namespace(**{**vars(args), "epochs": 1})
+    idx = np.concatenate([np.flatnonzero(data.y == c)[:10] for c in range(data.n_classes)])
+    for _, name, omni in runs:
+        run_one(name, omni, data, data.natural, idx, idx, warm, args.seed)
     t0 = time.perf_counter()
     for cond, mask in conditions.items():
         for label, fn in data.references.items():
@@ -417,19 +430,24 @@ def metric_table(scores: dict, metric: str) -> list[str]:
 
 
 def timing_table(scores: dict) -> list[str]:
-    """Fit seconds per epoch (mean over folds) per trained row and condition, and the ratio to concat."""
+    """Fit time per epoch (mean over folds) per trained row and condition, in CPU seconds of the process
+    and in wall seconds, and the CPU-time ratio to concat."""
     conds = list(scores)
     trained = [k for k in scores[conds[0]] if "seconds_per_epoch" in scores[conds[0]][k][0]]
-    lines = ["| method | " + " | ".join(f"s/epoch ({c})" for c in conds) + " | x concat (mean) | epochs run (mean) |",
-             "|---|" + "---|" * (len(conds) + 2)]
-    base = None
-    if "concat" in trained:
-        base = np.mean([r["seconds_per_epoch"] for c in conds for r in scores[c]["concat"]])
+    lines = ["| method | " + " | ".join(f"CPU s/epoch ({c})" for c in conds) + " | x concat (CPU, mean) | "
+             "wall s/epoch (mean) | epochs run (mean) |",
+             "|---|" + "---|" * (len(conds) + 3)]
+
+    def cpu(label, c):
+        return np.mean([r.get("cpu_seconds_per_epoch", r["seconds_per_epoch"]) for r in scores[c][label]])
+
+    base = np.mean([cpu("concat", c) for c in conds]) if "concat" in trained else None
     for label in trained:
-        per = [np.mean([r["seconds_per_epoch"] for r in scores[c][label]]) for c in conds]
+        per = [cpu(label, c) for c in conds]
         ratio = f"{np.mean(per) / base:.1f}" if base else "-"
+        wall = np.mean([r["seconds_per_epoch"] for c in conds for r in scores[c][label]])
         epochs = np.mean([r["epochs"] for c in conds for r in scores[c][label]])
-        lines.append(f"| {label} | " + " | ".join(f"{s:.3f}" for s in per) + f" | {ratio} | {epochs:.1f} |")
+        lines.append(f"| {label} | " + " | ".join(f"{s:.3f}" for s in per) + f" | {ratio} | {wall:.3f} | {epochs:.1f} |")
     return lines
 
 
@@ -468,7 +486,8 @@ def markdown_report(data: MultiViewData, scores: dict, conditions: dict, args, e
     out = head + [""]
     for metric in table_metrics(data.task):
         out += [f"**{metric}**", ""] + metric_table(scores, metric) + [""]
-    out += ["**fit time per epoch** (seconds; training pass + validation pass; noisy on a shared machine)", ""]
+    out += ["**fit time per epoch** (training pass + validation pass + the method's epoch hooks; CPU seconds of "
+            "the training thread (1 torch thread), and wall seconds, which other jobs on a shared machine inflate)", ""]
     out += timing_table(scores)
     return "\n".join(out)
 
@@ -526,23 +545,39 @@ def main(argv=None) -> dict:
     return scores
 
 
+#: settings that may differ between the --json files merged by --from-json (they select rows or conditions)
+_MERGEABLE = ("dropout", "json", "methods", "ablation", "no_ablation", "no_single", "from_json")
+
+
 def report_from_json(paths) -> dict:
-    """Merge the conditions of several ``--json`` files (same data set and settings) and print the report."""
+    """Merge several ``--json`` files (same data set and training settings; each may hold other conditions
+    or other rows, e.g. one process per dropout rate and method group) and print the report."""
     runs = []
     for path in paths:
         with open(path) as fh:
             runs.append(json.load(fh))
+    same = lambda r: {k: v for k, v in r["args"].items() if k not in _MERGEABLE}  # noqa: E731
+    if any(same(r) != same(runs[0]) for r in runs[1:]):
+        raise SystemExit(f"--from-json: the files were run with different settings: {paths}")
     first = argparse.Namespace(**runs[0]["args"])
-    for r in runs[1:]:
-        other = {k: v for k, v in r["args"].items() if k not in ("dropout", "json")}
-        if other != {k: v for k, v in runs[0]["args"].items() if k not in ("dropout", "json")}:
-            raise SystemExit(f"--from-json: the files were run with different settings: {paths}")
-    scores = {c: rows for r in runs for c, rows in r["scores"].items()}
+    scores: dict[str, dict[str, list]] = {}
+    for r in runs:
+        for c, rows in r["scores"].items():
+            scores.setdefault(c, {}).update(rows)
     data = load_dataset(first.dataset, first.n, first.seed)
     rates = [float(c.split()[1].rstrip("%")) / 100 for c in scores]
-    conditions = make_conditions(data, rates, first.seed)
+    order = sorted(range(len(rates)), key=lambda i: rates[i])
+    scores = {list(scores)[i]: scores[list(scores)[i]] for i in order}
+    conditions = make_conditions(data, sorted(rates), first.seed)
     if list(conditions) != list(scores):
         raise SystemExit(f"--from-json: unexpected condition names {list(scores)}")
+    labels = list(dict.fromkeys(k for c in scores for k in scores[c]))
+    missing = [(c, k) for c in scores for k in labels if k not in scores[c]]
+    if missing:
+        raise SystemExit(f"--from-json: rows missing for some conditions: {missing[:5]}")
+    refs = [k for k in labels if k.startswith(("ref:", "only:"))]
+    labels = refs + [k for k in labels if k not in refs]
+    scores = {c: {k: scores[c][k] for k in labels} for c in scores}
     elapsed = sum(r["seconds"] for r in runs)
     commands = "; ".join(r.get("command", "?") for r in runs)
     print(markdown_report(data, scores, conditions, first, elapsed, commands))
