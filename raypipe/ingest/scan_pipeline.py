@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 
 import pandas as pd
 import pyarrow as pa
@@ -44,7 +45,9 @@ def _facts_batch(batch: pa.Table) -> pa.Table:
                                 batch.column("probe").to_pylist()):
         try:
             f = scan.dicom_facts(path, probe=probe)
-        except Exception:  # noqa: BLE001 - dicom_facts catches everything; belt and braces, no message leaks
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # noqa: BLE001 - incl. native panics (BaseException); no message leaks
             f = {"ok": False, "outcome": "unreadable", "error_class": "UnexpectedError",
                  "message": "the header scan failed unexpectedly (a bug: please report)"}
         out["rel"].append(rel)
@@ -61,9 +64,26 @@ def read_facts(root: str, candidates: list[dict], files_per_task: int) -> dict[s
     if not todo:
         return {}
     items = [{"rel": c["rel"], "path": os.path.join(root, c["rel"]), "probe": c["format"] is None} for c in todo]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / files_per_task)))
-    rows = ds.map_batches(_facts_batch, batch_format="pyarrow", batch_size=None).take_all()
-    return {r["rel"]: r for r in rows}
+    ctx = ray.data.DataContext.get_current()
+    old = ctx.max_errored_blocks
+    ctx.max_errored_blocks = -1  # a task whose worker died twice loses its facts, not the scan
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / files_per_task)))
+        with warnings.catch_warnings():  # Ray 2.60 has no named max_retries (ray_remote_args "deprecated")
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated.*")
+            ds = ds.map_batches(_facts_batch, batch_format="pyarrow", batch_size=None, max_retries=1)
+        rows = ds.take_all()
+    finally:
+        ctx.max_errored_blocks = old
+    facts = {r["rel"]: r for r in rows}
+    lost = len(todo) - len(facts)
+    if lost:
+        log.warning("scan: %d header reads lost with tasks that died twice (killed for memory or crashed)", lost)
+        for c in todo:
+            facts.setdefault(c["rel"], {"ok": False, "outcome": "unreadable", "error_class": "ResourceLimit",
+                                        "message": "the header scan task of this file died twice (killed for "
+                                        "memory or crashed); scan again with fewer ingest.scan.files_per_task"})
+    return facts
 
 
 def scan_folder(cfg: Config, root: str) -> tuple[int, pd.DataFrame, list[dict]]:
