@@ -84,6 +84,19 @@ def test_source_path_pseudonymises_every_component():
     assert pseudonymous_path(rel, key, plain=True) == rel  # privacy.plain_paths: the user's opt-in
 
 
+def test_header_text_never_reaches_meta(tmp_path):
+    """Failure 1: header values that are not defined terms (a hostile Modality or PET Units) stay out of meta."""
+    from test_ingest_decoders import write_slice
+
+    p = write_slice(str(tmp_path / "x.dcm"), np.zeros((8, 8)), modality="Plantedname",
+                    extra={"Units": "PID-PLANTED-77"})
+    _, meta = dicom.decode_slice(p, 8, None)
+    assert not any(v in json.dumps(meta) for v in PHI_STRINGS)
+    p = write_slice(str(tmp_path / "pt.dcm"), np.zeros((8, 8)), modality="PT", extra={"Units": "ACC9988776"})
+    _, meta = dicom.decode_slice(p, 8, None)
+    assert meta["units"] == "other" and "ACC9988776" not in json.dumps(meta)
+
+
 # ----------------------------------------------------------------------------- 2. paths escape the input root
 def test_confine_refuses_paths_out_of_the_input(tmp_path):
     """Failure 2: ../../x, absolute paths, /proc/self/environ and symlinks out of the root were read."""

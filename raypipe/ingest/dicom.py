@@ -356,7 +356,7 @@ def suv_factor(ds) -> tuple[float | None, str]:
     if units == "GML":
         return 1.0, "SUVbw"
     if units not in ("BQML", ""):
-        return None, f"units {units} are not Bq/ml"
+        return None, f"units {_pet_units(units)} are not Bq/ml"
     weight = ds.get("PatientWeight")
     seq = ds.get("RadiopharmaceuticalInformationSequence")
     if not weight or not seq:
@@ -383,6 +383,18 @@ def suv_factor(ds) -> tuple[float | None, str]:
     if delay < 0:
         delay += 24 * 3600  # acquisition after midnight
     return weight_g / (dose * 2.0 ** (-delay / half)), "SUVbw"
+
+
+#: PET Units defined terms (PS3.3 C.8.9.1.1.3): the only Units values that reach meta
+PET_UNITS = frozenset("CNTS NONE CM2 CM2ML PCNT CPS BQML MGMINML UMOLMINML MLMING MLG 1CM UMOLML PROPCNT PROPCPS "
+                      "MLMINML MLML GML STDDEV".split())
+
+
+def _pet_units(value) -> str:
+    """The Units value when it is a defined term, else ``other`` (``unknown`` when empty): header text that
+    is not a defined term never reaches meta."""
+    u = str(value or "").strip().upper()
+    return (u if u in PET_UNITS else "other") if u else "unknown"
 
 
 _NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit / explicit VR little endian
@@ -497,7 +509,7 @@ def physical_values(ds, arr: np.ndarray, frame: int | None = None,
     slopes, and what the window produces anyway); :func:`hounsfield` keeps float64.
     """
     modality = str(ds.get("Modality", "") or "")
-    meta: dict[str, Any] = {"dicom_modality": modality}
+    meta: dict[str, Any] = {"dicom_modality": safety.dicom_modality(modality)}
     if ds.get("ModalityLUTSequence"):
         from pydicom.pixels import apply_modality_lut
 
@@ -520,7 +532,7 @@ def physical_values(ds, arr: np.ndarray, frame: int | None = None,
             values = values * values.dtype.type(factor)
             meta.update(units="SUVbw", suv=True)
         else:
-            meta.update(units=str(ds.get("Units", "") or "unknown"), suv=False, suv_missing=why)
+            meta.update(units=_pet_units(ds.get("Units", "")), suv=False, suv_missing=why)
     return values, meta
 
 

@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 from collections import Counter, defaultdict
@@ -382,13 +381,6 @@ def source_key_secret(secret: bytes) -> bytes:
     them this derived key instead of the secret keeps the sample ids out of their reach.
     """
     return hmac.new(secret, b"raypipe/source_key/v1", hashlib.sha256).hexdigest().encode()
-
-
-def public_path(rel_path: str, patient_id: str, sample_id: str) -> str:
-    """``rel_path`` with the raw patient id replaced by the sample id (folder layouts often name it)."""
-    if not patient_id:
-        return rel_path
-    return re.sub(rf"(?<![A-Za-z0-9]){re.escape(patient_id)}(?![A-Za-z0-9])", sample_id, rel_path)
 
 
 def _num_blocks(n_items: int, per_task: int) -> int:
