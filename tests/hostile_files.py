@@ -22,7 +22,8 @@ Identity is planted everywhere a file can carry it: DICOM headers (PatientName, 
 birth date, accession number, institution, physician), folder names and file names. The
 tests grep every output, log line and Ray session log for :data:`Corpus.phi`.
 
-Same seed, same bytes. Nothing here imports raypipe's ingest code (the cohort writer only).
+Same seed, same bytes (every file; the manifest's one absolute path into the build folder aside:
+checked by building twice). Nothing here imports raypipe's ingest code (the cohort writer only).
 """
 
 from __future__ import annotations
@@ -157,8 +158,8 @@ def dicom_declaring(src: str, **elements) -> bytes:
 
 
 def deflate_bomb(inflated_mb: int = 3072) -> bytes:
-    """A Deflated Explicit VR Little Endian file (about 1 KB per inflated MB) whose dataset inflates to ``inflated_mb`` MB: CT_small's
-    elements followed by one private OB element of zeros."""
+    """A Deflated Explicit VR Little Endian file (about 1 KB per inflated MB) whose dataset inflates to
+    ``inflated_mb`` MB: CT_small's elements followed by one private OB element of zeros."""
     import pydicom
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset, write_file_meta_info
@@ -327,15 +328,16 @@ def build(root: str, seed: int = 0, synth_n: int = 6) -> Corpus:
         raw = gzip.decompress(data) if ext == ".nii.gz" else data
         for frac in (0.1, 0.5, 0.9):
             cut = truncate(raw, frac)
-            add("nifti_truncated", "pet", "nifti", gzip.compress(cut, 1) if ext == ".nii.gz" else cut, f"trunc{ext}")
-        add("nifti_truncated_gzip", "pet", "nifti", truncate(gzip.compress(raw, 1), 0.6), "cutgz.nii.gz")
+            add("nifti_truncated", "pet", "nifti", gzip.compress(cut, 1, mtime=0) if ext == ".nii.gz" else cut,
+                f"trunc{ext}")
+        add("nifti_truncated_gzip", "pet", "nifti", truncate(gzip.compress(raw, 1, mtime=0), 0.6), "cutgz.nii.gz")
         for k in range(4):
             bad = flip_bytes(raw, rng, 3, 0, 348)
-            add("nifti_header_flip", "pet", "nifti", gzip.compress(bad, 1) if ext == ".nii.gz" else bad,
+            add("nifti_header_flip", "pet", "nifti", gzip.compress(bad, 1, mtime=0) if ext == ".nii.gz" else bad,
                 f"hflip{k}{ext}")
     huge = nifti_header_declaring((1024, 1024, 1024))
     add("nifti_huge_header", "pet", "nifti", huge, "huge.nii")
-    add("nifti_huge_header", "pet", "nifti", gzip.compress(huge), "huge.nii.gz")
+    add("nifti_huge_header", "pet", "nifti", gzip.compress(huge, mtime=0), "huge.nii.gz")
     add("nifti_huge_header", "pet", "nifti", nifti_header_declaring((32767, 32767, 32767, 32767)), "huge4d.nii")
     add("nifti_gzip_bomb", "pet", "nifti", gzip_bomb(nifti_header_declaring((2048, 2048, 2048)), 64), "bomb.nii.gz")
     # a small declared volume followed by 64 MB of zeros the header does not declare: read only what is declared

@@ -56,10 +56,6 @@ COHORT_FILES = {"labels.csv", "manifest.csv"}
 DEFAULT_MODALITY_MAP = {"CT": "ct", "PT": "pet", "MR": "mr", "CR": "xray", "DX": "xray", "DR": "xray"}
 
 
-class _Fact(dict):
-    """One file: ``rel`` (input-relative path), ``format`` and, once read, its DICOM facts or its error."""
-
-
 def _error(rel: str, fmt: str | None, outcome: str, error_class: str, message: str, **extra) -> dict:
     return {"rel": rel, "format": fmt, "outcome": outcome, "error_class": error_class, "message": message, **extra}
 
@@ -119,7 +115,7 @@ def list_files(root: str) -> tuple[list[dict], list[dict]]:
                 errors.append(_error(rel, "csv", "skipped", "CohortFile",
                                      "a cohort description file (labels.csv is read by ingest as the labels)"))
                 continue
-            candidates.append(_Fact(rel=rel, format=guess_format(e.name), size=st.st_size))
+            candidates.append({"rel": rel, "format": guess_format(e.name), "size": st.st_size})
 
     walk(root)
     return candidates, errors
@@ -430,7 +426,8 @@ def summarise(n_found: int, manifest: pd.DataFrame, errors: list[dict]) -> dict:
         [{**e, "state": e["outcome"]} for e in errors if e.get("dicom_modality")]
     for dm in sorted({r["dicom_modality"] for r in dicom_like}):
         rows = [r for r in dicom_like if r["dicom_modality"] == dm]
-        per_dicom[dm] = {**counts(rows), "ingested_as": sorted({r["modality"] for r in rows if r["state"] == "manifest"}),
+        into = sorted({r["modality"] for r in rows if r["state"] == "manifest"})
+        per_dicom[dm] = {**counts(rows), "ingested_as": into,
                          "unmapped": sum(r["state"] == "unmapped" for r in rows),
                          "unassigned": sum(r["state"] == "unassigned" for r in rows)}
     by_outcome = {o: dict(sorted(Counter(e["error_class"] for e in errors if e["outcome"] == o).items()))
