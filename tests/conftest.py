@@ -28,11 +28,15 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray (2 CPUs) shared by every test that needs it; shut down at the end."""
+    """One local Ray (2 CPUs) shared by every test that needs it; shut down at the end.
+
+    ``address="local"``: always a new cluster, never one that a `ray start` (job-submit or
+    cluster tests, another process on this machine) left in /tmp/ray/ray_current_cluster.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
