@@ -257,6 +257,19 @@ def test_manifest_run_decoder_panic_is_corrupt_pixel_data(corpus, manifest_run):
     assert list(m.loc[m["category"] == "dicom_rle_decoder_panic", "state"]) == ["CorruptPixelData"]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason="needs issue-15 fix in raypipe/ingest/dicom.py (H4a): decode_pixels catches "
+                   "Exception only, and pyo3_runtime.PanicException from pylibjpeg-rle is a BaseException")
+def test_decoder_panic_is_a_quarantine_reason(tmp_path):
+    """The same damaged RLE stream without Ray: the DICOM decoder reports it, it does not raise."""
+    from raypipe.ingest import dicom
+
+    path = tmp_path / "panic.dcm"
+    path.write_bytes(hostile_files.rle_decoder_panic())
+    _, errors, _ = dicom.decode_series([str(path)], 32, None, "all", 16, 2)
+    assert [e.error_class for _, e in errors] == ["CorruptPixelData"]
+
+
 def test_manifest_run_has_no_unexpected_error(manifest_run):
     _, summary, _ = manifest_run
     errors = pq.read_table(os.path.join(summary["records_dir"], "errors.parquet")).to_pandas()
