@@ -182,6 +182,30 @@ def test_declared_sizes_are_refused_before_decoding(tmp_path):
             assert [e.error_class for _, e in errors] == ["ResourceLimit"]
 
 
+def test_deflated_dicom_bomb_is_measured_before_pydicom_inflates_it(tmp_path):
+    """Failure 3, every transfer syntax: Deflated Explicit VR Little Endian is inflated whole by pydicom;
+    pydicom's own image_dfl.dcm file meta in front of a deflate stream of 64 MB of zeros (~64 KB)."""
+    import zlib
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    src = os.path.join(PYDICOM_FILES, "image_dfl.dcm")
+    with open(src, "rb") as fh:
+        read_preamble(fh, False)
+        _read_file_meta_info(fh)
+        head = open(src, "rb").read()[:fh.tell()]
+    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = comp.compress(b"\0" * (64 << 20)) + comp.flush()
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(head + body)
+    assert os.path.getsize(bomb) < 200_000
+    with pytest.raises(DecodeError) as e:
+        dicom.read_header(str(bomb), limits=Limits(max_file_bytes=8 << 20))
+    assert e.value.error_class == "ResourceLimit" and "inflated" in str(e.value)
+    h = dicom.read_header(src)  # the genuine deflated file still reads
+    assert h.transfer_syntax == "1.2.840.10008.1.2.1.99"
+
+
 def test_nifti_declared_voxels_and_gzip_bomb(tmp_path):
     """Failure 3: a 171-byte NIfTI header declaring 1024**3 voxels and a .nii.gz bomb were loaded whole;
     4-D NIfTI loaded every frame to use one."""
