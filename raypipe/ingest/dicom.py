@@ -479,7 +479,9 @@ def decode_pixels(ds, frame: int | None = None) -> np.ndarray:
             return ds.pixel_array
     except MemoryError:
         raise fail("ResourceLimit", "decoding the pixel data ran out of memory") from None
-    except Exception as err:  # noqa: BLE001 - every decoder failure becomes a quarantine reason
+    except BaseException as err:  # noqa: BLE001 - every decoder failure becomes a quarantine reason
+        if isinstance(err, safety.FATAL):  # a Rust panic is a BaseException: caught too
+            raise
         if ts is not None and getattr(ts, "is_compressed", False):
             raise _compressed_error(ts, err) from None
         raise fail("CorruptPixelData", f"pixel data decode failed ({type(err).__name__})") from None
@@ -631,14 +633,18 @@ def decode_series(paths: list[str], size: int, window: tuple[float, float] | Non
                             decoded[(path, f)] = _decode_dataset(ds, size, window, f, expected, checked=True)
                         except DecodeError as err:
                             decoded[(path, f)] = err
-                        except Exception as err:  # noqa: BLE001 - one bad slice never takes the series down
+                        except BaseException as err:  # noqa: BLE001 - one bad slice never takes the series down
+                            if isinstance(err, safety.FATAL):  # a Rust panic is a BaseException: caught too
+                                raise
                             decoded[(path, f)] = _unexpected(err, ds)
                 else:
                     h = _read_header(path, expected, limits)
             except DecodeError as err:
                 errors.append((path, err))
                 continue
-            except Exception as err:  # noqa: BLE001 - quarantine this file, go on with the others
+            except BaseException as err:  # noqa: BLE001 - quarantine this file, go on with the others
+                if isinstance(err, safety.FATAL):  # a Rust panic is a BaseException: caught too
+                    raise
                 errors.append((path, _unexpected(err, ds)))
                 continue
             finally:
@@ -671,7 +677,9 @@ def decode_series(paths: list[str], size: int, window: tuple[float, float] | Non
                 except DecodeError as err:
                     errors.append((ref.path, err))
                     continue
-                except Exception as err:  # noqa: BLE001 - quarantine this slice, go on with the others
+                except BaseException as err:  # noqa: BLE001 - quarantine this slice, go on with the others
+                    if isinstance(err, safety.FATAL):  # a Rust panic is a BaseException: caught too
+                        raise
                     errors.append((ref.path, _unexpected(err, cache[1] if cache and cache[0] == ref.path else None)))
                     continue
                 img, meta = res

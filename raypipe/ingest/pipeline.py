@@ -210,7 +210,9 @@ def _decode_batch(batch: pa.Table, modalities: dict, ehr_cfg: dict, stats: dict 
                 rec["meta"] = json.dumps(rec.get("meta") or {}, sort_keys=True)
                 rows.append({**head, **rec, "kind": "record"})
             rows.append({**head, "kind": "done"})
-        except Exception as e:  # noqa: BLE001 - quarantine, never crash the run
+        except BaseException as e:  # noqa: BLE001 - quarantine, never crash the run
+            if isinstance(e, safety.FATAL):  # a Rust panic is a BaseException: caught too
+                raise
             err = e if isinstance(e, DecodeError) else safety.unexpected(e)
             cls, msg = err.error_class, str(err)
             # a failed group: every file of it gets the error row, so that each still ends in a state
@@ -271,7 +273,9 @@ def _ehr_sums_batch(batch: pa.Table, ehr_cfg: dict, root: str = "/", limits: dic
             path = safety.confine(root, rel)
             stays = ehr.discretise_stays(path, ehr_cfg["step_hours"], ehr_cfg["window_hours"], ranges,
                                          lim.max_table_bytes)
-        except Exception:  # noqa: BLE001 - reported by the decode pass
+        except BaseException as err:  # noqa: BLE001 - reported by the decode pass
+            if isinstance(err, safety.FATAL):  # a Rust panic is a BaseException: caught too
+                raise
             continue
         for _, x, _ in stays:
             v = x[:, cols].astype(np.float64)

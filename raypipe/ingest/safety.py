@@ -410,3 +410,8 @@ def write_marker(folder: str, stage: str) -> None:
     entries = sorted(e for e in os.listdir(folder) if e != MARKER)
     with open(os.path.join(folder, MARKER), "w") as fh:
         json.dump({"stage": stage, "entries": entries}, fh, indent=1, sort_keys=True)
+
+
+#: exceptions that must stop a task (interrupts, exits); every other BaseException a decoder raises -- e.g.
+#: pyo3's PanicException from a Rust decoder such as pylibjpeg-rle -- is a reason to quarantine the file
+FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
