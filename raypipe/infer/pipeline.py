@@ -63,13 +63,13 @@ class Predictor:
 
         from raypipe import console
         from raypipe.train import loop
-        from raypipe.train.trainer import load_trained
+        from raypipe.fusion.ensemble import load_model
 
         console.worker_setup()  # raypipe's warnings from this actor reach the driver's console
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("infer.num_gpus_per_actor > 0 but this actor sees no CUDA device")
-        self.method, self.meta = load_trained(run_dir)
+        self.method, self.meta = load_model(run_dir)  # one fusion method or an ensemble (train.method=auto)
         self.method.to(device)
         self.modalities = self.meta["modalities"]
         self.shapes = {m: tuple(s) for m, s in self.meta["shapes"].items()}
