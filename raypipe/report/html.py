@@ -217,9 +217,6 @@ def build_report_html(run_dir: str) -> str:
     from raypipe.tune.auto import leaderboard_html  # train.method=auto: the candidates' leaderboard ("" otherwise)
 
     parts.append(leaderboard_html(run_dir))
-    from raypipe.tune.auto import leaderboard_html  # train.method=auto: the candidates' leaderboard ("" otherwise)
-
-    parts.append(leaderboard_html(run_dir))
     parts.append("<h2>Test metrics (natural missingness)</h2>")
     natural = dict(test.get("natural", {}))
     ci_note = ""
