@@ -357,3 +357,148 @@ def test_simulation_drops_uniform_proper_subsets():
     # 6 non-empty proper subsets can be dropped -> 6 resulting patterns, equally likely
     assert len(patterns) == 6
     assert counts.min() / counts.max() > 0.9
+
+
+# ------------------------------------------------------------------ objective composition and loss scaling
+def _full_out(model, lambdas=None):
+    """A deterministic training step (eval mode: no dropout) with every term present."""
+    if lambdas is not None:
+        model.lambda1, model.lambda2, model.lambda3 = lambdas
+    model.eval()
+    model.lazy_subset = (0, 2)
+    x, y = _batch(10, seed=3)
+    full = torch.ones(10, 3, dtype=torch.bool)
+    seen = full.clone()
+    seen[:4, 1] = False
+    return model({"x": x, "mask": seen, "y": y}, full_mask=full)
+
+
+def test_total_loss_is_the_paper_objective_term_by_term():
+    """L = L_fwd + lambda1 L_bwd + lambda2 L_DWFuse + lambda3 L_TLA (Eq. 18): each lambda_k scales
+    exactly its own term; the terms themselves do not depend on the lambdas."""
+    model = _model()
+    base = _full_out(model, (1.0, 10.0, 0.5))
+    terms = {k: base[f"loss_{k}"].item() for k in ("imp_forward", "imp_backward", "dwfuse", "tla")}
+    assert all(v > 0 for v in terms.values())
+    # the paper's defaults, written out by hand
+    assert base["loss"].item() == pytest.approx(terms["imp_forward"] + 1.0 * terms["imp_backward"]
+                                                + 10.0 * terms["dwfuse"] + 0.5 * terms["tla"], rel=1e-5)
+    for k, (lam, term) in enumerate([(2.0, "imp_backward"), (3.0, "dwfuse"), (4.0, "tla")]):
+        lambdas = [1.0, 10.0, 0.5]
+        old = lambdas[k]
+        lambdas[k] = lam
+        out = _full_out(model, tuple(lambdas))
+        for t in terms:  # no term changes with a weight
+            assert out[f"loss_{t}"].item() == pytest.approx(terms[t], rel=1e-5)
+        # the total moves by (new - old) times this term, nothing else
+        assert out["loss"].item() - base["loss"].item() == pytest.approx((lam - old) * terms[term], rel=1e-4)
+
+
+def test_summed_and_normalised_squared_error_hand_worked():
+    """diff rows (1, 2) and (3, 4), counted positions {(0,0), (1,0), (1,1)}, batch of 2:
+    sum: (1 + 9 + 16) / 2 = 13 (per-sample squared norm, batch mean); mean: 26 / 3 positions."""
+    diff = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    pm = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert _model(loss_scale="sum")._squared_error(diff, pm, 2).item() == pytest.approx(13.0)
+    assert _model(loss_scale="mean")._squared_error(diff, pm, 2).item() == pytest.approx(26.0 / 3.0)
+
+
+@pytest.mark.parametrize("imp_forward_on", ["known", "dropped"])
+def test_forward_loss_sum_vs_mean_counts(imp_forward_on):
+    """With the cascade's output zeroed (v' = v) the forward loss is the squared distance between the
+    fill and the truth on the dropped slots (observed slots match exactly in eval mode). Summed: divided
+    by the batch (4 samples); mean: by the counted positions: all 4 x 3 slots x 8 ('known') or the
+    2 dropped slots x 8 ('dropped')."""
+    x, y = _batch(4, seed=5)
+    full = torch.ones(4, 3, dtype=torch.bool)
+    seen = full.clone()
+    seen[:2, 0] = False
+    values = {}
+    for scale in ("sum", "mean"):
+        model = _model(loss_scale=scale, imp_forward_on=imp_forward_on, use_imp_backward=False, use_tla=False)
+        for block in model.cra_forward.blocks:  # every delta_k = 0
+            nn_last = block.decoder[-1]
+            torch.nn.init.zeros_(nn_last.weight)
+            torch.nn.init.zeros_(nn_last.bias)
+        model.eval()
+        values[scale] = model({"x": x, "mask": seen, "y": y}, full_mask=full)["loss_imp_forward"].item()
+        with torch.no_grad():
+            fill = model.encode(x, seen)[0][:2]
+            truth = model.encode(x, full)[0][:2]
+            sq = ((fill - truth) ** 2).sum().item()
+    counted = 4 * 3 * 8 if imp_forward_on == "known" else 2 * 8
+    assert values["sum"] == pytest.approx(sq / 4, rel=1e-5)
+    assert values["mean"] == pytest.approx(sq / counted, rel=1e-5)
+
+
+def _identity_vector_model(absent_fill):
+    """Modality a: 2 features, D = 2, encoder net = ReLU(identity) so h_a = ReLU(standardised x)."""
+    specs = [ModalitySpec("a", (2,)), ModalitySpec("b", (2,))]
+    torch.manual_seed(0)
+    model = OmniFuse(specs, "binary", 2, hidden_dim=2, depth=1, absent_fill=absent_fill)
+    enc = model.encoders["a"]
+    with torch.no_grad():
+        for lin in (enc.net[0], enc.net[3]):
+            lin.weight.copy_(torch.eye(2))
+            lin.bias.zero_()
+        enc.norm.mean.copy_(torch.tensor([-2.0, 50.0]))
+        enc.norm.var.copy_(torch.tensor([4.0, 1.0]))
+        enc.norm.seen.fill_(True)
+    model.eval()
+    return model
+
+
+def test_absent_fill_zero_input_is_the_encoder_of_raw_zeros():
+    """Running mean (-2, 50), variance (4, 1): raw zeros standardise to (2 / 2, -50 clipped to -10) =
+    (1, -10); ReLU(identity) gives h = (1, 0). The standardised-mean fill gives ReLU(0) = (0, 0).
+    A present row is unaffected by the option: x = (0, 51) -> (1, 1)."""
+    x = {"a": torch.tensor([[0.0, 51.0], [0.0, 51.0]]), "b": torch.zeros(2, 2)}
+    mask = torch.tensor([[True, True], [False, True]])
+    h_zero = _identity_vector_model("zero_input").encode(x, mask)[0]
+    h_mean = _identity_vector_model("mean").encode(x, mask)[0]
+    torch.testing.assert_close(h_zero[1], torch.tensor([1.0, 0.0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(h_mean[1], torch.tensor([0.0, 0.0]))
+    torch.testing.assert_close(h_zero[0], torch.tensor([1.0, 1.0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(h_mean[0], h_zero[0])
+
+
+def test_absent_fill_zero_input_keeps_running_statistics_from_present_rows():
+    model = OmniFuse([ModalitySpec("a", (2,)), ModalitySpec("b", (2,))], "binary", 2, hidden_dim=2, depth=1,
+                     absent_fill="zero_input")
+    model.train()
+    x = {"a": torch.tensor([[1.0, 3.0], [3.0, 5.0], [100.0, 100.0]]), "b": torch.zeros(3, 2)}
+    mask = torch.tensor([[True, True], [True, True], [False, True]])
+    model.encode(x, mask)
+    torch.testing.assert_close(model.encoders["a"].norm.mean, torch.tensor([2.0, 4.0]))  # the absent row ignored
+
+
+def test_options_are_validated_and_reach_the_model_from_the_config():
+    cfg = TrainConfig(hidden_dim=4, omnifuse={"depth": 1, "loss_scale": "mean", "absent_fill": "zero_input",
+                                              "imp_forward_on": "dropped", "mine_every": 3})
+    model = build_method("omnifuse", SPECS, "binary", 2, cfg)
+    assert (model.loss_scale, model.absent_fill, model.imp_forward_on, model.mine_every) == \
+        ("mean", "zero_input", "dropped", 3)
+    defaults = build_method("omnifuse", SPECS, "binary", 2, TrainConfig(hidden_dim=4))
+    assert (defaults.loss_scale, defaults.imp_forward_on, defaults.mine_every) == ("sum", "known", 1)
+    assert (defaults.lambda1, defaults.lambda2, defaults.lambda3, defaults.alpha, defaults.beta) == (1, 10, 0.5, 0.1, 0.5)
+    assert len(defaults.cra_forward.blocks) == 5 == TrainConfig().omnifuse.depth
+    for bad in ({"loss_scale": "max"}, {"absent_fill": "nan"}, {"mine_every": 0}):
+        with pytest.raises(Exception):
+            TrainConfig(omnifuse=bad)
+    with pytest.raises(ValueError):
+        OmniFuse(SPECS, "binary", 2, hidden_dim=4, depth=1, loss_scale="max")
+
+
+def test_mine_every_k_epochs(monkeypatch):
+    model = _model(mine_every=3)
+    calls = []
+    fake = {s: float(len(s)) for s in nonempty_subsets(3)}
+    monkeypatch.setattr(model, "subset_losses", lambda b, all_reduce=None: (calls.append(1), fake)[1])
+    epochs_mined = []
+    for epoch in range(7):
+        n = len(calls)
+        out = model.on_epoch_end(HookContext(train_batches=lambda: [], epoch=epoch))
+        if len(calls) > n:
+            epochs_mined.append(epoch)
+        assert out["tla"]["lazy"] == "a+b+c"  # the trace of the last mining is carried
+    assert epochs_mined == [0, 3, 6]

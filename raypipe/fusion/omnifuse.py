@@ -249,7 +249,7 @@ class OmniFuse(FusionMethod):
     def on_epoch_end(self, ctx) -> dict[str, Any] | None:
         if not self.use_tla:
             return None
-        if self.lazy_subset is not None and (ctx.epoch + 1) % self.mine_every != 0:
+        if self.lazy_subset is not None and ctx.epoch % self.mine_every != 0:
             return {"tla": self.last_trace}  # option: mine every k epochs (the paper mines every epoch)
         d = self.subset_losses(ctx.train_batches(), ctx.all_reduce)
         self.lazy_subset = max(d, key=lambda s: (d[s], -len(s)))  # argmax (ties: the smaller subset)
