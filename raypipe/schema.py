@@ -61,11 +61,12 @@ RECORDS_SCHEMA = pa.schema(
 # ---------------------------------------------------------------- errors
 ERRORS_SCHEMA = pa.schema(
     [
-        pa.field("source_path", pa.string(), nullable=False),  # relative to the input root
+        # relative to the input root, every component a keyed hash (privacy.plain_paths: as written)
+        pa.field("source_path", pa.string(), nullable=False),
         pa.field("stage", pa.string(), nullable=False),  # ingest | embed | infer ...
         pa.field("modality", pa.string()),
         pa.field("error_class", pa.string(), nullable=False),  # e.g. UnsupportedTransferSyntax
-        pa.field("message", pa.string(), nullable=False),  # what went wrong and what to do
+        pa.field("message", pa.string(), nullable=False),  # fixed sentence per class + non-identifying facts
     ],
     metadata={SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode()},
 )
