@@ -346,6 +346,36 @@ class ReportConfig(_Section):
     subgroup_gap_threshold: float = Field(0.05, ge=0)
 
 
+class RetrieveConfig(_Section):
+    """Cross-modal retrieval (`raypipe retrieve fit|query`, docs/retrieve.md)."""
+
+    input: str | None = None  # embeddings dir; default: train.input
+    out: str | None = None  # default: <run.out_dir>/retrieve (fit: model/, query: query_<from>_<to>/)
+    #: modality pairs aligned in one shared space, "A:B" (symmetric)
+    pairs: list[str] = Field(default_factory=lambda: ["report:ct"])
+    dim: int = Field(64, ge=2)  # shared-space dimension
+    hidden: int = Field(256, ge=2)  # projection head hidden width
+    temperature: float = Field(0.07, gt=0, le=1)  # initial temperature (learned)
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(256, ge=4)  # InfoNCE negatives come from the batch: larger is harder
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(8, ge=1)  # early stopping on the validation loss
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    num_workers: int = Field(1, ge=1)
+    #: query: the query modality, the modality searched, hits per query, which rows query
+    query_modality: str = "report"
+    target_modality: str = "ct"
+    k: int = Field(10, ge=1)
+    queries: Literal["test", "all"] = "test"
+    index: Literal["hnsw", "exact"] = "hnsw"
+    hnsw_m: int = Field(32, ge=2)
+    hnsw_ef_construction: int = Field(200, ge=8)
+    hnsw_ef_search: int = Field(200, ge=1)
+    batch_rows: int = Field(4096, ge=1)  # rows per projection batch (Ray Data map_batches)
+    pool_size: int | None = None  # projection actors; default: CPUs - 1
+
+
 # ---------------------------------------------------------------------------- root
 class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
@@ -358,6 +388,7 @@ class Config(_Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
 
     # Resolved paths: each stage's input defaults to the previous stage's output.
     def path(self, *parts: str) -> str:
