@@ -246,9 +246,6 @@ def test_manifest_run_one_clear_class_per_cause(corpus, manifest_run):
     assert wrong == {}
 
 
-@pytest.mark.xfail(strict=True, reason="needs issue-15 fix in raypipe/ingest/pipeline.py (H4a): the per-item "
-                   "try/except catches Exception only; pylibjpeg-rle raises pyo3_runtime.PanicException (a "
-                   "BaseException), so the task dies, is retried, and the file ends as ResourceLimit")
 def test_manifest_run_decoder_panic_is_corrupt_pixel_data(corpus, manifest_run):
     """A native decoder that panics on a damaged RLE stream: the file's pixel data is corrupt, its worker was
     neither out of memory nor to be retried (a task that dies costs Ray's retries, ~a minute here)."""
@@ -258,8 +255,6 @@ def test_manifest_run_decoder_panic_is_corrupt_pixel_data(corpus, manifest_run):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="needs issue-15 fix in raypipe/ingest/dicom.py (H4a): decode_pixels catches "
-                   "Exception only, and pyo3_runtime.PanicException from pylibjpeg-rle is a BaseException")
 def test_decoder_panic_is_a_quarantine_reason(tmp_path):
     """The same damaged RLE stream without Ray: the DICOM decoder reports it, it does not raise."""
     from raypipe.ingest import dicom
