@@ -66,7 +66,7 @@ def ingested(ray_session, dirty_cohort, tmp_path_factory):
     from raypipe.ingest.pipeline import run_ingest
 
     out = str(tmp_path_factory.mktemp("run"))
-    cfg = _cfg(out, dirty_cohort, "ingest.error_budget=0.5")
+    cfg = _cfg(out, dirty_cohort, "ingest.error_budget=0.5", "privacy.plain_paths=true")
     return cfg, run_ingest(cfg)
 
 
@@ -77,9 +77,9 @@ def test_ingest_reconciles_and_quarantines(ingested):
                                      + summary["files_empty_as_missing"] + summary["files_not_selected"])
     errors = pd.read_parquet(os.path.join(cfg.records_dir, "errors.parquet"))
     by_path = dict(zip(errors.source_path, errors.error_class))
-    assert by_path["bad/notdicom.dcm"] == "NotDicom"
+    assert by_path["bad/notdicom.dcm"] == "CorruptHeader"
     assert by_path["bad/empty_report.txt"] == "EmptyReport"
-    assert by_path["bad/nan.nii.gz"] == "NonFiniteValues"
+    assert by_path["bad/nan.nii.gz"] == "NonFinite"
     assert "bad/truncated.dcm" in by_path
     assert summary["files_quarantined"] == 3 and summary["files_empty_as_missing"] == 1
 
