@@ -200,3 +200,24 @@ def test_infer_and_report_with_an_ensemble_model(ray_session, user_table, tmp_pa
     np.testing.assert_allclose(np.stack(pred.probabilities.to_numpy()), 0.25 * probs[0] + 0.75 * probs[1],
                                atol=1e-5)
     assert write_report(run_dir)["ok"]
+
+
+@pytest.mark.parametrize("task, metric", [("binary", "auroc"), ("binary", "brier"), ("multiclass", "accuracy"),
+                                          ("regression", "r2"), ("regression", "mae")])
+def test_fast_selection_scores_equal_the_reported_metrics(task, metric):
+    from raypipe.train.metrics import compute_metrics
+    from raypipe.tune.auto import _metric_fn
+
+    rng = np.random.default_rng(0)
+    n = 57
+    if task == "binary":
+        y = rng.integers(0, 2, n).astype(float)
+        p1 = np.round(rng.random(n), 1)  # ties in the scores
+        p = np.c_[1 - p1, p1]
+    elif task == "multiclass":
+        y = rng.integers(0, 3, n).astype(float)
+        p = rng.dirichlet(np.ones(3), n)
+    else:
+        y = rng.standard_normal(n)
+        p = (y + rng.standard_normal(n))[:, None]
+    assert _metric_fn(task, metric)(y, p) == pytest.approx(compute_metrics(task, y, p)[metric], abs=1e-12)

@@ -92,10 +92,41 @@ def candidates(cfg: Config, task: str) -> list[Candidate]:
     return out
 
 
+def _binary_auroc(y: np.ndarray, score: np.ndarray) -> float:
+    """AUROC as the Mann-Whitney U statistic (average ranks for ties): equal to sklearn's, ~20x cheaper."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y) > 0.5
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def _metric_fn(task: str, metric: str):
+    """``score(y, probabilities)`` of one metric: what ensemble selection calls hundreds of times.
+
+    The common metrics are computed directly (same values as ``compute_metrics``); the rest
+    through ``compute_metrics``.
+    """
     from raypipe.train.metrics import compute_metrics
 
     def score(y: np.ndarray, p: np.ndarray) -> float:
+        p = np.asarray(p, np.float64)
+        if task == "binary" and metric == "auroc":
+            return _binary_auroc(y, p[:, -1])
+        if task == "binary" and metric == "brier":
+            return float(np.mean((p[:, -1] - np.asarray(y)) ** 2))
+        if task == "multiclass" and metric == "accuracy":
+            return float(np.mean(p.argmax(axis=1) == np.asarray(y).astype(int)))
+        if task == "regression" and metric in ("r2", "mae"):
+            yy, pred = np.asarray(y, np.float64), p.reshape(-1)
+            if metric == "mae":
+                return float(np.mean(np.abs(yy - pred)))
+            ss_tot = float(np.sum((yy - yy.mean()) ** 2))
+            return 1 - float(np.sum((yy - pred) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
         return float(compute_metrics(task, y, p).get(metric, np.nan))
 
     return score
