@@ -86,7 +86,8 @@ def main(argv=None):
     fits = len(cands) * args.folds
     out = {"candidates": cands, "folds": args.folds, "fits": fits, "samples_cv": int(len(sub)),
            "epochs": args.epochs, "slots": slots, "ray_seconds": round(t_ray, 2), "sequential_seconds": round(t_seq, 2),
-           "speedup": round(t_seq / t_ray, 3), "ray_fits_seconds": summary["cv_seconds"], "goal": round(0.8 * min(slots, fits), 2),
+           "speedup": round(t_seq / t_ray, 3), "ray_fits_seconds": summary["cv_seconds"],
+           "goal": round(0.8 * min(slots, fits), 2),
            "chosen": summary["chosen"], "cv_mean_ray": {k: round(v, 4) for k, v in summary["mean"].items()},
            "cv_mean_sequential": {k: round(v, 4) for k, v in seq_means.items()}}
     print(f"auto CV, {len(cands)} candidates x {args.folds} folds = {fits} fits, {len(sub)} rows, "
@@ -95,7 +96,7 @@ def main(argv=None):
           f"{summary['cv_seconds']:.1f} s (speed-up {t_seq / summary['cv_seconds']:.2f})")
     print(f"  sequential, 1 proc:   {t_seq:7.1f} s")
     print(f"  speed-up {t_seq / t_ray:.2f} (goal >= 0.8 x min(slots, N x k) = {0.8 * min(slots, fits):.2f})")
-    print(f"  CV means, Ray vs sequential: " + ", ".join(
+    print("  CV means, Ray vs sequential: " + ", ".join(
         f"{k} {summary['mean'][k]:.4f}/{seq_means[k]:.4f}" for k in seq_means))
     if args.json:
         with open(args.json, "w") as fh:
