@@ -35,6 +35,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "import": ("raypipe.tables", "run_import"),
     "infer": ("raypipe.infer.pipeline", "run_infer"),
     "report": ("raypipe.report.html", "write_report"),
+    "retrieve": ("raypipe.retrieve.pipeline", "run_retrieve"),  # fit | query
 }
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "resources", "demo.yaml")
@@ -219,6 +220,33 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("run_dir", nargs="?", help="training run directory (report.run_dir)")
 
+    p = sub.add_parser("retrieve", help="cross-modal retrieval: fit a shared space, query one modality for another",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Cross-modal retrieval over an embeddings table (docs/retrieve.md).\n"
+                       "  fit:   projection heads for modality pairs (retrieve.pairs, e.g. report:ct) trained with a "
+                       "symmetric\n         InfoNCE loss and a learned temperature on the samples that have both "
+                       "modalities (Ray Train V2)\n"
+                       "  query: project every row (Ray Data actor pool), index the target modality of the whole "
+                       "table\n         (HNSW, hnswlib; exact numpy search beside it) and return the k nearest for "
+                       "each held-out query",
+                       epilog="fit writes <out>/model (default <out_dir>/retrieve/model): aligner.pt, aligner_meta.json,"
+                       " split.parquet\n(train/val/test: the table's split column, else ingest.test_fraction), "
+                       "history.json.\nquery writes <out>/query_<from>_to_<to>/: hits.parquet (query_id, rank, "
+                       "hit_id, score), metrics.json\n(Recall@1/5/10, median rank, MRR of exact search and of the "
+                       "index, the chance level) and report.html.\nExample:\n  raypipe retrieve fit --input "
+                       "runs/demo/embeddings --pairs report:ct\n  raypipe retrieve query --input runs/demo/embeddings "
+                       "--from report --to ct --k 10")
+    p.add_argument("action", choices=["fit", "query"], help="fit the shared space, or query it")
+    _common(p)
+    p.add_argument("--input", help="embeddings directory (retrieve.input; default train.input)")
+    p.add_argument("--out", help="retrieval directory (retrieve.out; default <out_dir>/retrieve)")
+    p.add_argument("--pairs", help="fit: comma-separated modality pairs A:B to align (retrieve.pairs; default report:ct)")
+    p.add_argument("--from", dest="query_modality", help="query: the query modality (retrieve.query_modality)")
+    p.add_argument("--to", dest="target_modality", help="query: the modality searched (retrieve.target_modality)")
+    p.add_argument("--k", type=int, help="query: hits per query (retrieve.k, default 10)")
+    p.add_argument("--index", choices=["hnsw", "exact"], help="query: HNSW index (default) or exact search only "
+                                                             "(retrieve.index)")
+
     p = sub.add_parser("demo", help="run every stage on a small synthetic cohort, offline, on a local Ray",
                        description="Synthesise a small clinical cohort and run ingest, embed, train (omnifuse and "
                        "concat), infer and report on it with offline models; prints where everything is and the "
@@ -243,11 +271,15 @@ def _cli_overrides(args: argparse.Namespace) -> list[str]:
         "infer": {"checkpoint": "infer.checkpoint", "input": "infer.input", "out": "infer.out"},
         "report": {"run_dir": "report.run_dir"},
         "demo": {"n": "synth.n"},
+        "retrieve": {"input": "retrieve.input", "out": "retrieve.out", "query_modality": "retrieve.query_modality",
+                     "target_modality": "retrieve.target_modality", "k": "retrieve.k", "index": "retrieve.index"},
     }.get(args.command, {})
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)
         if value is not None:
             o.append(f"{key}={value}")
+    if args.command == "retrieve" and getattr(args, "pairs", None):  # a YAML list: retrieve.pairs=[a:b, c:d]
+        o.append("retrieve.pairs=[" + ", ".join(x.strip() for x in args.pairs.split(",") if x.strip()) + "]")
     if args.out_dir:
         o.append(f"run.out_dir={args.out_dir}")
     if args.address:
@@ -331,6 +363,8 @@ def _run_stage(name: str, cfg: Config, args: argparse.Namespace) -> int:
     elif name == "import":
         result = func(cfg, args.input, args.out, args.label_columns.split(",") if args.label_columns else None,
                       args.id_column, args.task, args.overwrite)
+    elif name == "retrieve":
+        result = func(cfg, args.action)
     elif name == "train" and cfg.train.method == "auto":
         from raypipe.tune.auto import run_auto
 

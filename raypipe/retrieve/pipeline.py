@@ -180,9 +180,11 @@ def align_loop_per_worker(config: dict) -> None:
             log.info("retrieve fit epoch %d/%d, train loss %.4f, val loss %.4f (best %.4f), temperature %.4f, %.1fs",
                      epoch + 1, meta["epochs"], record["train_loss"], val, best, record["temperature"],
                      record["seconds"])
+        last = epoch + 1 == meta["epochs"] or since_best >= meta["patience"]
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if rank == 0:
+            # a checkpoint when the validation loss improved (the best model) and at the end (the history)
+            if rank == 0 and (improved or last):
                 torch.save(unwrapped.state_dict(), os.path.join(tmp, MODEL_FILE))
                 with open(os.path.join(tmp, META_FILE), "w") as fh:
                     json.dump({**meta, "epoch": epoch + 1, "val_loss": val}, fh, indent=2)
@@ -191,7 +193,7 @@ def align_loop_per_worker(config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**record, "best_val_loss": best}, checkpoint=checkpoint,
                              checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
-        if since_best >= meta["patience"]:
+        if last:
             break
 
 
@@ -285,7 +287,7 @@ def run_retrieve_fit(cfg: Config) -> dict:
     with best.as_directory() as d:
         for f in (MODEL_FILE, META_FILE):
             shutil.copy(os.path.join(d, f), os.path.join(tmp, f))
-    with result.checkpoint.as_directory() as d:
+    with (result.checkpoint or best).as_directory() as d:  # the last checkpoint holds the whole history
         shutil.copy(os.path.join(d, "history.json"), os.path.join(tmp, "history.json"))
     _atomic_write_parquet(os.path.join(tmp, SPLIT_FILE), pa.table({"sample_id": table.sample_id, "split": split}))
     with open(os.path.join(tmp, META_FILE)) as fh:
