@@ -111,7 +111,7 @@ def test_retrieve_fit_and_query_report_to_ct(ray_session, latent2_embeddings, tm
     from raypipe.retrieve.pipeline import run_retrieve
 
     cfg = load_config(None, [f"run.out_dir={tmp_path}", f"retrieve.input={latent2_embeddings}",
-                             "retrieve.epochs=25", "retrieve.batch_size=128", "retrieve.pool_size=1",
+                             "retrieve.epochs=12", "retrieve.batch_size=128", "retrieve.pool_size=1",
                              "ray.quiet=false"])
     fit = run_retrieve(cfg, "fit")
     assert fit["ok"] and fit["n_train"] > 300
