@@ -289,6 +289,13 @@ def test_v2_cohort_files_and_config_key(tmp_path):
     truth = pd.read_parquet(os.path.join(out, "truth.parquet"))
     manifest = pd.read_csv(os.path.join(out, "manifest.csv"))
     assert summary["generator"] == "v2" and "u_tum" in truth.columns
+    # the config's default synth.missing (v1's MCAR rates) leaves v2's structural missingness alone
+    from raypipe.synth import latent2
+
+    assert truth["avail_pet"].tolist() == latent2.generate_truth(16, 2)["avail_pet"].tolist()
+    big = load_config(None, [f"run.out_dir={tmp_path / 'c'}", "synth.generator=v2", "synth.n=300", "synth.slices=2",
+                             "synth.image_size=16"])
+    assert write_cohort(big, progress=False)["available"]["pet"] < 0.6 * 300  # v1's default would keep 70 %
     assert json.load(open(os.path.join(out, "truth.json")))["params"]["coef_tum"] == 1.5
     for m in MODALITIES:
         assert set(manifest.loc[manifest.modality == m, "patient_id"]) == set(truth.loc[truth[f"avail_{m}"], "patient_id"])

@@ -11,8 +11,12 @@ def write_cohort(cfg: Config, progress: bool = True) -> dict:
     if s.cohort == "clinical":
         from raypipe.synth.clinical import write_clinical_cohort
 
-        if s.generator == "v2":  # structural missingness unless synth.missing.rate is set explicitly
-            rate = s.missing.rate if "rate" in s.missing.model_fields_set else None
+        if s.generator == "v2":
+            # v2's missingness is structural (site, severity); synth.missing.rate replaces it only when
+            # it differs from the v1 default (a loaded config marks every default as set)
+            from raypipe.config import MissingConfig
+
+            rate = s.missing.rate if s.missing.rate != MissingConfig().rate else None
             return write_clinical_cohort(cfg.cohort_dir, n=s.n, seed=s.seed, slices=s.slices,
                                          image_size=s.image_size, sites=s.sites,
                                          pet_nifti_fraction=s.pet_nifti_fraction, missing_rate=rate,
