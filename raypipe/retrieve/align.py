@@ -48,14 +48,25 @@ def parse_pairs(pairs: Iterable[str] | Iterable[Sequence[str]]) -> list[tuple[st
 
 
 class ProjectionHead(nn.Module):
-    """Linear -> GELU -> Linear, L2-normalised: one modality's embedding into the shared space."""
+    """Standardise -> Linear -> GELU -> Linear, L2-normalised: one modality's embedding into the shared space.
+
+    The standardisation (``shift``, ``scale`` buffers: the training rows' per-feature mean and
+    standard deviation, set by :meth:`set_standardisation`) puts embeddings of very different
+    scales (an image model's features, a text model's) on one footing before the first layer.
+    """
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        self.register_buffer("shift", torch.zeros(in_dim))
+        self.register_buffer("scale", torch.ones(in_dim))
+
+    def set_standardisation(self, mean, std) -> None:
+        self.shift.copy_(torch.as_tensor(np.asarray(mean, np.float32)))
+        self.scale.copy_(torch.as_tensor(np.maximum(np.asarray(std, np.float32), 1e-6)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(x.flatten(1)), dim=-1)
+        return F.normalize(self.net((x.flatten(1) - self.shift) / self.scale), dim=-1)
 
 
 class CrossModalAligner(nn.Module):
