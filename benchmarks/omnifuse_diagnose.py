@@ -280,8 +280,10 @@ def print_condition(key: str, res: dict, rows: list[str]) -> None:
                   f"imputed {mean('others_weight_when_imputed'):.3f} vs observed {mean('others_weight_when_observed'):.3f}")
     for row, lts in res["loss_terms"].items():
         for label in ("first", "best"):
-            terms = {k: np.mean([lt[label][k][0] for lt in lts]) for k in lts[0][label]}
-            weighted = {k: np.mean([lt[label][k][1] for lt in lts]) for k in lts[0][label]}
+            keys = [k for k in ("imp_forward", "imp_backward", "dwfuse", "tla") if any(k in lt[label] for lt in lts)]
+            # a term absent in an epoch (TLA before the first mining) counts as 0 there
+            terms = {k: np.mean([lt[label].get(k, (0.0, 0.0))[0] for lt in lts]) for k in keys}
+            weighted = {k: np.mean([lt[label].get(k, (0.0, 0.0))[1] for lt in lts]) for k in keys}
             print(f"row {row} loss terms ({label} epoch) raw " + " ".join(f"{k} {v:.3g}" for k, v in terms.items())
                   + " | weighted " + " ".join(f"{k} {v:.3g}" for k, v in weighted.items()))
     sys.stdout.flush()

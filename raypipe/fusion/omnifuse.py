@@ -14,6 +14,14 @@ d     DWFuse + TLA + IMP forward                 imp_backward off
 e     DWFuse + TLA + IMP forward + backward      all on (default)
 f     IMP + TLA without DWFuse (joint head only) use_dwfuse off
 ====  =========================================  ==========================================
+
+Loss scaling (``loss_scale``): ``sum`` (default) follows the paper's Eq. 7, 8 and 12 (squared
+norms over the counted slots, unimodal CE summed over modalities) so that lambda = (1, 10, 0.5)
+weigh terms of the paper's size; ``mean`` is the per-position / per-modality normalised variant.
+``imp_forward_on`` picks the slots of the forward loss (``known``: every slot with a known truth,
+Eq. 7; ``dropped``: only the simulated-missing ones); ``absent_fill`` is documented on
+``FusionMethod``; ``mine_every`` mines TLA's lazy subset every k epochs (default 1, the paper's).
+Measurements behind the defaults: docs/fusion.md and ``benchmarks/omnifuse_diagnose.py``.
 """
 
 from __future__ import annotations
