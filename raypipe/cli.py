@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(<metric>_mean, <metric>_std with ddof=1, p-values),\nsummary.json, report.html. "
                        "Example:\n  raypipe compare --input my_emb --methods concat,late,omnifuse --metric accuracy")
     _common(p)
-    p.add_argument("--methods", help="comma-separated method names (first is compared against the rest)")
+    p.add_argument("--methods", help="comma-separated method names (first is compared against the rest; "
+                   "default: every registered method suited to the task, omnifuse first)")
     p.add_argument("--folds", type=int, help="number of folds (tune.folds)")
     p.add_argument("--input", help="embeddings directory (train.input)")
     p.add_argument("--metric", help="metric of the t-tests and ranking (tune.metric; default the task's main "

@@ -44,6 +44,15 @@ def test_holdout_fraction():
         holdout_mask(ids, y, fraction=1.5)
 
 
+def test_holdout_fraction_above_half_is_honoured():
+    # round(1/0.75) folds would hold out a third; above one half the complement must be held out
+    ids, y, pats = _data(1000)
+    m = holdout_mask(ids, y, pats, fraction=0.75, seed=0)
+    assert 0.72 < m.mean() < 0.78
+    held = set(np.asarray(pats)[m])
+    assert not held & set(np.asarray(pats)[~m])  # still grouped by patient
+
+
 def test_strata_for_regression_and_multilabel():
     y = np.random.default_rng(0).standard_normal(100)
     assert len(np.unique(stratification_key(y))) == 5

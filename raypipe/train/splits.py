@@ -50,5 +50,7 @@ def holdout_mask(sample_ids, labels, groups=None, fraction: float = 0.2, seed: i
         return np.zeros(len(np.asarray(sample_ids)), dtype=bool)
     if not 0 < fraction < 1:
         raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    if fraction > 0.5:  # one fold of round(1/fraction) folds cannot exceed half: hold out all but one
+        return ~holdout_mask(sample_ids, labels, groups, fraction=1.0 - fraction, seed=seed)
     k = max(2, int(round(1.0 / fraction)))
     return kfold_assignments(sample_ids, labels, groups, k=k, seed=seed) == 0

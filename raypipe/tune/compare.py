@@ -21,8 +21,6 @@ from raypipe.config import Config
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ["omnifuse", "concat", "sum", "late", "se_gate", "attention", "transformer", "tensor", "ddf",
-                   "gblend", "ogm_ge", "pmr", "medfuse", "metafusion"]
 ABLATION_ROWS = {
     "omnifuse[b:dwfuse]": dict(use_imp_forward=False, use_imp_backward=False, use_tla=False),
     "omnifuse[c:+tla]": dict(use_imp_forward=False, use_imp_backward=False),
@@ -46,12 +44,13 @@ def run_compare(cfg: Config, methods: list[str] | None = None, ablation: bool = 
     from raypipe.train.tables import infer_task, read_embeddings
     from raypipe.tune.folds import FitJob, cv_rows, resolve_metric, run_fits, summarise, write_folds
 
-    methods = methods or DEFAULT_METHODS
-    unknown = [m for m in methods if m not in REGISTRY]
+    unknown = [m for m in methods or () if m not in REGISTRY]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; registered: {', '.join(sorted(REGISTRY))}")
     table = read_embeddings(cfg.train_input, cfg.ingest.label_columns)
     task, _ = infer_task(table.y, cfg.train.task)
+    # default: every registered method suited to the task (new methods join without a list to update)
+    methods = methods or [name for name, cls in REGISTRY.items() if task in cls.info.tasks]
     unsuited = [m for m in methods if task not in REGISTRY[m].info.tasks]
     if unsuited:
         raise ValueError(f"methods {unsuited} do not support a {task} task")
