@@ -106,14 +106,8 @@ def _read(path: str, stop_before_pixels: bool, with_offset: bool = False, limits
     from pydicom.errors import InvalidDicomError
 
     limits = limits or DEFAULT_LIMITS
-    try:
+    with safety.os_error_classes():
         safety.check_file_size(path, limits.max_file_bytes)
-    except IsADirectoryError:
-        raise fail("NotAFile") from None
-    except FileNotFoundError:
-        raise fail("FileMissing") from None
-    except OSError as err:
-        raise fail("Unreadable", type(err).__name__) from None
     safety.check_deflated_dicom(path, limits)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns with element values (possible PHI) on odd files

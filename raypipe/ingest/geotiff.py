@@ -49,12 +49,8 @@ def read_scene(path: str, limits: Limits | None = None
     import tifffile
 
     limits = limits or DEFAULT_LIMITS
-    try:
+    with safety.os_error_classes():
         safety.check_file_size(path, limits.max_file_bytes)
-    except FileNotFoundError:
-        raise fail("FileMissing") from None
-    except OSError as err:
-        raise fail("Unreadable", type(err).__name__) from None
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]

@@ -21,12 +21,8 @@ def decode_image(path: str, size: int, channels: str = "gray",
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     limits = limits or DEFAULT_LIMITS
-    try:
+    with safety.os_error_classes():
         safety.check_file_size(path, limits.max_file_bytes)
-    except FileNotFoundError:
-        raise fail("FileMissing") from None
-    except OSError as err:
-        raise fail("Unreadable", type(err).__name__) from None
     try:
         with Image.open(path) as opened:
             safety.check_voxels((opened.size[0], opened.size[1], len(opened.getbands())), limits,

@@ -22,12 +22,8 @@ def load_volume(path: str, frame: int = 0, limits: Limits | None = None) -> tupl
     import nibabel as nib
 
     limits = limits or DEFAULT_LIMITS
-    try:
+    with safety.os_error_classes():
         safety.check_file_size(path, limits.max_file_bytes)
-    except FileNotFoundError:
-        raise fail("FileMissing") from None
-    except OSError as err:
-        raise fail("Unreadable", type(err).__name__) from None
     try:
         img = nib.load(path)  # the header only: the voxels stay behind a lazy array proxy
         shape = tuple(int(d) for d in img.shape)

@@ -35,14 +35,8 @@ def read_report(path: str, max_words: int = 150, max_bytes: int = 1024**2) -> st
     anyway); a file that is not text (a NUL byte or many control characters: a DICOM file, an image,
     an archive listed as a report) is ``UnsupportedFormat``, never text.
     """
-    try:
+    with safety.os_error_classes():
         raw, truncated = safety.read_capped(path, max_bytes)
-    except FileNotFoundError:
-        raise fail("FileMissing") from None
-    except IsADirectoryError:
-        raise fail("NotAFile") from None
-    except OSError as err:
-        raise fail("Unreadable", type(err).__name__) from None
     cleaned = clean_report(safety.decode_text(raw, truncated), max_words)
     if not cleaned:
         raise fail("EmptyReport")

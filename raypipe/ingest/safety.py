@@ -18,6 +18,7 @@ No Ray here. Four guarantees, each one function:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import math
@@ -253,6 +254,23 @@ def path_key(secret: bytes) -> bytes:
 
 
 # ----------------------------------------------------------------------------- limits
+@contextlib.contextmanager
+def os_error_classes():
+    """Map the OS errors of opening an input to one class per cause, the same for every format.
+
+    A missing file is ``FileMissing``, a folder ``NotAFile``, any other OS error ``Unreadable``
+    (with the exception's type only: its text may quote the path).
+    """
+    try:
+        yield
+    except IsADirectoryError:
+        raise fail("NotAFile") from None
+    except FileNotFoundError:
+        raise fail("FileMissing") from None
+    except OSError as err:
+        raise fail("Unreadable", type(err).__name__) from None
+
+
 def check_file_size(path: str, limit: int, what: str = "max_file_bytes") -> int:
     """The file's size in bytes; ``ResourceLimit`` when it exceeds ``limit`` (a regular file: see :func:`confine`)."""
     size = os.stat(path).st_size
