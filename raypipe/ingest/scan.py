@@ -23,17 +23,16 @@ calls :func:`dicom_facts` in parallel lives in :mod:`raypipe.ingest.scan_pipelin
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import stat
-import warnings
 from collections import Counter, defaultdict
 from typing import Iterable, Mapping
 
 import pandas as pd
 
 from raypipe.ids import pseudonym
+from raypipe.ingest.dicom import quiet_pydicom
 from raypipe.ingest.manifest import guess_format
 from raypipe.ingest.safety import DICOM_MODALITIES, pseudonymous_path
 
@@ -127,24 +126,6 @@ def needs_header(fact: Mapping) -> bool:
 
 
 # ----------------------------------------------------------------------------- one DICOM header
-@contextlib.contextmanager
-def _quiet_pydicom():
-    """pydicom's warnings and log lines quote element values (possible PHI): silence them while reading."""
-    from pydicom import config
-
-    pydicom_log = logging.getLogger("pydicom")
-    level, mode = pydicom_log.level, config.settings.reading_validation_mode
-    pydicom_log.setLevel(logging.CRITICAL)
-    config.settings.reading_validation_mode = config.IGNORE  # value validation only ever warns on reading
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        pydicom_log.setLevel(level)
-        config.settings.reading_validation_mode = mode
-
-
 def _text(value) -> str:
     """A header value as a stripped string ('' when absent or not representable)."""
     if value is None:
@@ -201,7 +182,7 @@ def dicom_facts(path: str, probe: bool = False) -> dict:
         except OSError:
             return fail("unreadable", "Unreadable", "cannot open the file (permissions?); fix or remove it")
     ds = None
-    with _quiet_pydicom():
+    with quiet_pydicom():
         for force in (False, True):
             try:
                 with open(path, "rb") as fh:
@@ -231,7 +212,7 @@ def dicom_facts(path: str, probe: bool = False) -> dict:
         return fail("unreadable", "CorruptHeader", "a DICOM file whose header cannot be read (truncated or "
                     "damaged); check the export or remove the file")
     try:
-        with _quiet_pydicom():  # converting a raw element validates it, and the warning quotes the value
+        with quiet_pydicom():  # converting a raw element validates it, and the warning quotes the value
             meta_sop = _text(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", None))
             facts = {"ok": True, "patient_id": _element_text(ds, "PatientID"),
                      "study_uid": _element_text(ds, "StudyInstanceUID"),

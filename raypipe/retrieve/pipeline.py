@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from raypipe.config import Config
+from raypipe.train.trainer import all_gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def align_loop_per_worker(config: dict) -> None:
     best, since_best, history = np.inf, 0, []
     # every worker runs the same number of steps (DDP all-reduces each one): the largest shard's count
     n_train = len(data["train"]["mask"])
-    steps = max(1, max(int(np.ceil(n / bs)) for n in _all_gather(n_train)))
+    steps = max(1, max(int(np.ceil(n / bs)) for n in all_gather_objects(n_train)))
     for epoch in range(meta["epochs"]):
         t0 = time.perf_counter()
         model.train()
@@ -172,7 +173,7 @@ def align_loop_per_worker(config: dict) -> None:
                 lv, _ = unwrapped.loss(x, present)
                 val_loss += float(lv) * (min(s + bs, nv) - s)
                 val_n += min(s + bs, nv) - s
-        tot = _all_gather((val_loss, val_n))
+        tot = all_gather_objects((val_loss, val_n))
         val = sum(t[0] for t in tot) / max(1, sum(t[1] for t in tot))
         improved = val < best - 1e-4  # a loss of order log(batch): smaller changes are noise
         best, since_best = (val, 0) if improved else (best, since_best + 1)
@@ -201,16 +202,6 @@ def align_loop_per_worker(config: dict) -> None:
                                  checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
         if last:
             break
-
-
-def _all_gather(obj):
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _dataset_for(path: str, ids: set[str]):

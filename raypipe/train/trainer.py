@@ -106,7 +106,8 @@ def load_trained(run_dir: str):
 
 
 # ----------------------------------------------------------------------------- worker loop
-def _all_gather(obj):
+def all_gather_objects(obj):
+    """Every DDP rank's ``obj`` in rank order (``[obj]`` outside a process group)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -257,7 +258,7 @@ def train_loop_per_worker(config: dict) -> None:
                                  precision=tc.get("precision", "auto"))
         scheduler.step()
         y_val, p_val = loop.predict_arrays(model, batches("val", None))
-        gathered = _all_gather((y_val, p_val))
+        gathered = all_gather_objects((y_val, p_val))
         y_all = np.concatenate([g[0] for g in gathered])
         p_all = np.concatenate([g[1] for g in gathered])
         val = M.compute_metrics(task, y_all, p_all)
@@ -273,7 +274,7 @@ def train_loop_per_worker(config: dict) -> None:
         if "tla" in stats:
             record["tla"] = stats["tla"]
         # every worker must have taken the same hook decisions (lazy subset, blend weights...)
-        states = _all_gather(json.dumps(method.extra_state(), sort_keys=True, default=str))
+        states = all_gather_objects(json.dumps(method.extra_state(), sort_keys=True, default=str))
         record["workers_agree"] = len(set(states)) == 1
         history.append(record)
         if rank == 0 and config.get("log_epochs", True):
