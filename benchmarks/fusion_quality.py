@@ -236,12 +236,13 @@ def make_folds(data: MultiViewData, k: int, seed: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- one fit
 def run_one(name: str, omni: dict, data: MultiViewData, mask: np.ndarray, train_idx: np.ndarray,
-            test_idx: np.ndarray, args, seed: int) -> dict:
+            test_idx: np.ndarray, args, seed: int, return_probabilities: bool = False) -> dict:
     """Train ``name`` on ``train_idx`` (20 % of it held out for early stopping), score ``test_idx``.
 
     Returns the task's metrics plus ``seconds_per_epoch`` (wall time of training + validation pass,
     mean over the epochs run), ``cpu_seconds_per_epoch`` (this process's CPU time per epoch, fit
-    overheads included) and ``epochs``.
+    overheads included) and ``epochs``; with ``return_probabilities`` also ``probabilities`` (the
+    test rows' predicted class probabilities, an array: for callers, not for the JSON).
     """
     specs = [ModalitySpec(m, (data.views[m].shape[1],)) for m in data.modalities]
     omni_cfg = dict(omni)
@@ -260,7 +261,10 @@ def run_one(name: str, omni: dict, data: MultiViewData, mask: np.ndarray, train_
     cpu = time.thread_time() - cpu0
     predict = loop.make_predict_fn(method, data.task)
     xt, mt, yt = part(test_idx)
-    out = compute_metrics(data.task, yt, predict(xt, mt)["probabilities"])
+    prob = np.asarray(predict(xt, mt)["probabilities"])
+    out = compute_metrics(data.task, yt, prob)
+    if return_probabilities:
+        out["probabilities"] = prob
     out["seconds_per_epoch"] = float(np.mean([h["seconds"] for h in res["history"]]))
     # CPU seconds of the thread that trains (torch runs its ops there with 1 intra-op thread): far less
     # sensitive than wall time to other jobs' load on a shared machine
@@ -429,6 +433,55 @@ def metric_table(scores: dict, metric: str) -> list[str]:
     return lines
 
 
+#: rows written by benchmarks/fusion_quality_auto.py
+AUTO_ROW, ENSEMBLE_ROW = "auto", "auto ensemble"
+
+
+def _is_single_method(label: str) -> bool:
+    """A trained single method: a registered method or an OmniFuse ablation row (not a reference, a
+    single-view row, or auto's choice / ensemble)."""
+    return label in REGISTRY or label.startswith("omnifuse row ")
+
+
+def goal_checks(scores: dict, metric: str) -> list[str]:
+    """Plain-text lines per condition: omnifuse (row e) >= concat and >= row b (with paired p), and, where the
+    auto rows exist, auto's mean against the best single method's mean minus its fold-std, and the ensemble's
+    against its best member's (members: the auto candidates, as listed in the auto rows)."""
+    from scipy.stats import ttest_rel
+
+    lines = []
+    vals = lambda c, k: np.array([r.get(metric, np.nan) for r in scores[c][k]], dtype=float)  # noqa: E731
+    row_b = next((k for k in scores[next(iter(scores))] if k.startswith("omnifuse row b")), None)
+    for c in scores:
+        if "omnifuse" in scores[c]:
+            e = vals(c, "omnifuse")
+            parts = []
+            for other in ("concat", row_b):
+                if other and other in scores[c]:
+                    o = vals(c, other)
+                    p = ttest_rel(e, o).pvalue if len(e) > 1 else np.nan
+                    parts.append(f"{'>=' if e.mean() >= o.mean() else '<'} {other.split(' (')[0]} "
+                                 f"({e.mean():.3f} vs {o.mean():.3f}, diff {e.mean() - o.mean():+.3f}, p = {p:.2g})")
+            lines.append(f"- {c}: omnifuse " + "; ".join(parts) + ".")
+        if AUTO_ROW in scores[c]:
+            singles = [k for k in scores[c] if _is_single_method(k)]
+            best = max(singles, key=lambda k: vals(c, k).mean())
+            b, a = vals(c, best), vals(c, AUTO_ROW)
+            ok = a.mean() >= b.mean() - _sd(b)
+            lines.append(f"- {c}: auto {a.mean():.3f} vs best single method {best} {b.mean():.3f} ± {_sd(b):.3f}: "
+                         f"{'within' if ok else 'NOT within'} one fold-std (diff {a.mean() - b.mean():+.3f}).")
+        if ENSEMBLE_ROW in scores[c]:
+            members = scores[c][ENSEMBLE_ROW][0].get("candidates", [])
+            members = [k for k in members if k in scores[c]]
+            if members:
+                best = max(members, key=lambda k: vals(c, k).mean())
+                b, en = vals(c, best), vals(c, ENSEMBLE_ROW)
+                ok = en.mean() >= b.mean() - _sd(b)
+                lines.append(f"- {c}: ensemble {en.mean():.3f} vs its best member {best} {b.mean():.3f} ± {_sd(b):.3f}: "
+                             f"{'within' if ok else 'NOT within'} one fold-std (diff {en.mean() - b.mean():+.3f}).")
+    return lines
+
+
 def timing_table(scores: dict) -> list[str]:
     """Fit time per epoch (mean over folds) per trained row and condition, in CPU seconds of the process
     and in wall seconds, and the CPU-time ratio to concat."""
@@ -486,13 +539,19 @@ def markdown_report(data: MultiViewData, scores: dict, conditions: dict, args, e
     out = head + [""]
     for metric in table_metrics(data.task):
         out += [f"**{metric}**", ""] + metric_table(scores, metric) + [""]
+    checks = goal_checks(scores, _main(data.task))
+    if checks:
+        out += [f"**checks** ({_main(data.task)}; issue 14: omnifuse row e against concat and row b; issue 18: "
+                "auto within one fold-std (ddof = 1) of the best single method, the ensemble within one fold-std of "
+                "its best member)", ""] + checks + [""]
     out += ["**fit time per epoch** (training pass + validation pass + the method's epoch hooks; CPU seconds of "
             "the training thread (1 torch thread), and wall seconds, which other jobs on a shared machine inflate)", ""]
     out += timing_table(scores)
     return "\n".join(out)
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also used by benchmarks/fusion_quality_auto.py, so its runs carry the same settings)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="synthetic", choices=DATASETS, help="which data (see above)")
     p.add_argument("--n", type=int, default=None,
@@ -517,6 +576,11 @@ def main(argv=None) -> dict:
     p.add_argument("--from-json", nargs="+", metavar="FILE",
                    help="print the report from --json files of earlier runs instead of running (e.g. one run per "
                         "dropout rate in parallel, merged here); the data set and settings come from the files")
+    return p
+
+
+def main(argv=None) -> dict:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.from_json:
         return report_from_json(args.from_json)
@@ -533,6 +597,7 @@ def main(argv=None) -> dict:
     folds = make_folds(data, args.folds, args.seed)
     conditions = make_conditions(data, rates, args.seed)
     runs = plan_runs(args)
+    started = run_context()  # code version and load when the code was imported and the run began
     t0 = time.perf_counter()
     scores = run_benchmark(data, conditions, folds, runs, args)
     elapsed = time.perf_counter() - t0
@@ -541,8 +606,33 @@ def main(argv=None) -> dict:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "dataset": data.name, "scores": scores, "seconds": elapsed,
-                       "command": command}, fh, indent=2)
+                       "command": command, "context": started}, fh, indent=2)
     return scores
+
+
+def run_context() -> dict:
+    """When, on what load and on which code a run started: UTC time, 1-min load average, git HEAD and the
+    files under raypipe/ and benchmarks/ that differ from it (a shared working tree may hold others'
+    uncommitted edits; the modules were imported before this is called)."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=30).stdout.rstrip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    return {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load1": round(load, 1),
+            "head": git("rev-parse", "--short", "HEAD"),
+            "dirty": [ln[3:] for ln in git("status", "--porcelain", "--", "raypipe", "benchmarks").splitlines()
+                      if ln[3:].endswith(".py")]}
 
 
 #: settings that may differ between the --json files merged by --from-json (they select rows or conditions)
@@ -560,10 +650,11 @@ def report_from_json(paths) -> dict:
     if any(same(r) != same(runs[0]) for r in runs[1:]):
         raise SystemExit(f"--from-json: the files were run with different settings: {paths}")
     first = argparse.Namespace(**runs[0]["args"])
-    scores: dict[str, dict[str, list]] = {}
-    for r in runs:
-        for c, rows in r["scores"].items():
-            scores.setdefault(c, {}).update(rows)
+    scores, replaced = merge_scores([r["scores"] for r in runs])
+    for c, label, i in replaced:
+        if label.startswith(("ref:", "only:")):  # references are recomputed by every run, identically
+            continue
+        print(f"--from-json: {c} / {label}: taken from {paths[i]} (replaces an earlier file's row)", file=sys.stderr)
     data = load_dataset(first.dataset, first.n, first.seed)
     rates = [float(c.split()[1].rstrip("%")) / 100 for c in scores]
     order = sorted(range(len(rates)), key=lambda i: rates[i])
@@ -581,7 +672,30 @@ def report_from_json(paths) -> dict:
     elapsed = sum(r["seconds"] for r in runs)
     commands = "; ".join(r.get("command", "?") for r in runs)
     print(markdown_report(data, scores, conditions, first, elapsed, commands))
+    contexts = [(p, r["context"]) for p, r in zip(paths, runs) if "context" in r]
+    if contexts:
+        print("\nRuns (start UTC, 1-min load average, code: git HEAD + files differing from it):\n")
+        for p, c in contexts:
+            print(f"- `{p}`: {c['utc']}, load {c['load1']}, {c['head']}"
+                  f"{' + uncommitted ' + ', '.join(c['dirty']) if c['dirty'] else ''}")
     return scores
+
+
+def merge_scores(parts: list[dict]) -> tuple[dict, list[tuple[str, str, int]]]:
+    """Merge the ``scores`` of several runs: conditions are united, and a row (condition, label) present in
+    several parts is taken from the LAST part that has it (so a re-run of some methods replaces their rows
+    by listing its file after the first run's). Returns (merged scores, [(condition, label, index of the
+    part it was taken from)] for every row that replaced an earlier one)."""
+    scores: dict[str, dict[str, list]] = {}
+    replaced = []
+    for i, part in enumerate(parts):
+        for c, rows in part.items():
+            into = scores.setdefault(c, {})
+            for label, per_fold in rows.items():
+                if label in into:
+                    replaced.append((c, label, i))
+                into[label] = per_fold
+    return scores, replaced
 
 
 if __name__ == "__main__":

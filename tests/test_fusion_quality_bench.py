@@ -6,6 +6,7 @@ Functional checks only (the code path works, the numbers are well-formed); no qu
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import pathlib
 import sys
@@ -120,3 +121,77 @@ def test_unknown_dataset_and_bad_rates_are_clear_errors(bench):
         bench.main(["--dataset", "mnist"])
     with pytest.raises(SystemExit, match="--dropout"):
         bench.main(["--dataset", "breast_cancer", "--dropout", "0,1.5"])
+
+
+def test_merge_takes_each_row_from_the_last_file_that_has_it(bench):
+    first = {"drop 0%": {"concat": [{"auroc": 0.7}], "late": [{"auroc": 0.6}]},
+             "drop 50%": {"concat": [{"auroc": 0.5}]}}
+    rerun = {"drop 0%": {"late": [{"auroc": 0.65}], "omnifuse": [{"auroc": 0.8}]}}
+    merged, replaced = bench.merge_scores([first, rerun])
+    assert merged == {"drop 0%": {"concat": [{"auroc": 0.7}], "late": [{"auroc": 0.65}], "omnifuse": [{"auroc": 0.8}]},
+                      "drop 50%": {"concat": [{"auroc": 0.5}]}}
+    assert replaced == [("drop 0%", "late", 1)]
+    merged, replaced = bench.merge_scores([rerun, first])  # the order decides
+    assert merged["drop 0%"]["late"] == [{"auroc": 0.6}] and replaced == [("drop 0%", "late", 1)]
+
+
+def test_goal_checks_state_the_comparisons_hand_worked(bench):
+    rows = lambda *v: [{"auroc": x} for x in v]  # noqa: E731
+    scores = {"drop 50%": {"ref: logistic regression, all views": rows(0.99, 0.99, 0.99),
+                           "omnifuse": rows(0.8, 0.9, 0.7), "concat": rows(0.7, 0.85, 0.7),
+                           "omnifuse row b (DWFuse)": rows(0.9, 0.9, 0.9),
+                           "auto": rows(0.6, 0.6, 0.6),
+                           "auto ensemble": [dict(r, candidates=["concat", "omnifuse row b (DWFuse)"])
+                                             for r in rows(0.85, 0.8, 0.8)]}}
+    lines = bench.goal_checks(scores, "auroc")
+    # omnifuse 0.8 vs concat 0.75: paired diffs .1, .05, 0 -> t = 1.732, df 2, p = 0.225
+    assert lines[0] == ("- drop 50%: omnifuse >= concat (0.800 vs 0.750, diff +0.050, p = 0.23); "
+                        "< omnifuse row b (0.800 vs 0.900, diff -0.100, p = 0.23).")
+    # best single method: row b 0.9 (the reference 0.99 is not a method), fold-std 0: auto 0.6 is not within
+    assert lines[1] == ("- drop 50%: auto 0.600 vs best single method omnifuse row b (DWFuse) 0.900 ± 0.000: "
+                        "NOT within one fold-std (diff -0.300).")
+    assert lines[2].startswith("- drop 50%: ensemble 0.817 vs its best member omnifuse row b (DWFuse) 0.900")
+
+
+def test_auto_choice_is_the_inner_cv_best_and_a_tie_goes_to_the_single_method(bench):
+    auto = _auto_module()
+    y = np.array([0, 1, 0, 1, 0, 1, 0, 1], dtype=float)
+    inner = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    perfect = np.stack([1 - y, y], 1) * 0.8 + 0.1
+    inverted = perfect[:, ::-1].copy()
+    chosen, means, weights = auto.choose("binary", y, inner, {"a": inverted, "b": perfect})
+    # b ranks every positive above every negative in both inner folds (AUROC 1), a in none (0); the ensemble
+    # picks b at each step (adding a lowers the score), so it scores 1 too and the tie goes to b itself
+    assert means == {"a": 0.0, "b": 1.0, "ensemble": 1.0}
+    assert chosen == "b" and weights == {"a": 0.0, "b": 1.0}
+
+
+def _auto_module():
+    path = _PATH.parent / "fusion_quality_auto.py"
+    spec = importlib.util.spec_from_file_location("fusion_quality_auto_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_auto_run_scores_the_table_rows_own_fits_and_merges(bench, capsys, tmp_path):
+    auto = _auto_module()
+    common = ["--dataset", "breast_cancer", "--n", "60", "--folds", "2", "--epochs", "1", "--dropout", "0.5"]
+    bench.main(common + ["--methods", "concat,sum", "--no-ablation", "--no-single", "--json", str(tmp_path / "b.json")])
+    auto.main(["--candidates", "concat,sum", "--inner-folds", "2", "--cache", str(tmp_path / "cache")] + common
+              + ["--json", str(tmp_path / "a.json")])
+    with open(tmp_path / "a.json") as fh:
+        saved = json.load(fh)
+    with open(tmp_path / "b.json") as fh:
+        table = json.load(fh)["scores"]["drop 50%"]
+    for d in saved["auto"]["folds"]:  # auto's outer fits are the table rows' fits (same call, same seed)
+        for label in ("concat", "sum"):
+            assert d["outer"][label] == pytest.approx(table[label][d["fold"]]["auroc"], abs=1e-12)
+        chosen = saved["scores"]["drop 50%"]["auto"][d["fold"]]
+        if d["chosen"] != "ensemble":
+            assert chosen["auroc"] == pytest.approx(d["outer"][d["chosen"]], abs=1e-12)
+    capsys.readouterr()
+    merged = bench.main(["--from-json", str(tmp_path / "b.json"), str(tmp_path / "a.json")])
+    assert set(merged["drop 50%"]) >= {"concat", "sum", "auto", "auto ensemble"}
+    out = capsys.readouterr().out
+    assert "| auto |" in out and "one fold-std" in out
