@@ -93,6 +93,39 @@ def test_ranks_and_exact_search_hand_worked():
     assert ranks_from_hits(idx, np.array([2, 0, 2])).tolist() == [2, 0, 1]
 
 
+def test_exact_search_blocked_over_the_gallery_hand_worked_and_against_a_full_sort():
+    # gallery blocks of 2 rows: {0, 1}, {2, 3}, {4, 5}; rows 1 and 4 are equal (a tie across blocks)
+    gallery = np.array([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8], [-1.0, 0.0], [1.0, 0.0], [0.8, 0.6]], np.float32)
+    queries = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    # q0 scores [0, 1, .6, -1, 1, .8] -> rows 1, 4 (tie: lower row first), 5; q1 [1, 0, .8, 0, 0, .6] -> 0, 2, 5
+    idx, sc = exact_search(queries, gallery, 3, chunk=1, gallery_chunk=2)
+    assert idx.tolist() == [[1, 4, 5], [0, 2, 5]]
+    np.testing.assert_allclose(sc, [[1, 1, 0.8], [1, 0.8, 0.6]], atol=1e-6)
+    assert exact_search(queries, gallery, 1, gallery_chunk=2)[0].tolist() == [[1], [0]]
+    # random data: blocks of 37 rows (the last one short) give a full stable sort's top 10
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((500, 16)).astype(np.float32)
+    q = rng.standard_normal((23, 16)).astype(np.float32)
+    full = np.argsort(-(q @ g.T), axis=1, kind="stable")[:, :10]
+    assert exact_search(q, g, 10, chunk=5, gallery_chunk=37)[0].tolist() == full.tolist()
+    assert exact_search(q, g, 10)[0].tolist() == full.tolist()
+
+
+def test_build_hnsw_in_slices_adds_every_row_with_its_row_number():
+    from raypipe.retrieve.pipeline import build_hnsw, hnsw_search
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((30, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    seen = []
+    index = build_hnsw(x, 8, 50, 0, threads=1, batch=7, progress=seen.append)
+    assert seen == [7, 14, 21, 28, 30]
+    assert sorted(index.get_ids_list()) == list(range(30))
+    idx, sc = hnsw_search(index, x, 1, 50, threads=1)
+    assert idx[:, 0].tolist() == list(range(30))  # a unit vector's best inner product is with itself
+    np.testing.assert_allclose(sc[:, 0], 1.0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- fit + query on Ray
 @pytest.fixture(scope="module")
 def latent2_embeddings(tmp_path_factory):

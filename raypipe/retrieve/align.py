@@ -129,18 +129,35 @@ def symmetric_info_nce(za: torch.Tensor, zb: torch.Tensor, logit_scale: torch.Te
 
 
 # ----------------------------------------------------------------------------- search and metrics
-def exact_search(queries: np.ndarray, gallery: np.ndarray, k: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k: (indices (Q, k), scores (Q, k)), best first; the reference for any index."""
+def exact_search(queries: np.ndarray, gallery: np.ndarray, k: int, chunk: int = 4096,
+                 gallery_chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k: (indices (Q, k), scores (Q, k)), best first; the reference for any index.
+
+    Blocked float32 matrix products: ``chunk`` queries at a time against ``gallery_chunk`` gallery
+    rows at a time (default: the whole gallery), keeping each block's top k, so the working memory
+    is about 12 bytes x ``chunk`` x ``gallery_chunk`` whatever the gallery's size. Ties in score go
+    to the lower row number.
+    """
     queries = np.asarray(queries, np.float32)
     gallery = np.asarray(gallery, np.float32)
     k = min(k, len(gallery))
+    g_step = gallery_chunk if gallery_chunk and gallery_chunk > 0 else max(1, len(gallery))
     idx = np.empty((len(queries), k), np.int64)
     sc = np.empty((len(queries), k), np.float32)
     for s in range(0, len(queries), chunk):
-        scores = queries[s:s + chunk] @ gallery.T
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        part_scores = np.take_along_axis(scores, part, axis=1)
-        order = np.lexsort((part, -part_scores), axis=1)  # by score, then by index: deterministic on ties
+        q = queries[s:s + chunk]
+        cand_i, cand_s = [], []
+        for g in range(0, len(gallery), g_step):
+            scores = q @ gallery[g:g + g_step].T
+            kk = min(k, scores.shape[1])
+            cut = scores.shape[1] - kk
+            part = np.argpartition(scores, cut, axis=1)[:, cut:]  # this block's kk best (unordered)
+            cand_s.append(np.take_along_axis(scores, part, axis=1))
+            cand_i.append(part + g)
+            del scores
+        part = np.concatenate(cand_i, axis=1)
+        part_scores = np.concatenate(cand_s, axis=1)
+        order = np.lexsort((part, -part_scores), axis=1)[:, :k]  # by score, then by index: deterministic on ties
         idx[s:s + chunk] = np.take_along_axis(part, order, axis=1)
         sc[s:s + chunk] = np.take_along_axis(part_scores, order, axis=1)
     return idx, sc

@@ -357,13 +357,22 @@ def _stack(col) -> np.ndarray:
     return fixed_list_to_numpy(col, col.type.list_size)[0]
 
 
-def build_hnsw(vectors: np.ndarray, m: int, ef_construction: int, seed: int, threads: int = -1):
-    """An inner-product HNSW index (hnswlib) over ``vectors``; labels are row numbers."""
+def build_hnsw(vectors: np.ndarray, m: int, ef_construction: int, seed: int, threads: int = -1,
+               batch: int | None = None, progress=None):
+    """An inner-product HNSW index (hnswlib) over ``vectors``; labels are row numbers.
+
+    ``batch``: add the rows in slices of this many (same index: rows go in in the same order,
+    each slice with ``threads`` threads) and call ``progress(rows_added)`` after each slice.
+    """
     import hnswlib
 
     index = hnswlib.Index(space="ip", dim=vectors.shape[1])
     index.init_index(max_elements=max(1, len(vectors)), ef_construction=ef_construction, M=m, random_seed=seed)
-    index.add_items(vectors, np.arange(len(vectors)), num_threads=threads)
+    step = batch if batch and batch > 0 else max(1, len(vectors))
+    for s in range(0, len(vectors), step):
+        index.add_items(vectors[s:s + step], np.arange(s, min(s + step, len(vectors))), num_threads=threads)
+        if progress is not None:
+            progress(min(s + step, len(vectors)))
     return index
 
 
