@@ -7,8 +7,17 @@ or replace its output with pandas, polars or duckdb.
 Tables
 ------
 records      one row per decoded unit (image slice, 2-D image, satellite
-             patch, EHR stay tensor, report text). Arrays travel as raw
-             little-endian bytes in ``payload`` with ``dtype`` and ``shape``.
+             patch, EHR stay tensor, report text). An array whose shape the
+             ingest config fixes (image slices, EHR stays) is stored in the
+             modality's ``tensor_<modality>`` column, Arrow's canonical
+             fixed-shape tensor type (``arrow.fixed_shape_tensor``), so pandas,
+             pyarrow and ``ray.data.read_parquet`` read it as an array; any
+             other array (tabular rows, a record whose shape differs from the
+             declared one, records of schema version 1) travels as raw
+             little-endian bytes in ``payload``. ``dtype`` and ``shape`` are
+             filled for every array record. Images are uint8 by default
+             (``value / 255`` is the windowed intensity in [0, 1]), EHR float16:
+             :func:`record_array` reads any of them back as float32.
 samples      one row per sample (patient / region): label(s) and group
              columns (site, sex, age band, ...) and ``split`` ("train"/"test",
              or "infer" for a cohort without labels.csv, whose labels are null
@@ -41,6 +50,8 @@ TASK_KEY = b"raypipe.task"
 #: Version of these schemas; bump on an incompatible change.
 SCHEMA_VERSION_KEY = b"raypipe.schema_version"
 SCHEMA_VERSION = "1"
+#: records tables: 2 = compact payloads (uint8 images, float16 EHR) and ``tensor_<modality>`` columns
+RECORDS_SCHEMA_VERSION = "2"
 
 # ---------------------------------------------------------------- records
 RECORDS_SCHEMA = pa.schema(
@@ -57,6 +68,27 @@ RECORDS_SCHEMA = pa.schema(
     ],
     metadata={SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode()},
 )
+
+#: prefix of a modality's fixed-shape tensor column in the records table
+TENSOR_PREFIX = "tensor_"
+
+
+def tensor_column(modality: str) -> str:
+    """Name of ``modality``'s fixed-shape tensor column in the records table."""
+    return f"{TENSOR_PREFIX}{modality}"
+
+
+def records_schema(tensors: Mapping[str, tuple[str, Sequence[int]]] | None = None) -> pa.Schema:
+    """The records schema with one ``tensor_<modality>`` column per entry of ``tensors``
+    (modality -> (numpy dtype name, shape)), typed ``pa.fixed_shape_tensor(dtype, shape)``.
+
+    Without ``tensors`` this is :data:`RECORDS_SCHEMA` (every array as ``payload`` bytes)."""
+    fields = list(RECORDS_SCHEMA)
+    for m, (dtype, shape) in sorted((tensors or {}).items()):
+        fields.append(pa.field(tensor_column(m), pa.fixed_shape_tensor(pa.from_numpy_dtype(np.dtype(dtype)),
+                                                                       [int(s) for s in shape])))
+    return pa.schema(fields, metadata={SCHEMA_VERSION_KEY: RECORDS_SCHEMA_VERSION.encode()})
+
 
 # ---------------------------------------------------------------- errors
 ERRORS_SCHEMA = pa.schema(
@@ -145,12 +177,70 @@ def array_to_payload(arr: np.ndarray) -> dict[str, Any]:
     arr = np.ascontiguousarray(arr)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return {"payload": arr.tobytes(), "dtype": arr.dtype.str.lstrip("<|="), "shape": list(arr.shape)}
+    return {"payload": arr.tobytes(), "dtype": arr.dtype.name, "shape": list(arr.shape)}
 
 
 def payload_to_array(payload: bytes, dtype: str, shape: Sequence[int]) -> np.ndarray:
     """Inverse of :func:`array_to_payload` (returns a read-only view when possible)."""
     return np.frombuffer(payload, dtype=np.dtype(dtype).newbyteorder("<")).reshape(tuple(shape))
+
+
+def to_float(a: np.ndarray) -> np.ndarray:
+    """A record's array as float32: uint8 image values are ``round(255 * v)`` of the windowed
+    intensity ``v`` in [0, 1] and come back as ``a / 255``; float16/float32 are widened unchanged."""
+    if a.dtype == np.uint8:
+        return np.multiply(a, np.float32(1.0 / 255.0), dtype=np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def quantise_unit(a: np.ndarray, dtype: str = "uint8") -> np.ndarray:
+    """A windowed image in [0, 1] stored as ``dtype``: uint8 = ``round(255 * a)`` (clipped), float16 or
+    float32 as is. The inverse is :func:`to_float` (uint8: error at most 1/510)."""
+    if dtype == "uint8":
+        q = np.multiply(a, np.float32(255.0), dtype=np.float32)
+        np.rint(q, out=q)
+        np.clip(q, 0.0, 255.0, out=q)
+        return q.astype(np.uint8)
+    return np.asarray(a).astype(np.dtype(dtype), copy=False)
+
+
+def tensor_rows(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
+    """Zero-copy numpy views (shaped, stored dtype) of a fixed-shape tensor column's values; None for nulls."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out: list[np.ndarray | None] = []
+    for arr in chunks:
+        if len(arr) == 0:
+            continue
+        shape = tuple(arr.type.shape)
+        storage = arr.storage if isinstance(arr, pa.ExtensionArray) else arr
+        child = storage.values  # length = list_size * (offset + len): null slots hold unread filler
+        size = int(np.prod(shape))
+        dt = child.type.to_pandas_dtype()
+        data = child.buffers()[1]
+        flat = (np.frombuffer(data, dt, count=len(child), offset=child.offset * np.dtype(dt).itemsize)
+                if data is not None else np.zeros(0, dt))
+        valid = storage.is_valid().to_numpy(zero_copy_only=False)
+        base = storage.offset
+        out.extend(flat[(base + j) * size:(base + j + 1) * size].reshape(shape) if valid[j] else None
+                   for j in range(len(arr)))
+    return out
+
+
+def record_array(row: Mapping[str, Any], as_float: bool = True) -> np.ndarray | None:
+    """The array of one records row (a dict, e.g. from ``to_pylist()`` or a pandas row), from its
+    ``tensor_<modality>`` column or its ``payload`` bytes; None for text. ``as_float``: float32
+    through :func:`to_float` (uint8 images back to [0, 1]). Reads records of schema version 1 and 2."""
+    t = row.get(tensor_column(row["modality"])) if row.get("modality") is not None else None
+    if t is not None:
+        a = np.asarray(t)
+        if a.dtype == object:
+            a = np.stack(a)
+        a = a.astype(np.dtype(row["dtype"]), copy=False).reshape(tuple(row["shape"]))
+    elif row.get("payload") is not None:
+        a = payload_to_array(row["payload"], row["dtype"], row["shape"])
+    else:
+        return None
+    return to_float(a) if as_float else a
 
 
 def read_json_metadata(schema: pa.Schema, key: bytes) -> dict[str, Any] | None:

@@ -14,13 +14,14 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from raypipe.config import load_config
 from raypipe.ids import pseudonym
 from raypipe.ingest.safety import MARKER, path_key, pseudonymous_path, write_marker
-from raypipe.schema import RECORDS_SCHEMA, payload_to_array
+from raypipe.schema import RECORDS_SCHEMA, record_array
 
 pytestmark = pytest.mark.ray
 
@@ -194,7 +195,12 @@ def test_hospital_records_sorted_and_anatomical(hospital_run, hospital_cohort):
     parts = sorted(glob.glob(os.path.join(cfg.records_dir, "records", "part-*.parquet")))
     assert len(parts) > 1  # items_per_task=5: several tasks, several files
     rec = pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)  # file-name order
-    assert pq.read_schema(parts[0]).equals(RECORDS_SCHEMA, check_metadata=False)
+    schema = pq.read_schema(parts[0])
+    # records schema 2: the v1 columns, then one fixed-shape tensor column per modality of fixed shape
+    assert schema.names == RECORDS_SCHEMA.names + ["tensor_ct", "tensor_cxr", "tensor_ehr", "tensor_pet"]
+    assert schema.field("tensor_ct").type == pa.fixed_shape_tensor(pa.uint8(), [1, 16, 16])
+    assert schema.field("tensor_ehr").type == pa.fixed_shape_tensor(pa.float16(), [24, 76])
+    assert schema.metadata[b"raypipe.schema_version"] == b"2"
     keys = list(zip(rec.sample_id, rec.modality, rec.source_key, rec.position))
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     for pid, zs in truth.items():
@@ -207,7 +213,11 @@ def test_hospital_records_sorted_and_anatomical(hospital_run, hospital_cohort):
                  if os.path.basename(f) not in ("truncated.dcm", "mr.dcm", "notes.dcm")}
         for (_, r), zz in zip(ct.iterrows(), z):
             want, _ = dicom.decode_slice(files[zz], 16, (-1000, 400))
-            np.testing.assert_array_equal(payload_to_array(r["payload"], r["dtype"], r["shape"]), want)
+            # stored uint8 = round(255 * windowed value), in the tensor column, not as payload bytes
+            assert r["payload"] is None and r["dtype"] == "uint8"
+            np.testing.assert_array_equal(record_array(r, as_float=False),
+                                          np.clip(np.rint(want * 255.0), 0, 255).astype(np.uint8))
+            np.testing.assert_allclose(record_array(r), want, atol=0.5 / 255 + 1e-6)
     pet = rec[rec.modality == "pet"]
     assert set(map(tuple, pet["shape"])) == {(1, 16, 16)} and pet.groupby("sample_id").size().eq(3).all()
     cxr = rec[rec.modality == "cxr"]
@@ -243,7 +253,9 @@ def test_hospital_ehr_stays_and_train_only_statistics(hospital_run):
     test_pid = next(p for p in PATIENTS if pseudonym(SECRET, p) not in train)
     (_, raw, _), = ehr.discretise_stays(os.path.join(cfg.ingest_input, "patients", test_pid, "ehr.csv"))
     r = rows[rows.sample_id == pseudonym(SECRET, test_pid)].iloc[0]
-    np.testing.assert_allclose(payload_to_array(r["payload"], r["dtype"], r["shape"]), ehr.standardise(raw, stats), rtol=1e-6)
+    assert r["dtype"] == "float16"  # stored as float16: the reference rounded to float16, exactly
+    np.testing.assert_array_equal(record_array(r),
+                                  ehr.standardise(raw, stats).astype(np.float16).astype(np.float32))
 
 
 def test_hospital_no_phi_in_any_output_byte(hospital_run):
@@ -277,7 +289,8 @@ def test_hospital_rerun_is_byte_identical_and_loaded_statistics(hospital_run, ho
     assert s1["mean"] == s2["mean"] and s2["fitted_on"].startswith("loaded")
     r1 = pd.read_parquet(os.path.join(cfg.records_dir, "records")).query("modality == 'ehr'")
     r2 = pd.read_parquet(os.path.join(loaded.records_dir, "records")).query("modality == 'ehr'")
-    assert list(r1.payload) == list(r2.payload)
+    assert len(r1) == len(r2) and r1.payload.isna().all()
+    assert all(np.array_equal(a, b) for a, b in zip(r1.tensor_ehr, r2.tensor_ehr))
 
 
 def test_rerun_replaces_previous_output_atomically(ray_session, hospital_cohort, tmp_path, monkeypatch):
@@ -329,7 +342,7 @@ def test_synthetic_cohort_order_hu_ehr_phi_and_counts(ray_session, clinical_coho
         z = [json.loads(m)["z_mm"] for m in series.sort_values("position").meta]
         assert z == sorted(z) and len(set(z)) == len(z)
     # HU: the synthetic air outside the body is -1024 HU -> 0 after the lung window, soft tissue > 0.5
-    img = payload_to_array(ct.payload.iloc[0], ct.dtype.iloc[0], ct["shape"].iloc[0])
+    img = record_array(ct.iloc[0])
     assert img[0, 0, 0] == pytest.approx(0.0, abs=0.02) and img.max() > 0.5
     assert set(map(tuple, rec[rec.modality == "ehr"]["shape"])) == {(24, 76)}
     assert (rec.modality == "ehr").sum() == truth["available"]["ehr"]
@@ -360,6 +373,9 @@ def test_regions_cohort_geotiff_patches_and_tabular(ray_session, regions_cohort,
     assert sat.sample_id.nunique() == truth["available"]["sat"]
     cov = rec[rec.modality == "covariates"]
     assert set(map(tuple, cov["shape"])) == {(6,)} and json.loads(cov.meta.iloc[0])["columns"][0] == "pop_density"
+    # every band kept: no shape fixed by the config, so uint8 payload bytes; covariates stay float32
+    assert set(sat.dtype) == {"uint8"} and sat.payload.notna().all() and set(cov.dtype) == {"float32"}
+    assert 0.0 <= record_array(sat.iloc[0]).min() and record_array(sat.iloc[0]).max() <= 1.0
 
 
 def test_unlabelled_cohort_for_inference(hospital_run, hospital_cohort, tmp_path):

@@ -54,7 +54,8 @@ import pyarrow.compute as pc
 
 from raypipe.config import Config
 from raypipe.schema import (EMBEDDING_SPEC_KEY, ERRORS_SCHEMA, NORMALISATION_KEY, TASK_KEY, embedding_column,
-                            embeddings_schema, mask_column, payload_to_array, read_json_metadata)
+                            TENSOR_PREFIX, embeddings_schema, mask_column, payload_to_array, read_json_metadata,
+                            tensor_column, tensor_rows, to_float)
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +138,47 @@ def _binary_views(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]
 
 
 def _fill(dst: np.ndarray, src: np.ndarray) -> None:
-    """dst[...] = src (broadcasting 1 channel to 3). float32 -> float16 through torch: numpy's
-    conversion is scalar (~130 us per 224x224 slice here), torch's vectorised (~10 us)."""
+    """dst[...] = src (broadcasting 1 channel to 3); a uint8 record (schema 2) is scaled by 1/255 on the
+    way. float -> float16 through torch: numpy's conversion is scalar (~130 us per 224x224 slice here),
+    torch's vectorised (~10 us)."""
+    if src.dtype == np.uint8:
+        if dst.dtype == np.float32:
+            np.multiply(src, np.float32(1.0 / 255.0), out=dst, dtype=np.float32)
+            return
+        src = to_float(src)
     if dst.dtype == np.float16:
         from raypipe.embed.image import tensor_view
 
         tensor_view(dst).copy_(tensor_view(src))
     else:
         np.copyto(dst, src)
+
+
+def _record_arrays(batch: pa.Table) -> list[np.ndarray | None]:
+    """Each row's stored array (its dtype, zero-copy): from the row's ``tensor_<modality>`` column
+    (records schema 2) or else its ``payload`` bytes (``dtype``/``shape``; schema 1 and fallbacks).
+    Raises nothing: a row without either is None."""
+    n = batch.num_rows
+    out: list[np.ndarray | None] = [None] * n
+    for name in batch.column_names:
+        if name.startswith(TENSOR_PREFIX):
+            for i, a in enumerate(tensor_rows(batch.column(name))):
+                if a is not None:
+                    out[i] = a
+    if "payload" in batch.column_names:
+        payloads = _binary_views(batch.column("payload"))
+        dtypes = batch.column("dtype").to_pylist()
+        shapes = batch.column("shape").to_pylist()
+        for i in range(n):
+            if out[i] is None and payloads[i] is not None:
+                if dtypes[i] is None or shapes[i] is None:
+                    out[i] = ValueError("record without dtype/shape")  # type: ignore[assignment]
+                    continue
+                try:
+                    out[i] = payload_to_array(payloads[i], dtypes[i], shapes[i])
+                except Exception as e:  # noqa: BLE001 - reported per row by the caller
+                    out[i] = e  # type: ignore[assignment]
+    return out
 
 
 def decode_image_batch(batch: pa.Table, input_size: int, band_projection: str = "mean_groups",
@@ -162,20 +196,23 @@ def decode_image_batch(batch: pa.Table, input_size: int, band_projection: str = 
     from raypipe.embed.image import preprocess_images
 
     n = batch.num_rows
-    payloads = _binary_views(batch.column("payload"))
-    dtypes = batch.column("dtype").to_pylist()
-    shapes = batch.column("shape").to_pylist()
+    arrays = _record_arrays(batch)
     errors = [""] * n
     by_shape: dict[tuple, list[tuple[int, np.ndarray]]] = defaultdict(list)
     for i in range(n):
         try:
-            if payloads[i] is None or dtypes[i] is None or shapes[i] is None:
+            a = arrays[i]
+            if isinstance(a, Exception):
+                raise a
+            if a is None:
                 raise ValueError("image record without payload/dtype/shape")
-            a = payload_to_array(payloads[i], dtypes[i], shapes[i])
             if a.ndim == 2:
                 a = a[None]
             if a.ndim != 3:
                 raise ValueError(f"image record of shape {list(a.shape)}: expected (C, H, W)")
+            if a.dtype == np.uint8:  # schema 2: round(255 * v), always finite; scaled in _fill
+                by_shape[a.shape].append((i, a))
+                continue
             a = a.astype(np.float32, copy=False)
             if not np.isfinite(a).all():
                 raise ValueError("image record with non-finite values")
@@ -195,7 +232,7 @@ def decode_image_batch(batch: pa.Table, input_size: int, band_projection: str = 
                     _fill(pixels[i], a)
                 continue
             idx = [i for i, _ in rows]
-            pixels[idx] = preprocess_images(np.stack([a for _, a in rows]), input_size, band_projection, band_indices,
+            pixels[idx] = preprocess_images(np.stack([to_float(a) for _, a in rows]), input_size, band_projection, band_indices,
                                             normalize=False, keep_gray=True)  # (k, 1, S, S) broadcasts to 3
         except Exception as e:  # noqa: BLE001 - e.g. band_indices out of range for these records
             for i, _ in rows:
@@ -443,7 +480,8 @@ def _family_dataset(cfg: Config, family: str, records_path: str, mods: list[str]
     pred = col("modality").is_in(mods)
     if ids is not None:
         pred = pred & col("sample_id").is_in(ids)
-    columns = [*KEY_COLUMNS, "payload", "dtype", "shape"] if family == "image" else [*KEY_COLUMNS, "text"]
+    columns = ([*KEY_COLUMNS, "payload", "dtype", "shape", *_tensor_columns(records_path, mods)]
+               if family == "image" else [*KEY_COLUMNS, "text"])
     ds = ray.data.read_parquet(records_path).select_columns(columns).filter(expr=pred)
     pool = dict(compute=ray.data.ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
                 num_gpus=plan["num_gpus"], batch_size=plan["batch_size"])
@@ -473,6 +511,14 @@ def _family_dataset(cfg: Config, family: str, records_path: str, mods: list[str]
         return ds
     return ds.map_batches(TextActor, batch_format="numpy", **pool,
                           fn_constructor_kwargs={"text_cfg": cfg.embed.text.model_dump(), **common})
+
+
+def _tensor_columns(records_path: str, mods: Sequence[str]) -> list[str]:
+    """The ``tensor_<m>`` columns of ``mods`` that the records table has (none in schema 1 records)."""
+    import pyarrow.dataset as pads
+
+    names = set(pads.dataset(records_path, format="parquet").schema.names)
+    return [tensor_column(m) for m in mods if tensor_column(m) in names]
 
 
 def _part_path(partial: str, ci: int, family: str) -> tuple[str, str]:
@@ -594,15 +640,20 @@ def _pass_through(records_path: str, ids: list[str], mods: list[str], pass_shape
     if not mods:
         return {}, [], 0
     table = pads.dataset(records_path, format="parquet").to_table(
-        columns=[*KEY_COLUMNS, "payload", "dtype", "shape"],
+        columns=[*KEY_COLUMNS, "payload", "dtype", "shape", *_tensor_columns(records_path, mods)],
         filter=pads.field("sample_id").isin(ids) & pads.field("modality").isin(mods))
     table = table.sort_by([(k, "ascending") for k in KEY_COLUMNS])
     out: dict[tuple[str, str], np.ndarray] = {}
     errors: list[dict] = []
-    for r in table.to_pylist():
+    arrays = _record_arrays(table)
+    for i, r in enumerate(table.select(KEY_COLUMNS).to_pylist()):
         sid, m = r["sample_id"], r["modality"]
         try:
-            a = payload_to_array(r["payload"], r["dtype"], r["shape"]).astype(np.float32)
+            if isinstance(arrays[i], Exception):
+                raise arrays[i]
+            if arrays[i] is None:
+                raise ValueError("record without payload/dtype/shape")
+            a = to_float(arrays[i]).astype(np.float32, copy=True)  # float16 EHR widened (exact)
             if tuple(a.shape) != tuple(pass_shapes[m]):
                 raise ValueError(f"shape {list(a.shape)} differs from the modality's {list(pass_shapes[m])}")
             if (sid, m) in out:

@@ -52,8 +52,8 @@ from raypipe.config import Config
 from raypipe.ids import pseudonym, resolve_secret
 from raypipe.ingest import safety
 from raypipe.ingest.common import DecodeError, check_finite
-from raypipe.schema import (ERRORS_SCHEMA, NORMALISATION_KEY, RECORDS_SCHEMA, array_to_payload, samples_schema,
-                            with_json_metadata)
+from raypipe.schema import (ERRORS_SCHEMA, NORMALISATION_KEY, RECORDS_SCHEMA, quantise_unit, records_schema,
+                            samples_schema, tensor_column, with_json_metadata)
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,20 @@ ROW_SCHEMA = pa.schema([
 ]).with_metadata(None)
 UNEXPECTED = "UnexpectedError"
 #: Parquet settings of the records files: statistics (for predicate pushdown) and dictionaries on the
-#: key columns only; pixel payloads (float32 in [0, 1], barely compressible) stored uncompressed
+#: key columns only; zstd everywhere (uint8 pixels compress by a further ~10-40 %, measured in
+#: benchmarks/ingest_bench.py); row groups of at most ROW_GROUP_BYTES of array data, so a large file
+#: (a large ``ingest.items_per_task``) splits into row groups that readers fetch in parallel
 KEY_COLUMNS = ["sample_id", "modality", "source_key", "position"]
 PARQUET_OPTIONS = dict(
     use_dictionary=["sample_id", "modality", "source_key", "dtype"],
     write_statistics=KEY_COLUMNS,
-    compression={c: ("none" if c == "payload" else "snappy") for c in RECORDS_SCHEMA.names},
+    compression="zstd",
 )
+ROW_GROUP_BYTES = 64 * 1024**2
+#: stored dtype of each kind's arrays: images as ``ingest.payload_dtype`` (set per run), EHR float16
+#: (standardised values: 3 significant digits), tabular covariates float32 (raw values, e.g. 12345.6)
+EHR_DTYPE = "float16"
+IMAGE_KINDS = ("volume", "image", "geotiff")
 #: error classes that mean "this modality is missing for the patient", not a bad file
 MISSING_CLASSES = {"EmptyReport"}
 #: the file states the summary reconciles
@@ -99,19 +106,19 @@ def _decode_item(it: dict, mod_cfg: dict, ehr_cfg: dict, stats: dict | None,
     size, window, sel = mod_cfg["size"], mod_cfg["window"], mod_cfg["slices"]
     base = {"sample_id": it["sample_id"], "modality": it["modality"], "source_key": it["source_key"]}
     if kind == "volume" and fmt == "nifti":
-        return [{**base, "position": pos, **array_to_payload(img), "meta": meta}
+        return [{**base, "position": pos, "array": img, "meta": meta}
                 for pos, img, meta in nifti.decode_volume(it["path"], size, window, sel["policy"], sel["n"], sel["k"],
                                                           mod_cfg["frame"], limits)]
     if kind == "image" and fmt in ("png", "jpeg", "image"):
         img, meta = image2d.decode_image(it["path"], size, mod_cfg["channels"], limits)
-        return [{**base, "position": 0, **array_to_payload(img), "meta": meta}]
+        return [{**base, "position": 0, "array": img, "meta": meta}]
     if kind == "image" and fmt == "dicom":  # e.g. a DX/CR chest X-ray: one image per file
         img, meta = dicom.decode_slice(it["path"], size, window, limits=limits)
         if mod_cfg["channels"] == "rgb":
             img = np.repeat(img, 3, axis=0)
-        return [{**base, "position": 0, **array_to_payload(img), "meta": meta}]
+        return [{**base, "position": 0, "array": img, "meta": meta}]
     if kind == "geotiff" and fmt == "geotiff":
-        return [{**base, "position": pos, **array_to_payload(img), "meta": meta}
+        return [{**base, "position": pos, "array": img, "meta": meta}
                 for pos, img, meta in geotiff.decode_scene(it["path"], size, mod_cfg["bands"], mod_cfg["percentiles"],
                                                            limits)]
     if kind == "ehr" and fmt == "csv":
@@ -123,7 +130,7 @@ def _decode_item(it: dict, mod_cfg: dict, ehr_cfg: dict, stats: dict | None,
             if stats:
                 x = ehr.standardise(x, stats)
             meta["standardised"] = bool(stats)
-            out.append({**base, "position": pos, **array_to_payload(x), "meta": meta})
+            out.append({**base, "position": pos, "array": x, "meta": meta})
         return out
     if kind == "text" and fmt == "text":
         return [{**base, "position": 0, "text": report.read_report(it["path"], mod_cfg["max_words"],
@@ -131,7 +138,7 @@ def _decode_item(it: dict, mod_cfg: dict, ehr_cfg: dict, stats: dict | None,
                  "meta": {"max_words": mod_cfg["max_words"]}}]
     if kind == "tabular" and fmt == "csv":
         vec, cols = tabular.read_row(it["path"], it["source_id"], limits.max_table_bytes)
-        return [{**base, "position": 0, **array_to_payload(vec), "meta": {"columns": cols}}]
+        return [{**base, "position": 0, "array": vec, "meta": {"columns": cols}}]
     if not fmt:
         raise safety.fail("UnsupportedFormat", f"no format column and {safety.extension(it['rel'])}")
     known = fmt in {"dicom", "nifti", "png", "jpeg", "image", "geotiff", "csv", "text"}
@@ -183,13 +190,15 @@ def _decode_dicom_group(it: dict, mod_cfg: dict, source_secret: bytes, root: str
 
 
 def _decode_batch(batch: pa.Table, modalities: dict, ehr_cfg: dict, stats: dict | None,
-                  source_secret: bytes = b"", root: str = "/", limits: dict | None = None) -> pa.Table:
+                  source_secret: bytes = b"", root: str = "/", limits: dict | None = None,
+                  store_dtypes: dict | None = None) -> pa.Table:
     """map_batches UDF: decode each item with its own try/except (a bad file becomes an error row).
 
     Each path is confined to ``root`` first (regular files only); every record's array is checked
     finite before it is emitted. The rows come out sorted by the output key: a DICOM group's series
     keys are only known once its files are read, so the task sorts its own rows (the groups never
-    straddle tasks).
+    straddle tasks). ``store_dtypes`` (modality -> dtype, :func:`store_dtypes`) sets each array's stored
+    dtype; the arrays travel on in it (uint8 images: a quarter of float32's bytes).
     """
     lim = safety.Limits.of(limits)
     rows: list[dict] = []
@@ -204,8 +213,8 @@ def _decode_batch(batch: pa.Table, modalities: dict, ehr_cfg: dict, stats: dict 
             it = {**it, "path": safety.confine(root, it["rel"])}
             recs = list(_decode_item(it, modalities[it["modality"]], ehr_cfg, stats, lim))
             for rec in recs:  # no non-finite float payload is ever written
-                if rec.get("payload") is not None and str(rec.get("dtype", "")).startswith("float"):
-                    check_finite(np.frombuffer(rec["payload"], dtype=rec["dtype"]), "record")
+                if rec.get("array") is not None and rec["array"].dtype.kind == "f":
+                    check_finite(rec["array"], "record")
             for rec in recs:
                 rec["meta"] = json.dumps(rec.get("meta") or {}, sort_keys=True)
                 rows.append({**head, **rec, "kind": "record"})
@@ -220,11 +229,60 @@ def _decode_batch(batch: pa.Table, modalities: dict, ehr_cfg: dict, stats: dict 
                 rows.append({**head, "file": fid, "kind": "error", "error_class": cls, "message": msg})
             rows.append({**head, "kind": "done"})
     rows.sort(key=lambda r: (r["sample_id"], r["modality"], r["source_key"], r["position"], r["file"]))
-    return _rows_table(rows)
+    return _rows_table(rows, store_dtypes)
 
 
-def _rows_table(rows: list[dict]) -> pa.Table:
-    """ROW_SCHEMA table of ``rows``; a row's ``array`` (numpy) becomes its payload/dtype/shape.
+def store_dtypes(modalities: dict, payload_dtype: str = "uint8") -> dict[str, str]:
+    """Stored dtype per array modality: images ``payload_dtype``, EHR float16, tabular float32."""
+    out = {}
+    for m, c in modalities.items():
+        kind = c["kind"] if isinstance(c, dict) else c.kind
+        if kind in IMAGE_KINDS:
+            out[m] = payload_dtype
+        elif kind == "ehr":
+            out[m] = EHR_DTYPE
+        elif kind == "tabular":
+            out[m] = "float32"
+    return out
+
+
+def declared_tensors(modalities: dict, ehr_cfg: dict, dtypes: dict[str, str]) -> dict[str, tuple[str, list[int]]]:
+    """The modalities whose record shape the config fixes -> (stored dtype, shape): their arrays go to a
+    ``tensor_<modality>`` column (fixed-shape tensor). Image slices (C, size, size) with C = 1, 3 (rgb) or
+    the number of selected geotiff bands; EHR stays (steps, features). Others (tabular rows, geotiff with
+    every band) keep ``payload`` bytes, as does any record whose shape differs from the declared one."""
+    from raypipe.ingest.ehr import N_FEATURES
+
+    out = {}
+    for m, c in modalities.items():
+        c = c if isinstance(c, dict) else c.model_dump(mode="json")
+        s = int(c["size"])
+        if c["kind"] == "volume":
+            out[m] = (dtypes[m], [1, s, s])
+        elif c["kind"] == "image":
+            out[m] = (dtypes[m], [3 if c["channels"] == "rgb" else 1, s, s])
+        elif c["kind"] == "geotiff" and c.get("bands"):
+            out[m] = (dtypes[m], [len(c["bands"]), s, s])
+        elif c["kind"] == "ehr":
+            out[m] = (dtypes[m], [int(round(ehr_cfg["window_hours"] / ehr_cfg["step_hours"])), N_FEATURES])
+    return out
+
+
+def _stored(a: np.ndarray, dtype: str | None) -> np.ndarray:
+    """``a`` in its stored dtype: uint8/float16/float32 of a [0, 1] image (:func:`raypipe.schema.quantise_unit`);
+    float16 values beyond its range (an unstandardised EHR value above 65504) stay float32."""
+    if dtype is None or a.dtype == np.dtype(dtype):
+        return a
+    if dtype == "uint8":
+        return quantise_unit(a, "uint8")
+    if dtype == "float16" and a.size and float(np.abs(a).max()) > float(np.finfo(np.float16).max):
+        return a
+    return a.astype(np.dtype(dtype))
+
+
+def _rows_table(rows: list[dict], dtypes: dict | None = None) -> pa.Table:
+    """ROW_SCHEMA table of ``rows``; a row's ``array`` (numpy) becomes its payload/dtype/shape,
+    stored as ``dtypes[modality]`` (unchanged for a modality not in it).
 
     The payload column is assembled from the arrays with a single copy (no intermediate bytes
     object per record): decoded pixels are most of what a task moves.
@@ -238,11 +296,11 @@ def _rows_table(rows: list[dict]) -> pa.Table:
                 p = cols["payload"][i]
                 chunks.append(np.frombuffer(p, np.uint8) if p is not None else None)
             else:
-                a = np.ascontiguousarray(a)
+                a = np.ascontiguousarray(_stored(a, (dtypes or {}).get(rows[i]["modality"])))
                 if a.dtype.byteorder == ">":
                     a = a.astype(a.dtype.newbyteorder("<"))
                 chunks.append(a.reshape(-1).view(np.uint8))
-                cols["dtype"][i], cols["shape"][i] = a.dtype.str.lstrip("<|="), list(a.shape)
+                cols["dtype"][i], cols["shape"][i] = a.dtype.name, list(a.shape)
             sizes.append(0 if chunks[-1] is None else chunks[-1].size)
         offsets = np.zeros(len(rows) + 1, np.int64)
         np.cumsum(sizes, out=offsets[1:])
@@ -286,7 +344,62 @@ def _ehr_sums_batch(batch: pa.Table, ehr_cfg: dict, root: str = "/", limits: dic
     return pa.table({"first": [first], "s": [s.tolist()], "sq": [sq.tolist()], "n": [n]})
 
 
-def _records_sink(out_dir: str, prefix: str = "part"):
+def _binary_views(arr: pa.Array) -> list[np.ndarray | None]:
+    """Zero-copy uint8 views of a binary array's values (None for nulls)."""
+    if len(arr) == 0:
+        return []
+    _, offsets, data = arr.buffers()
+    offs = np.frombuffer(offsets, np.int32, count=len(arr) + 1, offset=arr.offset * 4)
+    values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    return [values[offs[j]:offs[j + 1]] if valid[j] else None for j in range(len(arr))]
+
+
+def records_table(rec: pa.Table, tensors: dict[str, tuple[str, list[int]]]) -> pa.Table:
+    """The records columns of decode rows, in :func:`raypipe.schema.records_schema` ``(tensors)``: a record of a
+    declared modality whose dtype and shape match the declaration moves from ``payload`` to ``tensor_<m>``."""
+    import pyarrow.compute as pc
+
+    schema = records_schema(tensors)
+    base = rec.select(RECORDS_SCHEMA.names).cast(RECORDS_SCHEMA)
+    n = base.num_rows
+    mods = base.column("modality").to_pylist()
+    dts = base.column("dtype").to_pylist()
+    shapes = base.column("shape").to_pylist()
+    payload = base.column("payload").combine_chunks()
+    if isinstance(payload, pa.ChunkedArray):  # beyond 2 GB of payload: Arrow keeps chunks
+        views = [None if v is None else np.frombuffer(v, np.uint8) for v in payload.to_pylist()]
+    else:
+        views = _binary_views(payload)
+    moved = np.zeros(n, bool)
+    cols = {}
+    for m, (dt, shape) in sorted(tensors.items()):
+        dtype, size = np.dtype(dt), int(np.prod(shape))
+        nb = size * dtype.itemsize
+        valid = np.array([mods[i] == m and dts[i] is not None and np.dtype(dts[i]) == dtype and list(shapes[i] or []) == list(shape)
+                          and views[i] is not None and views[i].size == nb for i in range(n)], bool)
+        values = np.zeros(n * nb, np.uint8)  # null slots: untouched zero pages, never written to Parquet
+        for i in np.flatnonzero(valid):
+            values[i * nb:(i + 1) * nb] = views[i]
+        storage = pa.FixedSizeListArray.from_arrays(pa.array(values.view(dtype)), size, mask=pa.array(~valid))
+        cols[tensor_column(m)] = pa.ExtensionArray.from_storage(schema.field(tensor_column(m)).type, storage)
+        moved |= valid
+    if moved.any():
+        payload = pc.if_else(pa.array(moved), pa.scalar(None, pa.binary()), payload)
+    arrays = [payload if f.name == "payload" else cols[f.name] if f.name in cols else base.column(f.name)
+              for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_records(table: pa.Table, path: str) -> None:
+    """Write a records table with :data:`PARQUET_OPTIONS`, row groups of at most :data:`ROW_GROUP_BYTES`."""
+    import pyarrow.parquet as pq
+
+    per_row = table.nbytes / max(1, table.num_rows)
+    pq.write_table(table, path, row_group_size=max(1, int(ROW_GROUP_BYTES // max(1.0, per_row))), **PARQUET_OPTIONS)
+
+
+def _records_sink(out_dir: str, prefix: str = "part", tensors: dict | None = None):
     """A Ray Data datasink writing each task's records to ``<prefix>-<task>.parquet`` and returning its
     errors and the work items it finished (``done``).
 
@@ -306,7 +419,6 @@ def _records_sink(out_dir: str, prefix: str = "part"):
 
         def write(self, blocks, ctx) -> dict:
             import pyarrow.compute as pc
-            import pyarrow.parquet as pq
 
             tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
             tables = [t for t in tables if t.num_rows]
@@ -317,9 +429,8 @@ def _records_sink(out_dir: str, prefix: str = "part"):
             n_rec = pc.sum(is_rec).as_py() or 0
             rec = rows if n_rec == rows.num_rows else rows.filter(is_rec)  # no copy when nothing failed
             if n_rec:
-                table = rec.select(RECORDS_SCHEMA.names).cast(RECORDS_SCHEMA)
-                pq.write_table(table, os.path.join(self.out_dir, f"{prefix}-{ctx.task_idx:05d}.parquet"),
-                               **PARQUET_OPTIONS)
+                write_records(records_table(rec, tensors or {}),
+                              os.path.join(self.out_dir, f"{prefix}-{ctx.task_idx:05d}.parquet"))
             other = [] if n_rec == rows.num_rows else \
                 rows.filter(pc.invert(is_rec)).select(["kind", "file", "error_class", "message"]).to_pylist()
             return {"files": sorted(set(rec.column("file").to_pylist())), "records": n_rec,
@@ -576,6 +687,8 @@ def run_ingest(cfg: Config, manifest: pd.DataFrame | None = None) -> dict:
     train_ids = set(samples.loc[samples["split"] == "train", "sample_id"])
     mods = {k: v.model_dump(mode="json") for k, v in cfg.ingest.modalities.items()}
     limits = cfg.ingest.limits.model_dump()
+    dtypes = store_dtypes(mods, cfg.ingest.payload_dtype)
+    tensors = declared_tensors(mods, cfg.ingest.ehr.model_dump(), dtypes)
 
     # --- one entry per manifest file; files of unconfigured modalities are counted as skipped
     files: list[dict] = []
@@ -637,14 +750,15 @@ def run_ingest(cfg: Config, manifest: pd.DataFrame | None = None) -> dict:
             for it in work:
                 it.pop("train", None)
             fn_kwargs = {"modalities": mods, "ehr_cfg": cfg.ingest.ehr.model_dump(), "stats": stats or None,
-                         "source_secret": source_secret, "root": root, "limits": limits}
-            results = _decode_pass(_task_blocks(work, mods, cfg.ingest.items_per_task), rec_dir, "part", fn_kwargs)
+                         "source_secret": source_secret, "root": root, "limits": limits, "store_dtypes": dtypes}
+            results = _decode_pass(_task_blocks(work, mods, cfg.ingest.items_per_task), rec_dir, "part", fn_kwargs,
+                                   tensors)
             lost = _lost_items(work, results)
             if lost:  # tasks that died: their items again, one per task, to find the culprit(s)
                 log.warning("ingest: %d decode task(s) died (e.g. killed for memory); decoding their %d "
                             "work items one per task", len(lost), sum(len(b) for b in lost))
                 single = [pa.Table.from_pylist([it]) for b in lost for it in b]
-                results += _decode_pass(single, rec_dir, "part-retry", fn_kwargs)
+                results += _decode_pass(single, rec_dir, "part-retry", fn_kwargs, tensors)
                 for it in (it for b in _lost_items(work, results) for it in b):
                     for fid in it["group_files"] or [it["file"]]:
                         errors.append({"file": fid, "error_class": "ResourceLimit", "message": safety.message(
@@ -659,7 +773,7 @@ def run_ingest(cfg: Config, manifest: pd.DataFrame | None = None) -> dict:
                 for fid in ret["not_selected"]:
                     states.setdefault(fid, "not_selected")  # a multi-frame file with another frame chosen: ingested
         if not n_records:
-            pq.write_table(RECORDS_SCHEMA.empty_table(), os.path.join(rec_dir, "part-00000.parquet"))
+            pq.write_table(records_schema(tensors).empty_table(), os.path.join(rec_dir, "part-00000.parquet"))
 
         # --- file states, errors table, summary
         err_rows = []
@@ -700,12 +814,13 @@ def run_ingest(cfg: Config, manifest: pd.DataFrame | None = None) -> dict:
     return {**summary, "records_dir": records_dir, "printed": reconciliation_table(summary)}
 
 
-def _decode_pass(blocks: list[pa.Table], rec_dir: str, prefix: str, fn_kwargs: dict) -> list[dict]:
+def _decode_pass(blocks: list[pa.Table], rec_dir: str, prefix: str, fn_kwargs: dict,
+                 tensors: dict | None = None) -> list[dict]:
     """One Ray Data decode pass over ``blocks`` (one task each) into ``rec_dir/<prefix>-NNNNN.parquet``;
     returns the write results of the tasks that finished (a task that died has none)."""
     import ray.data
 
-    sink = _records_sink(rec_dir, prefix)
+    sink = _records_sink(rec_dir, prefix, tensors)
     with _unordered(), _tolerate_dead_tasks():
         ds = ray.data.from_arrow(blocks)
         with _remote_args_accepted():
