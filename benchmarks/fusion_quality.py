@@ -351,8 +351,11 @@ def plan_runs(args) -> list[tuple[str, str, dict]]:
 
 
 def run_benchmark(data: MultiViewData, conditions: dict[str, np.ndarray], folds: np.ndarray, runs, args,
-                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
-    """scores[condition][row] = list over folds of metric dicts (plus seconds_per_epoch for trained rows)."""
+                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+                  on_row: Callable[[dict], None] | None = None) -> dict:
+    """scores[condition][row] = list over folds of metric dicts (plus seconds_per_epoch for trained rows);
+    ``on_row(scores)`` after every finished trained row (``--json`` saves there, so a run stopped early keeps
+    the rows it finished)."""
     k = int(folds.max()) + 1
     scores: dict[str, dict[str, list[dict]]] = {c: {} for c in conditions}
     # one untimed fit of every method first: one-off costs (lazy imports, first-call initialisation)
@@ -386,6 +389,8 @@ def run_benchmark(data: MultiViewData, conditions: dict[str, np.ndarray], folds:
             vals = [r[main] for r in rows]
             log(f"[{time.perf_counter() - t0:6.0f}s] {cond:9s} {label:36s} {main} {np.mean(vals):.3f} "
                 f"+- {_sd(vals):.3f}  {np.mean([r['seconds_per_epoch'] for r in rows]):.3f} s/epoch")
+            if on_row:
+                on_row(scores)
     return scores
 
 
@@ -410,9 +415,13 @@ def metric_table(scores: dict, metric: str) -> list[str]:
     conds = list(scores)
     lines = ["| method | " + " | ".join(conds) + " | " + " | ".join(f"p vs omnifuse ({c})" for c in conds) + " |",
              "|---|" + "---|" * (2 * len(conds))]
-    for label in scores[conds[0]]:
+    for label in dict.fromkeys(k for c in conds for k in scores[c]):
         cells, pv = [], []
         for c in conds:
+            if label not in scores[c]:  # a merged run that did not reach this row for this condition
+                cells.append("not run")
+                pv.append("-")
+                continue
             vals = [r.get(metric, np.nan) for r in scores[c][label]]
             cells.append(f"{np.mean(vals):.3f} ± {_sd(vals):.3f}")
             if label == "omnifuse" or "omnifuse" not in scores[c] or label.startswith("only:") or "Bayes" in label:
@@ -486,21 +495,25 @@ def timing_table(scores: dict) -> list[str]:
     """Fit time per epoch (mean over folds) per trained row and condition, in CPU seconds of the process
     and in wall seconds, and the CPU-time ratio to concat."""
     conds = list(scores)
-    trained = [k for k in scores[conds[0]] if "seconds_per_epoch" in scores[conds[0]][k][0]]
+    trained = [k for k in dict.fromkeys(k for c in conds for k in scores[c])
+               if any(k in scores[c] and "seconds_per_epoch" in scores[c][k][0] for c in conds)]
     lines = ["| method | " + " | ".join(f"CPU s/epoch ({c})" for c in conds) + " | x concat (CPU, mean) | "
              "wall s/epoch (mean) | epochs run (mean) |",
              "|---|" + "---|" * (len(conds) + 3)]
 
     def cpu(label, c):
+        if label not in scores[c]:
+            return np.nan
         return np.mean([r.get("cpu_seconds_per_epoch", r["seconds_per_epoch"]) for r in scores[c][label]])
 
-    base = np.mean([cpu("concat", c) for c in conds]) if "concat" in trained else None
+    base = np.nanmean([cpu("concat", c) for c in conds]) if "concat" in trained else None
     for label in trained:
         per = [cpu(label, c) for c in conds]
-        ratio = f"{np.mean(per) / base:.1f}" if base else "-"
-        wall = np.mean([r["seconds_per_epoch"] for c in conds for r in scores[c][label]])
-        epochs = np.mean([r["epochs"] for c in conds for r in scores[c][label]])
-        lines.append(f"| {label} | " + " | ".join(f"{s:.3f}" for s in per) + f" | {ratio} | {wall:.3f} | {epochs:.1f} |")
+        ratio = f"{np.nanmean(per) / base:.1f}" if base else "-"
+        wall = np.mean([r["seconds_per_epoch"] for c in conds if label in scores[c] for r in scores[c][label]])
+        epochs = np.mean([r["epochs"] for c in conds if label in scores[c] for r in scores[c][label]])
+        lines.append(f"| {label} | " + " | ".join("not run" if np.isnan(s) else f"{s:.3f}" for s in per)
+                     + f" | {ratio} | {wall:.3f} | {epochs:.1f} |")
     return lines
 
 
@@ -598,15 +611,23 @@ def main(argv=None) -> dict:
     conditions = make_conditions(data, rates, args.seed)
     runs = plan_runs(args)
     started = run_context()  # code version and load when the code was imported and the run began
-    t0 = time.perf_counter()
-    scores = run_benchmark(data, conditions, folds, runs, args)
-    elapsed = time.perf_counter() - t0
     command = "python benchmarks/fusion_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    t0 = time.perf_counter()
+
+    def save(scores, complete=False):
+        if args.json:
+            with open(args.json + ".tmp", "w") as fh:
+                json.dump({"args": vars(args), "dataset": data.name, "scores": scores,
+                           "seconds": time.perf_counter() - t0, "command": command, "context": started,
+                           "complete": complete}, fh, indent=2)
+            import os
+
+            os.replace(args.json + ".tmp", args.json)
+
+    scores = run_benchmark(data, conditions, folds, runs, args, on_row=save)
+    elapsed = time.perf_counter() - t0
     print(markdown_report(data, scores, conditions, args, elapsed, command))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "dataset": data.name, "scores": scores, "seconds": elapsed,
-                       "command": command, "context": started}, fh, indent=2)
+    save(scores, complete=True)
     return scores
 
 
@@ -664,11 +685,11 @@ def report_from_json(paths) -> dict:
         raise SystemExit(f"--from-json: unexpected condition names {list(scores)}")
     labels = list(dict.fromkeys(k for c in scores for k in scores[c]))
     missing = [(c, k) for c in scores for k in labels if k not in scores[c]]
-    if missing:
-        raise SystemExit(f"--from-json: rows missing for some conditions: {missing[:5]}")
+    if missing:  # e.g. a run stopped early: shown as "not run" cells
+        print(f"--from-json: rows not run for some conditions: {missing}", file=sys.stderr)
     refs = [k for k in labels if k.startswith(("ref:", "only:"))]
     labels = refs + [k for k in labels if k not in refs]
-    scores = {c: {k: scores[c][k] for k in labels} for c in scores}
+    scores = {c: {k: scores[c][k] for k in labels if k in scores[c]} for c in scores}
     elapsed = sum(r["seconds"] for r in runs)
     commands = "; ".join(r.get("command", "?") for r in runs)
     print(markdown_report(data, scores, conditions, first, elapsed, commands))

@@ -133,6 +133,11 @@ def test_merge_takes_each_row_from_the_last_file_that_has_it(bench):
     assert replaced == [("drop 0%", "late", 1)]
     merged, replaced = bench.merge_scores([rerun, first])  # the order decides
     assert merged["drop 0%"]["late"] == [{"auroc": 0.6}] and replaced == [("drop 0%", "late", 1)]
+    # a row that a run stopped early did not reach for a condition: a "not run" cell, not an error
+    two = {"drop 0%": {"concat": [{"auroc": 0.7}, {"auroc": 0.9}], "late": [{"auroc": 0.6}, {"auroc": 0.8}]},
+           "drop 50%": {"concat": [{"auroc": 0.5}, {"auroc": 0.7}]}}
+    lines = bench.metric_table(two, "auroc")
+    assert "| late | 0.700 ± 0.141 | not run | - | - |" in lines  # sd of (0.6, 0.8), ddof 1: 0.1414
 
 
 def test_goal_checks_state_the_comparisons_hand_worked(bench):
