@@ -358,8 +358,6 @@ def _binary_views(arr: pa.Array) -> list[np.ndarray | None]:
 def records_table(rec: pa.Table, tensors: dict[str, tuple[str, list[int]]]) -> pa.Table:
     """The records columns of decode rows, in :func:`raypipe.schema.records_schema` ``(tensors)``: a record of a
     declared modality whose dtype and shape match the declaration moves from ``payload`` to ``tensor_<m>``."""
-    import pyarrow.compute as pc
-
     schema = records_schema(tensors)
     base = rec.select(RECORDS_SCHEMA.names).cast(RECORDS_SCHEMA)
     n = base.num_rows
@@ -384,8 +382,9 @@ def records_table(rec: pa.Table, tensors: dict[str, tuple[str, list[int]]]) -> p
         storage = pa.FixedSizeListArray.from_arrays(pa.array(values.view(dtype)), size, mask=pa.array(~valid))
         cols[tensor_column(m)] = pa.ExtensionArray.from_storage(schema.field(tensor_column(m)).type, storage)
         moved |= valid
-    if moved.any():
-        payload = pc.if_else(pa.array(moved), pa.scalar(None, pa.binary()), payload)
+    if moved.any():  # the moved rows' bytes are dropped (only the others' are copied)
+        payload = pa.array([None if moved[i] or views[i] is None else views[i].tobytes() for i in range(n)],
+                           pa.binary())
     arrays = [payload if f.name == "payload" else cols[f.name] if f.name in cols else base.column(f.name)
               for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema)

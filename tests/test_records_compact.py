@@ -1,0 +1,134 @@
+"""Records schema 2 (issue 17): uint8 images and float16 EHR in fixed-shape tensor columns, zstd,
+bounded row groups; readable by pandas / pyarrow / Ray Data without raypipe code; embeddings of
+uint8 records match those of float32 records; schema-1 rows still read."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from raypipe.config import load_config
+from raypipe.schema import RECORDS_SCHEMA, array_to_payload, record_array, records_schema
+
+pytestmark = pytest.mark.ray
+
+MODALITIES = ("ingest.modalities={ct: {kind: volume, window: [-1000, 400], size: 32, slices: {policy: even, n: 4}}, "
+              "pet: {kind: volume, window: [0, 10], size: 32, slices: {policy: even, n: 4}}, ehr: {kind: ehr}}")
+
+
+def _cfg(out, cohort, dtype):
+    # the demo's image settings (32x32, 4 slices, seeded random ResNet34)
+    return load_config(None, [f"run.out_dir={out}", f"ingest.input={cohort}", "ray.progress_bars=false",
+                              MODALITIES, f"ingest.payload_dtype={dtype}", "embed.image.weights=random",
+                              "embed.image.input_size=32", "run.seed=0", "embed.batch_size=8", "embed.pool_size=1"])
+
+
+@pytest.fixture(scope="module")
+def ingested(ray_session, clinical_cohort, tmp_path_factory):
+    from raypipe.ingest.pipeline import run_ingest
+
+    root, _ = clinical_cohort
+    out = {}
+    for dtype in ("uint8", "float32"):
+        cfg = _cfg(str(tmp_path_factory.mktemp(f"records_{dtype}")), root, dtype)
+        assert run_ingest(cfg)["ok"]
+        out[dtype] = cfg
+    return out
+
+
+def _records(cfg) -> str:
+    return os.path.join(cfg.records_dir, "records")
+
+
+def test_uint8_records_read_as_arrays_without_raypipe(ingested):
+    # one modality per read (its tensor column is null on the other modalities' rows)
+    ct8, ct32 = (pd.read_parquet(_records(ingested[d]), filters=[("modality", "=", "ct")]) for d in ("uint8", "float32"))
+    assert len(ct8) == len(ct32) > 0 and list(ct8.source_key) == list(ct32.source_key)
+    for a, b in zip(ct8.tensor_ct, ct32.tensor_ct):  # pandas: one numpy array per row, no bytes
+        assert isinstance(a, np.ndarray) and a.dtype == np.uint8 and a.size == 32 * 32
+        assert b.dtype == np.float32
+        # round(255 v) / 255 is within half a step of the float32 value
+        np.testing.assert_allclose(a.astype(np.float32) / 255, b, atol=0.5 / 255 + 1e-6)
+    # pyarrow: the whole column of one modality as one shaped array (zero copy)
+    t = pq.read_table(_records(ingested["uint8"]), filters=[("modality", "=", "ct")])
+    arr = t.column("tensor_ct").combine_chunks().to_numpy_ndarray()
+    assert arr.shape == (len(ct8), 1, 32, 32) and arr.dtype == np.uint8
+    ehr = pd.read_parquet(_records(ingested["uint8"]), filters=[("modality", "=", "ehr")])
+    assert set(ehr.dtype) == {"float16"} and all(x.dtype == np.float16 and x.size == 24 * 76 for x in ehr.tensor_ehr)
+
+
+def test_ray_data_reads_the_tensor_column_shaped(ingested):
+    import ray.data
+    from ray.data.expressions import col
+
+    ds = ray.data.read_parquet(_records(ingested["uint8"])).filter(expr=col("modality") == "pet")
+    row = ds.select_columns(["tensor_pet"]).take(1)[0]
+    assert np.asarray(row["tensor_pet"]).shape == (1, 32, 32) and np.asarray(row["tensor_pet"]).dtype == np.uint8
+
+
+def test_uint8_records_are_compact_zstd(ingested):
+    def size(cfg):
+        return sum(os.path.getsize(f) for f in glob.glob(os.path.join(_records(cfg), "*.parquet")))
+
+    assert size(ingested["uint8"]) < 0.5 * size(ingested["float32"])  # 1 byte per pixel instead of 4
+    meta = pq.ParquetFile(sorted(glob.glob(os.path.join(_records(ingested["uint8"]), "*.parquet")))[0]).metadata
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    assert {meta.row_group(0).column(i).compression for i in range(meta.num_columns)} == {"ZSTD"}, names
+
+
+def test_row_groups_are_bounded(tmp_path):
+    from raypipe.ingest import pipeline
+
+    n, side = 130, 724  # ~0.5 MB per uint8 record: 64 MB row groups hold ~128 records
+    rows = pa.table({"sample_id": [f"s{i:03d}" for i in range(n)], "modality": ["ct"] * n,
+                     "source_key": ["k"] * n, "position": pa.array(range(n), pa.int32()),
+                     "payload": [np.zeros((1, side, side), np.uint8).tobytes()] * n, "dtype": ["uint8"] * n,
+                     "shape": [[1, side, side]] * n, "text": pa.nulls(n, pa.string()), "meta": ["{}"] * n})
+    table = pipeline.records_table(rows, {"ct": ("uint8", [1, side, side])})
+    assert table.column("payload").null_count == n and table.column("tensor_ct").null_count == 0
+    path = str(tmp_path / "r.parquet")
+    pipeline.write_records(table, path)
+    md = pq.ParquetFile(path).metadata
+    per_row = table.nbytes / n
+    assert md.num_row_groups == 2 and md.row_group(0).num_rows == int(pipeline.ROW_GROUP_BYTES // per_row)
+
+
+def test_embeddings_of_uint8_records_match_float32(ingested, tmp_path):
+    from raypipe.embed.pipeline import run_embed
+    from raypipe.schema import embedding_column
+
+    tables = {}
+    for d, cfg in ingested.items():
+        cfg = cfg.model_copy(deep=True)
+        cfg.embed.out = str(tmp_path / f"emb_{d}")
+        run_embed(cfg)
+        tables[d] = pq.read_table(cfg.embed.out).sort_by("sample_id")
+    a, b = tables["uint8"], tables["float32"]
+    assert a.column("sample_id").to_pylist() == b.column("sample_id").to_pylist()
+    for m in ("ct", "pet"):
+        present = pc.and_(a.column(f"mask_{m}"), b.column(f"mask_{m}")).to_numpy(zero_copy_only=False)
+        assert present.sum() >= 3
+        x = np.stack(a.column(embedding_column(m)).to_numpy(zero_copy_only=False)[present])
+        y = np.stack(b.column(embedding_column(m)).to_numpy(zero_copy_only=False)[present])
+        cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+        assert cos.min() >= 0.999, (m, cos.min())
+        # not vacuous: different samples' embeddings differ by more than the quantisation does
+        other = (x[0] * y[1:]).sum(1) / np.linalg.norm(x[0]) / np.linalg.norm(y[1:], axis=1)
+        assert other.max() < cos.min()
+
+
+def test_schema_1_rows_still_read():
+    a = np.random.default_rng(0).random((1, 4, 4), dtype=np.float32)
+    row = {"modality": "ct", **array_to_payload(a)}  # raw float32 bytes + dtype/shape, no tensor column
+    np.testing.assert_array_equal(record_array(row), a)
+    q = np.array([[[0, 128, 255]]], np.uint8)
+    row2 = {"modality": "ct", "payload": None, "dtype": "uint8", "shape": [1, 1, 3], "tensor_ct": q.reshape(-1)}
+    np.testing.assert_allclose(record_array(row2), [[[0.0, 128 / 255, 1.0]]], rtol=1e-6)
+    assert records_schema().names == RECORDS_SCHEMA.names
