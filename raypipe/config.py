@@ -200,6 +200,9 @@ class IngestConfig(_Section):
     #: larger amortises Ray's per-task cost (benchmarks/RESULTS.md), smaller streams in finer steps
     items_per_task: int = Field(128, ge=1)
     scan: ScanConfig = Field(default_factory=ScanConfig)
+    #: stored dtype of image records (windowed to [0, 1]): uint8 = round(255 * v) (49 KB per 224x224 slice
+    #: before compression, error <= 1/510), float16, or float32 (200 KB, the schema-1 layout); EHR is float16
+    payload_dtype: Literal["uint8", "float16", "float32"] = "uint8"
 
 
 # ---------------------------------------------------------------------------- embed
@@ -265,6 +268,17 @@ class OmniFuseConfig(_Section):
     imp_forward_on: Literal["known", "dropped"] = "known"
     #: TLA mines the lazy subset after every k-th epoch (1 = every epoch, the paper's schedule)
     mine_every: int = Field(1, ge=1)
+    #: the joint head sees the cascade latents and also v, the observed / filled slots (a skip
+    #: around the cascade); false = the paper's latents only
+    joint_skip: bool = False
+    #: DWFuse weight of an imputed slot: same as observed (the paper) or scaled by the cascade's
+    #: running reliability max(0, 1 - NMSE) (reliability)
+    imputed_trust: Literal["same", "reliability"] = "same"
+    #: which losses train what: all (the paper: every loss reaches cascades and encoders);
+    #: imputation (the heads read the cascade's output through a stop-gradient: only the imputation
+    #: losses train the cascades); separate (also the cascade's input v is detached: the imputation
+    #: losses train the cascades only, the classification losses the encoders and heads only)
+    cascade_grad: Literal["all", "imputation", "separate"] = "all"
 
 
 class AutoConfig(_Section):
@@ -283,6 +297,10 @@ class AutoConfig(_Section):
     metric: str = "auto"
     #: greedy ensemble selection steps (Caruana et al. 2004, with replacement); 0 = no ensemble
     ensemble_size: int = Field(25, ge=0)
+    #: > 0: before the CV, a Ray Tune search of each candidate's hyper-parameters (tune.space,
+    #: tune.scheduler; random draws seeded by run.seed) on the same folds, this many trials per
+    #: candidate; each candidate is then cross-validated with its best trial's values. 0 = none
+    tune_trials: int = Field(0, ge=0)
 
 
 class TrainConfig(_Section):
@@ -303,6 +321,21 @@ class TrainConfig(_Section):
     #: autocast dtype of the training forward pass. auto: bf16 on a GPU that supports it (else
     #: fp16 with loss scaling), fp32 on CPU. Evaluation and prediction always run in fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    #: persist a checkpoint every k epochs; the epoch of a new best validation score and the last
+    #: epoch (the final one, or the early-stopped one) are persisted whatever k is. A crash repeats
+    #: at most the epochs since the last persisted checkpoint (docs/train.md, "Checkpoints and failures")
+    checkpoint_every: int = Field(1, ge=1)
+    #: upload each checkpoint to run.out_dir in a background thread of the worker (Ray Train's
+    #: CheckpointUploadMode.ASYNC): the next epoch starts while the previous one is being persisted
+    checkpoint_async: bool = True
+    #: worker-group failures (a node lost, a worker killed) one run survives, each restarting the
+    #: workers from the last registered checkpoint (Ray Train's FailureConfig); -1 = no limit
+    max_failures: int = Field(2, ge=-1)
+    #: how the workers get their share of the splits. "memory": the driver reads the split's rows
+    #: once into Ray's object store and each worker takes its share (no Ray Data execution per
+    #: run); "ray_data": a Ray Dataset per split, streamed to the workers (get_dataset_shard);
+    #: "auto": memory when the input table is at most 256 MiB uncompressed, else ray_data
+    feed: Literal["auto", "memory", "ray_data"] = "auto"
     omnifuse: OmniFuseConfig = Field(default_factory=OmniFuseConfig)
     #: extra keyword arguments for the chosen method (e.g. {"rho": 0.5} for metafusion)
     method_args: dict[str, Any] = Field(default_factory=dict)
@@ -339,6 +372,9 @@ class InferConfig(_Section):
     pool_size: int | None = None
     #: GPUs per predictor actor (0 = CPU). With GPUs the pool defaults to one actor per GPU.
     num_gpus_per_actor: float = Field(0, ge=0)
+    #: rows Ray Data hands a predictor actor at a time (one Arrow -> numpy conversion and one output
+    #: block per batch); the model predicts them in chunks of batch_size
+    rows_per_actor_batch: int = Field(16384, ge=1)
 
 
 class ReportConfig(_Section):
