@@ -132,6 +132,42 @@ def test_auto_is_deterministic_and_the_ensemble_is_scored_on_the_folds(ray_sessi
 
 
 @ray
+@pytest.mark.slow  # two Tune searches: 214 s wall at load 60 on the shared 2-core VM (Tune's loop waits)
+def test_auto_tune_trials_take_each_candidates_hyperparameters_from_the_search(ray_session, user_table, tmp_path):
+    from raypipe.train.tables import infer_task, read_embeddings
+    from raypipe.tune.auto import cross_validate
+
+    table = read_embeddings(user_table)
+    task, _ = infer_task(table.y)
+    runs = []
+    for run in ("a", "b"):
+        # the candidates' own width is 8 (FAST); the search may only pick 12 or 16
+        cfg = _auto_cfg(tmp_path / run, user_table, "train.auto.candidates=[concat, late]", "train.auto.tune_trials=2",
+                        "tune.space={hidden_dim: [choice, [12, 16]], lr: [choice, [0.001, 0.02]]}")
+        out = tmp_path / run / "auto"
+        s = cross_validate(cfg, table, task, "accuracy", True, str(out))
+        runs.append((s, pd.read_csv(s["leaderboard"]).drop(columns=["fit_seconds"]),
+                     pd.read_csv(out / "search.csv").drop(columns=["trial"])))
+    s, board, search = runs[0]
+    pd.testing.assert_frame_equal(board, runs[1][1])  # same seed: same search, leaderboard and choice
+    pd.testing.assert_frame_equal(search, runs[1][2])
+    assert (search.groupby("candidate").size() == 2).all() and (search["folds_done"] == 2).all()
+    board = board.set_index("candidate")
+    for label in ("concat", "late"):
+        trials = search[search["candidate"] == label].reset_index(drop=True)
+        best = trials.iloc[int(trials["cv_mean"].to_numpy().argmax())]  # first of equal bests
+        chosen = s["search"][label]["params"]
+        assert chosen == {"hidden_dim": int(best["hidden_dim"]), "lr": float(best["lr"])}
+        assert chosen["hidden_dim"] in (12, 16)
+        assert s["_candidates"][label].train_cfg["hidden_dim"] == chosen["hidden_dim"]
+        assert s["_candidates"][label].train_cfg["lr"] == chosen["lr"]
+        assert json.loads(board.loc[label, "params"]) == chosen
+        # the leaderboard's fits are the best trial's fits (same fold function, params and seed)
+        np.testing.assert_allclose(json.loads(board.loc[label, "folds"]), json.loads(best["fold_scores"]),
+                                   atol=1e-6)
+
+
+@ray
 def test_auto_time_limit_skips_what_cannot_finish(ray_session, user_table, tmp_path):
     from raypipe.tune.auto import run_auto
 

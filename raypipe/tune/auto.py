@@ -7,20 +7,29 @@
    `raypipe compare` (:mod:`raypipe.tune.folds`): a fit trains on the other folds with the
    config's simulated missingness (``train.p_drop``), early-stops on a validation part of
    them, and predicts its held-out fold (out-of-fold predictions).
-2. ``train.auto.time_limit`` (seconds): fits still running then are cancelled; a candidate
-   without every fold is skipped and listed as such.
+   With ``train.auto.tune_trials`` > 0 a Ray Tune search of each candidate's hyper-parameters
+   on the same folds and with the same fold function comes first
+   (:func:`raypipe.tune.search.search_candidates`); each candidate is then cross-validated
+   with its best trial's values.
+2. ``train.auto.time_limit`` (seconds, covering the search and the CV): fits still running then
+   are cancelled; a candidate without every fold is skipped and listed as such.
 3. A greedy weighted ensemble (:mod:`raypipe.fusion.ensemble`) over the candidates'
    out-of-fold predictions; it is scored on the same folds (for each fold, weights chosen on
    the other folds' predictions, so its score is not fitted to the fold it is scored on).
 4. ``<run dir>/leaderboard.csv`` (metric mean ± std over folds, fit seconds, paired t-test
-   against the best), ``auto_summary.json`` and ``folds.parquet``.
+   against the best, searched params), ``auto_summary.json``, ``folds.parquet`` and, with a
+   search, ``search.csv``.
 5. The winner is refitted on the full training split with `raypipe train`'s own path (Ray
    Train V2) into the run directory (default ``<out_dir>/train/auto``); an ensemble's members
    are refitted each into ``members/<name>`` and saved together as one model
    (``model.pt`` + ``model_meta.json``) that `raypipe infer` and `raypipe report` use.
 
-Deterministic: same config and seed, same folds, fits, leaderboard and choice (the time
-limit aside: what finishes in time depends on the machine).
+Deterministic: same config and seed, same folds, search trials, fits, leaderboard and choice
+(the time limit aside: what finishes in time depends on the machine).
+
+Public functions (stable; ``benchmarks/fusion_quality_auto.py`` uses them): :func:`candidates`,
+:func:`cross_validate`, :func:`run_auto`, :func:`leaderboard_html`; the ensemble itself is
+:mod:`raypipe.fusion.ensemble` (``greedy_ensemble``, ``combine``).
 """
 
 from __future__ import annotations
@@ -152,16 +161,31 @@ def cross_validate(cfg: Config, table, task: str, metric: str, higher: bool, out
     init_ray(cfg)
     os.makedirs(out_dir, exist_ok=True)
     write_folds(os.path.join(out_dir, "folds.parquet"), sub.sample_id, folds)
-    data_ref = ray.put((sub.x, sub.mask, sub.y, sub.sample_id, {m: list(s) for m, s in sub.shapes.items()}))
+    data = (sub.x, sub.mask, sub.y, sub.sample_id, {m: list(s) for m, s in sub.shapes.items()})
+    data_ref = ray.put(data)
+    n_out = n_outputs_for(task, table.y)
+    deadline = time.monotonic() + ac.time_limit if ac.time_limit else None
+    searched: dict[str, dict] = {}
+    search_seconds = 0.0
+    if ac.tune_trials > 0:  # each candidate's hyper-parameters from a Tune search on these folds
+        from raypipe.tune.search import apply_train_params, search_candidates
+
+        t0 = time.perf_counter()
+        searched = search_candidates(cfg, cands, data, folds, task, sub.modalities, metric, higher, n_out, out_dir,
+                                     time_budget_s=ac.time_limit / 2 if ac.time_limit else None)
+        search_seconds = time.perf_counter() - t0
+        for c in cands:
+            if searched[c.label]["params"]:
+                c.train_cfg = apply_train_params(c.train_cfg, searched[c.label]["params"])
+        log.info("auto: search done in %.1f s: %s", search_seconds, "; ".join(
+            f"{c.label} {json.dumps(searched[c.label]['params'], default=str)}" for c in cands))
     jobs = [FitJob(c.label, c.method, f, c.train_cfg) for c in cands for f in range(ac.folds)]
     log.info("auto: %d candidates x %d folds = %d fits on %d rows (metric %s%s)", len(cands), ac.folds, len(jobs),
              len(sub), metric, f", time limit {ac.time_limit:g} s" if ac.time_limit else "")
     t0 = time.perf_counter()
-    deadline = time.monotonic() + ac.time_limit if ac.time_limit else None
     results, unfinished, errors = run_fits(jobs, data_ref, folds, task, sub.modalities, cfg.run.seed,
                                            patterns=False, return_predictions=True, deadline=deadline,
-                                           progress_bars=cfg.ray.progress_bars, desc="auto",
-                                           n_outputs=n_outputs_for(task, table.y))
+                                           progress_bars=cfg.ray.progress_bars, desc="auto", n_outputs=n_out)
     seconds = time.perf_counter() - t0
     by_label: dict[str, dict[int, dict]] = {}
     for r in results:
@@ -222,11 +246,12 @@ def cross_validate(cfg: Config, table, task: str, metric: str, higher: bool, out
         board.append({"rank": len(board) + 1, "candidate": l, f"{metric}_mean": mean, f"{metric}_std": std,
                       "fit_seconds": round(fit_seconds[l], 2), f"p_vs_{best}": p, "status": "ok",
                       "folds": json.dumps([None if not np.isfinite(v) else round(float(v), 6) for v in per_fold[l]]),
-                      "members": ",".join(f"{m}:{weights[m]:.3f}" for m in weights) if l == "ensemble" else ""})
+                      "members": ",".join(f"{m}:{weights[m]:.3f}" for m in weights) if l == "ensemble" else "",
+                      "params": _params_text(searched.get(l))})
     for l, why in skipped.items():
         board.append({"rank": None, "candidate": l, f"{metric}_mean": np.nan, f"{metric}_std": np.nan,
                       "fit_seconds": np.nan, f"p_vs_{best}": np.nan, "status": f"skipped: {why}", "folds": "",
-                      "members": ""})
+                      "members": "", "params": _params_text(searched.get(l))})
     df = pd.DataFrame(board)
     df.to_csv(os.path.join(out_dir, LEADERBOARD_FILE) + ".tmp", index=False)
     os.replace(os.path.join(out_dir, LEADERBOARD_FILE) + ".tmp", os.path.join(out_dir, LEADERBOARD_FILE))
@@ -236,10 +261,21 @@ def cross_validate(cfg: Config, table, task: str, metric: str, higher: bool, out
     summary = {"ok": True, "task": task, "metric": metric, "higher_is_better": higher, "folds": ac.folds,
                "rows": int(len(sub)), "candidates": [c.label for c in cands], "skipped": skipped, "best": best,
                "chosen": chosen, "ensemble_weights": weights, "cv_seconds": round(seconds, 1),
+               "search_seconds": round(search_seconds, 1), "tune_trials": ac.tune_trials,
+               "search": {l: {k: v for k, v in d.items()} for l, d in searched.items()},
                "mean": {l: means[l] for l in order},
                "leaderboard": os.path.abspath(os.path.join(out_dir, LEADERBOARD_FILE))}
     summary["_candidates"] = {c.label: c for c in complete}
     return summary
+
+
+def _params_text(found: dict | None) -> str:
+    """A leaderboard cell: the searched hyper-parameters a candidate was cross-validated with."""
+    if not found:
+        return ""
+    if not found.get("params"):
+        return "search: no complete trial, own settings"
+    return json.dumps(found["params"], sort_keys=True, default=str)
 
 
 def _cfg_for(cfg: Config, cand, out: str) -> Config:
@@ -256,11 +292,19 @@ def run_auto(cfg: Config, refit: bool = True) -> dict:
     task, _ = infer_task(table.y, cfg.train.task)
     metric, higher = resolve_metric(cfg.train.auto.metric, task)
     candidates(cfg, task)  # a wrong candidate list too
+    if cfg.train.auto.tune_trials:  # and a search auto cannot run
+        from raypipe.tune.search import search_space
+
+        if cfg.tune.search == "optuna":
+            raise ValueError("train.auto.tune_trials searches with tune.search random or grid, not optuna")
+        search_space(cfg)
     run_dir = cfg.train_dir("auto")
     summary = cross_validate(cfg, table, task, metric, higher, run_dir)
     cands = summary.pop("_candidates")
     result = {k: summary[k] for k in ("ok", "task", "metric", "best", "chosen", "skipped", "cv_seconds",
                                       "leaderboard")}
+    if summary["tune_trials"]:
+        result["search_seconds"] = summary["search_seconds"]
     result["run_dir"] = os.path.abspath(run_dir)
     if refit:
         t0 = time.perf_counter()

@@ -11,6 +11,10 @@ hopeless trial after its first folds. Outputs under ``<out_dir>/tune``:
 ``results.csv`` (one row per trial), ``best_config.yaml`` (accepted unchanged
 by `raypipe train --config`) and the final model trained with it on the whole
 training portion.
+
+``train.method=auto`` searches its candidates' hyper-parameters with the same machinery
+(:func:`search_candidates`: one ``Tuner``, the candidate a grid dimension, auto's folds and
+fold function).
 """
 
 from __future__ import annotations
@@ -363,3 +367,170 @@ def run_tune(cfg: Config, train_final: bool = True) -> dict:
         final = run_train(best_cfg)
         summary.update({f"final_test_{main}": final.get(f"test_{main}"), "final_run_dir": final.get("run_dir")})
     return summary
+
+
+# ----------------------------------------------------------------- train.method=auto: search per candidate
+AUTO_SEARCH_FILE = "search.csv"
+
+
+def candidate_space_keys(cfg: Config, method: str) -> list[str]:
+    """The search-space keys (``DEFAULT_SPACE`` updated by ``tune.space``) that act on ``method``.
+
+    ``omnifuse.*`` keys configure OmniFuse only; every other key (``lr``, ``hidden_dim``, any
+    other ``train.*`` key given in ``tune.space``) is searched for every candidate.
+    """
+    return [k for k in search_space(cfg) if method == "omnifuse" or not k.startswith("omnifuse.")]
+
+
+def apply_train_params(train_cfg: dict, params: dict[str, Any]) -> dict:
+    """A TrainConfig dict with dotted ``params`` (``lr``, ``omnifuse.depth``, ...) set, validated."""
+    from raypipe.config import TrainConfig
+
+    train = json.loads(json.dumps(train_cfg))
+    for key, value in params.items():
+        node, parts = train, key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _plain(value)
+    return TrainConfig.model_validate(train).model_dump(mode="json")
+
+
+def _auto_trainable(config: dict, bases: dict, methods: dict, keys: dict, data: tuple, folds: np.ndarray,
+                    task: str, modalities: list[str], seed: int, n_outputs: int, metric: str) -> None:
+    """One trial of the per-candidate search: ``config["candidate"]``'s k folds with the trial's params.
+
+    Each fold is the very fit ``train.method=auto`` makes for its leaderboard
+    (:func:`raypipe.tune.folds.fold_task`: train on the other folds minus a validation part for
+    early stopping, score the untouched held-out fold), so a trial's ``cv_mean`` is what the
+    candidate's leaderboard row will show with these params. A report after every fold (ASHA
+    can stop a trial early), with the fold scores as a small checkpoint (``Tuner.restore``
+    continues a trial at its first unfinished fold).
+    """
+    import tempfile
+
+    import ray.tune
+
+    from raypipe.tune.folds import fold_task
+
+    label = config["candidate"]
+    train = apply_train_params(bases[label], {key: config[key] for key in keys[label]})
+    k = int(np.max(folds)) + 1
+    scores: list[float] = []
+    ckpt = ray.tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d, open(os.path.join(d, CV_STATE_FILE)) as fh:
+            scores = [float(v) for v in json.load(fh)["fold_scores"]]
+    for f in range(len(scores), k):
+        t0 = time.perf_counter()
+        row = fold_task(methods[label], {}, train, data, f, folds, task, modalities, seed, patterns=False,
+                        n_outputs=n_outputs)
+        scores.append(float(row.get(metric, np.nan)))
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, CV_STATE_FILE), "w") as fh:
+                json.dump({"fold_scores": scores}, fh)
+            ray.tune.report({"fold": f + 1, "fold_score": scores[-1], "cv_mean": float(np.nanmean(scores)),
+                             "cv_std": summarise(np.asarray(scores))[1], "fold_seconds": time.perf_counter() - t0,
+                             "fold_scores": json.dumps(scores)},
+                            checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+
+
+def search_candidates(cfg: Config, cands: list, data: tuple, folds: np.ndarray, task: str, modalities: list[str],
+                      metric: str,
+                      higher: bool, n_outputs: int, out_dir: str, time_budget_s: float | None = None,
+                      ) -> dict[str, dict]:
+    """``train.auto.tune_trials`` > 0: a Ray Tune search of each candidate's hyper-parameters on auto's folds.
+
+    One ``Tuner`` for all candidates: ``candidate`` is a grid dimension and every other key is
+    drawn from the search space (:func:`search_space`; ``tune.space`` overrides the defaults,
+    ``omnifuse.*`` keys only for omnifuse, :func:`candidate_space_keys`), so each candidate
+    gets ``train.auto.tune_trials`` random draws (``tune.search: grid`` multiplies them by the
+    grid), 1 CPU per trial, ``tune.scheduler`` (fifo/asha), the draws seeded by ``run.seed``.
+    ``data`` is auto's ``(x, mask, y, sample_id, shapes)`` of the cross-validated rows,
+    ``folds`` their folds and ``modalities`` the table's modality order. ``time_budget_s``: Tune
+    stops the search then; trials without every fold are not used.
+
+    Returns, per candidate label, ``{"params": {key: value}, "cv_mean": ..., "trials": n}`` for
+    the complete trial with the best ``cv_mean`` on ``metric`` (ties: the earlier trial), or
+    ``{"params": {}, "trials": 0}`` when none completed (the candidate keeps its settings).
+    Writes every trial to ``<out_dir>/search.csv``.
+    """
+    import pandas as pd
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from raypipe.runtime import cluster_resources, init_ray
+
+    if cfg.tune.search == "optuna":
+        raise ValueError("train.auto.tune_trials searches with tune.search random or grid, not optuna")
+    rctx = init_ray(cfg)
+    k = int(np.max(folds)) + 1
+    labels = [c.label for c in cands]
+    keys = {c.label: candidate_space_keys(cfg, c.method) for c in cands}
+    space = {"candidate": ray.tune.grid_search(labels), **search_space(cfg)}
+    slots = max(1, int(cluster_resources()["CPU"]))
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(_auto_trainable, bases={c.label: c.train_cfg for c in cands},
+                                 methods={c.label: c.method for c in cands}, keys=keys, data=data,
+                                 folds=np.asarray(folds), task=task, modalities=list(modalities), seed=cfg.run.seed,
+                                 n_outputs=n_outputs, metric=metric),
+        {"CPU": 1.0})
+    scheduler = (ASHAScheduler(time_attr="fold", max_t=k, grace_period=1, reduction_factor=2)
+                 if cfg.tune.scheduler == "asha" else FIFOScheduler())
+    name = f"{cfg.run.name}-auto-search-{search_fingerprint(cfg)}"
+    path = os.path.join(rctx.results_dir, name)
+    if ray.tune.Tuner.can_restore(path):
+        log.info("auto: resuming the interrupted search at %s", path)
+        tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = ray.tune.Tuner(
+            trainable, param_space=space,
+            tune_config=ray.tune.TuneConfig(metric="cv_mean", mode="max" if higher else "min",
+                                            num_samples=cfg.train.auto.tune_trials, scheduler=scheduler,
+                                            search_alg=BasicVariantGenerator(random_state=cfg.run.seed),
+                                            max_concurrent_trials=cfg.tune.max_concurrent_trials or slots,
+                                            reuse_actors=True, time_budget_s=time_budget_s),
+            run_config=ray.tune.RunConfig(name=name, storage_path=rctx.results_dir,
+                                          verbose=None if cfg.ray.progress_bars else 0))
+    log.info("auto: searching %d candidates x %d trials x %d folds (%s)", len(cands), cfg.train.auto.tune_trials,
+             k, ", ".join(sorted({x for v in keys.values() for x in v})))
+    grid = tuner.fit()
+    all_keys = sorted({x for v in keys.values() for x in v}, key=list(search_space(cfg)).index)
+    rows = []
+    for r in grid:
+        if not r.metrics or "fold_scores" not in r.metrics or r.config.get("candidate") not in keys:
+            continue
+        label = r.config["candidate"]
+        scores = json.loads(r.metrics["fold_scores"])
+        trial_id = str(r.metrics.get("trial_id", ""))
+        tail = trial_id.rsplit("_", 1)[-1]
+        rows.append({"candidate": label, "trial": trial_id,
+                     **{x: (_plain(r.config.get(x)) if x in keys[label] else None) for x in all_keys},
+                     "cv_mean": r.metrics.get("cv_mean"), "cv_std": r.metrics.get("cv_std"),
+                     "folds_done": len(scores), "fold_scores": json.dumps(scores),
+                     # trial ids end in the trial's creation index: ties go to the earlier trial
+                     "_order": (labels.index(label), int(tail) if tail.isdigit() else 0),
+                     "_params": {x: _plain(r.config.get(x)) for x in keys[label]}})
+    rows.sort(key=lambda row: row["_order"])
+    os.makedirs(out_dir, exist_ok=True)
+    pd.DataFrame([{c: v for c, v in row.items() if not c.startswith("_")} for row in rows],
+                 columns=["candidate", "trial", *all_keys, "cv_mean", "cv_std", "folds_done", "fold_scores"]
+                 ).to_csv(os.path.join(out_dir, AUTO_SEARCH_FILE), index=False)
+    out: dict[str, dict] = {}
+    for label in labels:
+        done = [row for row in rows if row["candidate"] == label and row["folds_done"] == k
+                and row["cv_mean"] is not None and np.isfinite(row["cv_mean"])]
+        if not done:
+            out[label] = {"params": {}, "trials": 0}
+            continue
+        best = done[0]
+        for row in done[1:]:
+            if (row["cv_mean"] > best["cv_mean"]) if higher else (row["cv_mean"] < best["cv_mean"]):
+                best = row
+        out[label] = {"params": best["_params"], "cv_mean": float(best["cv_mean"]), "trial": best["trial"],
+                      "trials": len(done)}
+    return out
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
