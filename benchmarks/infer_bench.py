@@ -2,9 +2,10 @@
 
 Trains a small OmniFuse once (framework-free loop) on embeddings rendered from the synthetic
 truth, writes it as a run directory, then predicts N samples (a) in one process with the
-same prediction function and batch size, (b) with `run_infer` (read, actor pool, sort, write).
+same prediction function and batch size, (b) with `run_infer` (read, actor pool, write). Prints
+predictions/s and CPU seconds per row (the Ray path: every process of the local Ray, start-up included).
 
-    python benchmarks/infer_bench.py --n 20000
+    python benchmarks/infer_bench.py --n 1000000            # the issue-17 acceptance size
     python benchmarks/infer_bench.py --device cuda --n 2000000 --batch-size 16384   # one GPU actor
 """
 
@@ -19,12 +20,32 @@ import time
 import numpy as np
 
 
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its descendants (the local Ray: raylet, GCS,
+    workers), the exited ones included through their parents' reaped-children times."""
+    import ray  # noqa: F401 - Ray ships psutil in its vendored packages
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=200000)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: the plain loop and one predictor actor (infer.num_gpus_per_actor=1) on the GPU")
+    p.add_argument("--actor-batch", type=int, default=16384,
+                   help="rows per Ray Data batch (infer.rows_per_actor_batch); the model predicts --batch-size at a time")
+    p.add_argument("--pool", type=int, default=0, help="predictor actors (infer.pool_size); 0: one per CPU")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -61,10 +82,10 @@ def main(argv=None):
     method.to(args.device)
     predict = loop.make_predict_fn(method, "binary", device=args.device)
     predict({m: v[:args.batch_size] for m, v in table.x.items()}, table.mask[:args.batch_size])  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, args.n, args.batch_size):
         predict({m: v[i:i + args.batch_size] for m, v in table.x.items()}, table.mask[i:i + args.batch_size])
-    t_plain = time.perf_counter() - t0
+    t_plain, cpu_plain = time.perf_counter() - t0, time.process_time() - c0
 
     # (a2) the same job in one process end to end: read the Parquet table, predict, write the predictions
     # table (the Ray path's Predictor code for the Arrow <-> numpy parts)
@@ -72,31 +93,38 @@ def main(argv=None):
 
     from raypipe.infer.pipeline import Predictor
 
-    t0 = time.perf_counter()
-    pred = Predictor(run, device=args.device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    pred = Predictor(run, device=args.device, batch_size=args.batch_size)
     os.makedirs(os.path.join(work, "pred_plain"))
     with pq.ParquetFile(os.path.join(emb_dir, "part-00000.parquet")) as pf:
         writer = None
-        for i, b in enumerate(pf.iter_batches(batch_size=args.batch_size)):
+        for i, b in enumerate(pf.iter_batches(batch_size=max(args.batch_size, args.actor_batch))):
             out_t = pred(pa.Table.from_batches([b]))
             if writer is None:
                 writer = pq.ParquetWriter(os.path.join(work, "pred_plain", "part-0.parquet"), out_t.schema)
             writer.write_table(out_t)
         writer.close()
-    t_plain_io = time.perf_counter() - t0
+    t_plain_io, cpu_plain_io = time.perf_counter() - t0, time.process_time() - c0
 
     cfg = load_config(None, [f"run.out_dir={work}", f"infer.checkpoint={run}", f"infer.input={emb_dir}",
                              f"infer.out={work}/pred", f"infer.batch_size={args.batch_size}", "ray.progress_bars=false",
+                             f"infer.rows_per_actor_batch={args.actor_batch}",
+                             *([f"infer.pool_size={args.pool}"] if args.pool else []),
                              f"infer.num_gpus_per_actor={1 if args.device == 'cuda' else 0}"])
     init_ray(cfg)
     from raypipe.infer.pipeline import run_infer
 
-    t0 = time.perf_counter()
+    from raypipe.runtime import cluster_resources
+
+    cpus = cluster_resources().get("CPU", 0)
+    pool = args.pool or (1 if args.device == "cuda" else max(1, int(cpus)))
+    t0, c0 = time.perf_counter(), tree_cpu_seconds()
     res = run_infer(cfg)
-    t_ray = time.perf_counter() - t0
+    t_ray, cpu_ray = time.perf_counter() - t0, tree_cpu_seconds() - c0
     gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""
-    print(f"\ninfer benchmark: OmniFuse (4 modalities, 64-d), {args.n} samples, batch {args.batch_size}, "
-          f"{os.cpu_count()} CPUs{gpu}, device {args.device}")
+    print(f"\ninfer benchmark: OmniFuse (4 modalities, 64-d), {args.n} samples, model batch {args.batch_size}, "
+          f"{args.actor_batch} rows per actor batch, {pool} predictor actor(s), {os.cpu_count()} CPUs{gpu}, "
+          f"device {args.device}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     print(f"plain loop ({args.device}, 1 thread): {args.n / t_plain:10.0f} predictions/s (in-memory arrays, no I/O)")
     print(f"plain end to end        : {args.n / t_plain_io:10.0f} predictions/s (one process: read Parquet, "
           "predict, write Parquet)")
@@ -104,12 +132,19 @@ def main(argv=None):
           f"{res['rows']} rows written)")
     print(f"ratio (ray/plain): {t_plain / t_ray:.2f} against the in-memory loop, {t_plain_io / t_ray:.2f} against "
           "the same job end to end in one process   (goal: >= 0.8 on CPU)")
+    us = lambda c: 1e6 * c / args.n  # noqa: E731
+    print(f"CPU per row: plain loop {us(cpu_plain):.1f} us, plain end to end {us(cpu_plain_io):.1f} us, ray data "
+          f"{us(cpu_ray):.1f} us (every process of the local Ray, start-up included); CPU ratio ray/plain "
+          f"{cpu_ray / cpu_plain:.2f} against the in-memory loop, {cpu_ray / cpu_plain_io:.2f} against end to end")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"n": args.n, "batch_size": args.batch_size, "device": args.device, "cpus": os.cpu_count(),
                        "gpu": gpu.lstrip(", ") or None, "plain_per_s": args.n / t_plain, "ray_per_s": args.n / t_ray,
                        "plain_io_per_s": args.n / t_plain_io, "ratio": t_plain / t_ray,
-                       "ratio_end_to_end": t_plain_io / t_ray, "rows": res["rows"]}, fh, indent=2)
+                       "ratio_end_to_end": t_plain_io / t_ray, "rows": res["rows"], "pool": pool,
+                       "actor_batch": args.actor_batch, "cpu_s": {"plain": cpu_plain, "plain_io": cpu_plain_io,
+                                                                  "ray": cpu_ray}, "loadavg": os.getloadavg()},
+                      fh, indent=2)
 
 
 if __name__ == "__main__":

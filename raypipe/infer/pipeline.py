@@ -58,7 +58,7 @@ def check_compatible(meta: dict, schema: pa.Schema) -> None:
 class Predictor:
     """Ray Data callable class: loads the trained model once, predicts Arrow batches."""
 
-    def __init__(self, run_dir: str, device: str = "cpu"):
+    def __init__(self, run_dir: str, device: str = "cpu", batch_size: int = 1024):
         import torch
 
         from raypipe import console
@@ -75,12 +75,17 @@ class Predictor:
         self.shapes = {m: tuple(s) for m, s in self.meta["shapes"].items()}
         self.predict = loop.make_predict_fn(self.method, self.meta["task"], device=device)
         self.schema = predictions_schema(self.modalities, self.meta["n_outputs"])
+        self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from raypipe.train.tables import table_to_arrays
 
+        # one conversion per (large) Ray Data batch; the model sees chunks of infer.batch_size
         arrays = table_to_arrays(batch, self.modalities, self.shapes, [])
-        out = self.predict({m: arrays[f"x_{m}"] for m in self.modalities}, arrays["mask"])
+        n, bs = batch.num_rows, self.batch_size
+        parts = [self.predict({m: arrays[f"x_{m}"][i:i + bs] for m in self.modalities}, arrays["mask"][i:i + bs])
+                 for i in range(0, n, bs)]
+        out = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return predictions_table(batch.column("sample_id"), out, self.modalities, self.meta["task"], self.schema)
 
 
@@ -135,12 +140,15 @@ def run_infer(cfg: Config) -> dict:
             raise ValueError(f"infer.num_gpus_per_actor={gpus:g} but the cluster has {res.get('GPU', 0):g} GPUs")
         pool = cfg.infer.pool_size or max(1, int(res["GPU"] // gpus))
     else:
-        pool = cfg.infer.pool_size or max(1, int(res["CPU"]) - 1)  # leave a CPU for the read tasks
+        # one actor per CPU of the cluster: the read and write tasks share the CPUs with them
+        # (actor_cpus reserves a fraction, so a read task always fits)
+        pool = cfg.infer.pool_size or max(1, int(res["CPU"]))
     t0 = time.perf_counter()
     ds = ray.data.read_parquet(src).map_batches(
-        Predictor, fn_constructor_kwargs={"run_dir": os.path.abspath(run_dir), "device": "cuda" if gpus else "cpu"},
-        batch_size=cfg.infer.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool),
-        num_cpus=actor_cpus(pool, res["CPU"]), num_gpus=gpus or None)
+        Predictor, fn_constructor_kwargs={"run_dir": os.path.abspath(run_dir), "device": "cuda" if gpus else "cpu",
+                                          "batch_size": cfg.infer.batch_size},
+        batch_size=max(cfg.infer.rows_per_actor_batch, cfg.infer.batch_size), batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=actor_cpus(pool, res["CPU"]), num_gpus=gpus or None)
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     # Written by Ray Data, nothing collected on the driver. Order: Ray Data preserves the input

@@ -52,10 +52,24 @@ class EmbeddingTable:
 def fixed_list_to_numpy(column: pa.Array | pa.ChunkedArray, width: int) -> tuple[np.ndarray, np.ndarray]:
     """A (fixed-size) list<float> column -> ((N, width) float32 with zeros for nulls, (N,) valid mask)."""
     if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks else pa.array([], type=column.type)
+        if column.num_chunks == 1:
+            column = column.chunk(0)
+        elif column.num_chunks == 0:
+            column = pa.array([], type=column.type)
+        else:  # chunk by chunk: one copy of the values instead of combine_chunks' and ours
+            parts = [fixed_list_to_numpy(c, width) for c in column.chunks]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     n = len(column)
+    valid = column.is_valid().to_numpy(zero_copy_only=False) if column.null_count else np.ones(n, bool)
+    if n and pa.types.is_fixed_size_list(column.type) and column.type.list_size == width:
+        # the child array holds width values for every row, nulls included: read it in place
+        flat = column.values.slice(column.offset * width, n * width)
+        if flat.null_count == 0 and pa.types.is_floating(flat.type):
+            out = np.array(flat.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, width)  # own copy
+            if not valid.all():
+                out[~valid] = 0.0
+            return out, valid
     out = np.zeros((n, width), np.float32)
-    valid = column.is_valid().to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
     if valid.any():
         values = column.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
         out[valid] = np.asarray(values, np.float32).reshape(-1, width)
@@ -93,7 +107,8 @@ def table_to_arrays(table: pa.Table, modalities: Sequence[str], shapes: dict[str
         mcol = mask_column(m)
         mask = table.column(mcol).to_numpy(zero_copy_only=False).astype(bool) if mcol in table.column_names else valid
         mask = mask & valid
-        vals[~mask] = 0.0
+        if not mask.all():
+            vals[~mask] = 0.0
         out[f"x_{m}"] = vals.reshape((n,) + tuple(shapes[m]))
         masks.append(mask)
     out["mask"] = np.stack(masks, axis=1) if masks else np.zeros((n, 0), bool)
