@@ -8,7 +8,10 @@
      with every slice selected (``slices.policy: all``).
 
 Prints slices/s of each, the ratio (b)/(a) (the goal: >= 1.5 on 2 cores) and (b)/(a'), the
-CPU seconds per slice of (a) and of (b) -- split by process: the driver, the Ray workers that
+records' size on disk per slice (KB; goal <= 60 for 224x224 with the default uint8 payloads;
+``--payload-dtype float32`` for the float32 layout), the CPU seconds per slice of (a) and of (b)
+and their ratio (b)/(a) (goal <= 1.2; CPU time, unlike wall time, does not depend on what else the
+machine runs) -- split by process: the driver, the Ray workers that
 run the decode tasks, Ray's own processes (raylet, GCS, dashboard) -- and the peak memory of (b)
 (driver plus every Ray process, RSS summed over the process tree, sampled every 0.1 s in an
 extra run so that the sampler does not slow the timed ones) at 1x and 4x the cohort size:
@@ -16,6 +19,7 @@ streaming keeps it flat.
 
     python benchmarks/ingest_bench.py                     # 90 patients x 24 slices = 2160 slices (1x), 4x
     python benchmarks/ingest_bench.py --patients 30 --scales 1 --repeats 1
+    python benchmarks/ingest_bench.py --patients 20 --scales 1 --repeats 1 --payload-dtype float32
 """
 
 from __future__ import annotations
@@ -138,6 +142,8 @@ def main(argv=None):
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs given to the local Ray (the goal is set for 2)")
     p.add_argument("--items-per-task", type=int, default=None, help="ingest.items_per_task (default: the config's)")
     p.add_argument("--work", help="directory for cohorts and outputs (default: a temporary one)")
+    p.add_argument("--payload-dtype", choices=["uint8", "float16", "float32"], default=None,
+                   help="ingest.payload_dtype (default: the config's, uint8)")
     p.add_argument("--worker-niceness", type=int, default=0,
                    help="nice value of the local Ray's workers (Ray's default is 15: on a machine shared with "
                         "other work they would get less CPU than the plain loop at nice 0)")
@@ -164,6 +170,7 @@ def main(argv=None):
         cfg = load_config(None, [f"run.out_dir={os.path.join(work, f'run{scale}')}", f"ingest.input={cohort}",
                                  "ray.progress_bars=false", f"ray.num_cpus={args.num_cpus}",
                                  *([f"ingest.items_per_task={args.items_per_task}"] if args.items_per_task else []),
+                                 *([f"ingest.payload_dtype={args.payload_dtype}"] if args.payload_dtype else []),
                                  f"ingest.modalities={{ct: {{kind: volume, window: [-1000, 400], size: {args.size}, "
                                  "slices: {policy: all}}}"])
         if not ray_started:
@@ -185,19 +192,26 @@ def main(argv=None):
         with PeakRSS() as mem:  # one more run for the peak memory
             run_ingest(cfg)
         peaks.append(mem.peak)
+        disk = sum(os.path.getsize(f) for f in glob.glob(os.path.join(cfg.records_dir, "records", "*.parquet")))
         rows.append((scale, len(files), len(files) / t_plain, len(files) / t_dec, len(files) / min(t_ray),
-                     statistics.median(peaks), cpu_plain / len(files), min(cpu_ray) / len(files)))
+                     statistics.median(peaks), cpu_plain / len(files), min(cpu_ray) / len(files),
+                     disk / len(files)))
         best = roles[cpu_ray.index(min(cpu_ray))]
         role_rows.append((scale, {k: v / len(files) for k, v in best.items()}))
     print(f"\ningest benchmark: {os.cpu_count()} CPUs on the machine (load average {load_start:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end), "
           f"Ray with {args.num_cpus} (worker niceness {os.environ['RAY_worker_niceness']}); CT DICOM "
-          f"{args.image_size}px -> {args.size}px, best of {args.repeats}")
+          f"{args.image_size}px -> {args.size}px, best of {args.repeats}; records {cfg.ingest.payload_dtype}")
     print(f"{'scale':>5} {'slices':>7} {'(a) pydicom/s':>14} {'(a2) decoder/s':>15} {'(b) ray/s':>10} "
-          f"{'(b)/(a)':>8} {'(b)/(a2)':>9} {'peak RSS (b)':>13} {'CPU ms/slice (a)':>17} {'(b)':>6}")
-    for scale, n, a, a2, b, mb, ca, cb in rows:
+          f"{'(b)/(a)':>8} {'(b)/(a2)':>9} {'peak RSS (b)':>13} {'CPU ms/slice (a)':>17} {'(b)':>6} "
+          f"{'CPU (b)/(a)':>12} {'KB/slice':>9}")
+    for scale, n, a, a2, b, mb, ca, cb, kb in rows:
         print(f"{scale:>5} {n:>7} {a:>14.1f} {a2:>15.1f} {b:>10.1f} {b / a:>8.2f} {b / a2:>9.2f} "
-              f"{mb / 2**20:>11.0f}MB {ca * 1e3:>17.2f} {cb * 1e3:>6.2f}")
+              f"{mb / 2**20:>11.0f}MB {ca * 1e3:>17.2f} {cb * 1e3:>6.2f} {cb / ca:>12.2f} {kb / 1e3:>9.1f}")
+    print(f"records on disk: {rows[0][8] / 1e3:.1f} KB per {args.size}x{args.size} slice ({cfg.ingest.payload_dtype}, "
+          f"zstd; goal <= 60 KB at 224x224; float32 uncompressed was {4 * args.size ** 2 / 1e3:.1f} KB)")
+    print(f"CPU-seconds per slice, Ray path / plain loop: {rows[0][7] / rows[0][6]:.2f} (goal <= 1.2), wall-clock "
+          f"ratio (b)/(a) {rows[0][4] / rows[0][2]:.2f}")
     for scale, r in role_rows:
         print(f"(b) CPU ms/slice by process, {scale}x: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in r.items()))
     if len(rows) > 1:
