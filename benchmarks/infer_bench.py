@@ -20,21 +20,47 @@ import time
 import numpy as np
 
 
-def tree_cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its descendants (the local Ray: raylet, GCS,
-    workers), the exited ones included through their parents' reaped-children times."""
-    import ray  # noqa: F401 - Ray ships psutil in its vendored packages
-    import psutil
+class TreeCpu:
+    """CPU seconds (user + system) of this process and all its descendants (the local Ray: raylet,
+    GCS, workers, actors) between ``start()`` and ``stop()``. A thread samples the process tree every
+    0.2 s, so processes that exit in between (a Train worker, a Ray Data actor) count up to their
+    last sample."""
 
-    me = psutil.Process()
-    total = 0.0
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
+    def __init__(self, interval: float = 0.2):
+        import threading
+
+        self.interval, self.first, self.last = interval, {}, {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self, initial: bool = False):
+        import ray  # noqa: F401 - Ray ships psutil in its vendored packages
+        import psutil
+
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                key = (p.pid, p.create_time())
+            except psutil.Error:
+                continue
+            self.first.setdefault(key, t.user + t.system if initial else 0.0)  # a new process: all of its CPU
+            self.last[key] = t.user + t.system
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def start(self) -> "TreeCpu":
+        self._sample(initial=True)
+        self._t.start()
+        return self
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._t.join()
+        self._sample()
+        return sum(v - self.first[k] for k, v in self.last.items())
 
 
 def main(argv=None):
@@ -118,9 +144,9 @@ def main(argv=None):
 
     cpus = cluster_resources().get("CPU", 0)
     pool = args.pool or (1 if args.device == "cuda" else max(1, int(cpus)))
-    t0, c0 = time.perf_counter(), tree_cpu_seconds()
+    t0, meter = time.perf_counter(), TreeCpu().start()
     res = run_infer(cfg)
-    t_ray, cpu_ray = time.perf_counter() - t0, tree_cpu_seconds() - c0
+    t_ray, cpu_ray = time.perf_counter() - t0, meter.stop()
     gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""
     print(f"\ninfer benchmark: OmniFuse (4 modalities, 64-d), {args.n} samples, model batch {args.batch_size}, "
           f"{args.actor_batch} rows per actor batch, {pool} predictor actor(s), {os.cpu_count()} CPUs{gpu}, "

@@ -2,9 +2,11 @@
 
 Same method (OmniFuse), same embeddings (rendered from the synthetic truth), same epochs and
 batch size. Samples/s = training samples x epochs / wall time of the fit (Ray: TorchTrainer.fit,
-including worker start-up and per-epoch validation and checkpoints).
+including worker start-up, the feed, per-epoch validation and checkpoints); CPU seconds of the loop's
+process and of every process of the local Ray during the fit.
 
     python benchmarks/train_bench.py --n 4000 --epochs 5
+    python benchmarks/train_bench.py --n 20000 --epochs 5 --workers 1 --sync-checkpoints --feed ray_data  # as before
     python benchmarks/train_bench.py --device cuda --n 50000 --batch-size 512   # GPU: fp32 vs mixed precision
 """
 
@@ -18,6 +20,49 @@ import time
 
 
 
+class TreeCpu:
+    """CPU seconds (user + system) of this process and all its descendants (the local Ray: raylet,
+    GCS, workers, actors) between ``start()`` and ``stop()``. A thread samples the process tree every
+    0.2 s, so processes that exit in between (a Train worker, a Ray Data actor) count up to their
+    last sample."""
+
+    def __init__(self, interval: float = 0.2):
+        import threading
+
+        self.interval, self.first, self.last = interval, {}, {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self, initial: bool = False):
+        import ray  # noqa: F401 - Ray ships psutil in its vendored packages
+        import psutil
+
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                key = (p.pid, p.create_time())
+            except psutil.Error:
+                continue
+            self.first.setdefault(key, t.user + t.system if initial else 0.0)  # a new process: all of its CPU
+            self.last[key] = t.user + t.system
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def start(self) -> "TreeCpu":
+        self._sample(initial=True)
+        self._t.start()
+        return self
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._t.join()
+        self._sample()
+        return sum(v - self.first[k] for k, v in self.last.items())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=4000)
@@ -28,6 +73,10 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: every path on the GPU (Ray Train use_gpu=True, 1 worker), fp32 and precision=auto")
     p.add_argument("--ray-only", action="store_true", help="--device cuda: skip the framework-free loop runs")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="train.checkpoint_every (default: the config's)")
+    p.add_argument("--sync-checkpoints", action="store_true", help="train.checkpoint_async=false (the former upload)")
+    p.add_argument("--feed", choices=["auto", "memory", "ray_data"], default="auto", help="train.feed")
+    p.add_argument("--workers", default="1,2", help="Ray Train worker counts to run (comma-separated)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -45,7 +94,9 @@ def main(argv=None):
     emb = write_truth_embeddings(generate_truth(n=args.n, seed=0), os.path.join(work, "emb"), dim=64)
     base = [f"run.out_dir={work}", f"train.input={emb}", f"train.epochs={args.epochs}", "train.patience=1000",
             f"train.batch_size={args.batch_size}", f"train.hidden_dim={args.hidden_dim}", "train.omnifuse.depth=3",
-            f"train.method={args.method}", "ray.progress_bars=false"]
+            f"train.method={args.method}", "ray.progress_bars=false", f"train.feed={args.feed}",
+            f"train.checkpoint_async={not args.sync_checkpoints}",
+            *([f"train.checkpoint_every={args.checkpoint_every}"] if args.checkpoint_every else [])]
     cfg = load_config(None, base)
     table = read_embeddings(emb)
     task, k = infer_task(table.y)
@@ -62,36 +113,48 @@ def main(argv=None):
     torch.set_num_threads(1)  # a Ray Train worker gets one CPU
     method = build_from_meta(meta)
     part = lambda m: ({x: v[m] for x, v in table.x.items()}, table.mask[m], table.y[m])  # noqa: E731
-    t0 = time.perf_counter()
+    load0 = os.getloadavg()
+    t0, c0 = time.perf_counter(), time.process_time()
     plain_hist = loop.fit(method, part(tr), part(va), task, epochs=args.epochs, batch_size=args.batch_size,
                           patience=1000)["history"]
-    t_plain = time.perf_counter() - t0
+    t_plain, cpu_plain = time.perf_counter() - t0, time.process_time() - c0
 
     rctx = init_ray(cfg)
     ids = {s: set(table.sample_id[split == s]) for s in ("train", "val")}
-    times, epoch_s = {}, {"loop": _steady_epoch_seconds(plain_hist)}
-    for workers in (1, 2):
+    times, cpu, epoch_s = {}, {}, {"loop": _steady_epoch_seconds(plain_hist)}
+    counts = [int(w) for w in args.workers.split(",")]
+    for workers in counts:
         c = load_config(None, base + [f"train.num_workers={workers}"])
-        t0 = time.perf_counter()
+        t0, meter = time.perf_counter(), TreeCpu().start()
         result = fit_torch_trainer(c, meta, ids["train"], ids["val"], f"bench-{workers}w-{time.time_ns()}",
                                    rctx.results_dir)
-        times[workers] = time.perf_counter() - t0
+        times[workers], cpu[workers] = time.perf_counter() - t0, meter.stop()
         with result.checkpoint.as_directory() as d:
             epoch_s[workers] = _steady_epoch_seconds(json.load(open(os.path.join(d, "history.json"))))
     sps = lambda t: n_train * args.epochs / t  # noqa: E731
+    tc = cfg.train
     print(f"\ntrain benchmark: {args.method}, {n_train} training samples x {args.epochs} epochs, batch "
-          f"{args.batch_size}, {os.cpu_count()} CPUs")
-    print(f"framework-free loop (1 thread): {sps(t_plain):8.0f} samples/s ({t_plain:.1f}s)")
-    print(f"Ray Train, 1 worker           : {sps(times[1]):8.0f} samples/s ({times[1]:.1f}s incl. start-up)")
-    print(f"Ray Train, 2 workers (DDP)    : {sps(times[2]):8.0f} samples/s ({times[2]:.1f}s)")
-    print(f"ratio 1 worker / loop: {t_plain / times[1]:.2f}; 2 workers / 1 worker: {times[1] / times[2]:.2f}")
-    print(f"steady state (median epoch after the first, training + validation + hooks): loop {epoch_s['loop']:.2f}s, "
-          f"1 worker {epoch_s[1]:.2f}s (ratio {epoch_s['loop'] / epoch_s[1]:.2f}), 2 workers {epoch_s[2]:.2f}s; "
-          f"the rest of the Ray wall time is start-up, dataset feed and checkpoint persistence")
+          f"{args.batch_size}, {os.cpu_count()} CPUs; feed {tc.feed}, checkpoint every {tc.checkpoint_every} "
+          f"epoch(s) + best + last, {'async' if tc.checkpoint_async else 'sync'} upload; load average "
+          f"{load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    print(f"framework-free loop (1 thread): {sps(t_plain):8.0f} samples/s ({t_plain:.1f}s wall, {cpu_plain:.1f} CPU-s)")
+    for w in counts:
+        label = f"Ray Train, {w} worker{'s (DDP)' if w > 1 else ''}"
+        print(f"{label:30s}: {sps(times[w]):8.0f} samples/s ({times[w]:.1f}s wall incl. start-up, {cpu[w]:.1f} CPU-s "
+              "over every process of the local Ray)")
+    if 1 in times:
+        print(f"ratio 1 worker / loop: {t_plain / times[1]:.2f} wall, {cpu_plain / cpu[1]:.2f} CPU time (loop CPU-s / "
+              "Ray CPU-s)" + (f"; 2 workers / 1 worker: {times[1] / times[2]:.2f}" if 2 in times else ""))
+        print(f"steady state (median epoch after the first, training + validation + hooks): loop "
+              f"{epoch_s['loop']:.2f}s, 1 worker {epoch_s[1]:.2f}s (ratio {epoch_s['loop'] / epoch_s[1]:.2f})"
+              + (f", 2 workers {epoch_s[2]:.2f}s" if 2 in times else "")
+              + "; the rest of the Ray wall time is start-up, dataset feed and checkpoint persistence")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": "cpu", "n_train": n_train, "epochs": args.epochs, "loop_s": t_plain,
-                       "ray_1w_s": times[1], "ray_2w_s": times[2], "steady_epoch_s": epoch_s}, fh, indent=2)
+                       "loop_cpu_s": cpu_plain, "ray_s": times, "ray_cpu_s": cpu, "steady_epoch_s": epoch_s,
+                       "feed": tc.feed, "checkpoint_every": tc.checkpoint_every,
+                       "checkpoint_async": tc.checkpoint_async, "loadavg_start": load0}, fh, indent=2)
 
 
 def _steady_epoch_seconds(history: list[dict]) -> float:

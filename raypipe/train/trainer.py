@@ -197,6 +197,7 @@ def train_loop_per_worker(config: dict) -> None:
             if st.get("method_state") is not None:
                 method.load_extra_state(st["method_state"])
         log.info("worker %d resumed from epoch %d", rank, start_epoch)
+    resumed_from = start_epoch if ckpt is not None else None
     # Some parameters sit out some steps (e.g. OmniFuse's TLA view, G-Blend's heads): let DDP know.
     model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"find_unused_parameters": True})
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, tc["epochs"]))
@@ -209,7 +210,16 @@ def train_loop_per_worker(config: dict) -> None:
     cache: dict[str, dict[str, np.ndarray] | None] = {}
     cache_limit = int(config.get("cache_bytes", 2 * 1024**3))
 
+    feed = config.get("feed")  # {"train": ObjectRef, "val": ObjectRef} of Arrow tables, or None (Ray Data)
+    world = ctx.get_world_size()
+
     def _load(name: str) -> dict[str, np.ndarray] | None:
+        if name not in cache and feed is not None:
+            # this worker's share: every world-th row from its rank, the same count on every worker
+            # (as Ray Data's equal streaming split: DDP needs the same number of batches everywhere)
+            table = ray.get(feed[name])
+            idx = rank + world * np.arange(table.num_rows // world)
+            cache[name] = table_to_arrays(table.take(pa.array(idx)), modalities, shapes, label_columns)
         if name not in cache:
             shard = ray.train.get_dataset_shard(name)
             parts, size = [], 0
@@ -252,6 +262,10 @@ def train_loop_per_worker(config: dict) -> None:
         # the checkpoint is that of a run which had already stopped early: nothing left to train
         log.info("worker %d: the resumed run had stopped early at epoch %d", rank, start_epoch)
         return
+    every = int(config.get("checkpoint_every", 1))
+    upload = (ray.train.CheckpointUploadMode.ASYNC if config.get("checkpoint_async", True)
+              else ray.train.CheckpointUploadMode.SYNC)
+    persisted = start_epoch  # the last epoch whose checkpoint was handed to Ray Train
     for epoch in range(start_epoch, tc["epochs"]):
         t0 = time.perf_counter()
         stats = loop.train_epoch(model, batches("train", meta["seed"] * 1000 + epoch), optimizer, hook_ctx, epoch,
@@ -273,6 +287,8 @@ def train_loop_per_worker(config: dict) -> None:
                   **{f"val_{k}": v for k, v in val.items()}}
         if "tla" in stats:
             record["tla"] = stats["tla"]
+        if resumed_from is not None and epoch == start_epoch:
+            record["resumed_from_epoch"] = resumed_from  # the last persisted epoch a restarted worker loaded
         # every worker must have taken the same hook decisions (lazy subset, blend weights...)
         states = all_gather_objects(json.dumps(method.extra_state(), sort_keys=True, default=str))
         record["workers_agree"] = len(set(states)) == 1
@@ -281,9 +297,15 @@ def train_loop_per_worker(config: dict) -> None:
             log.info("%s", _epoch_line(record, tc["epochs"], main, best, meta.get("method", "")))
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         metrics["best_val"] = best
-        with tempfile.TemporaryDirectory() as tmp:
+        # Persist every k epochs, at a new best (Ray keeps the best checkpoints by score: the model
+        # the run hands out) and at the last epoch (final or early-stopped); the same decision on
+        # every worker (the metric was all-gathered). Only persisted epochs are reported: the
+        # others are in history.json, and every report costs a controller poll.
+        last = epoch + 1 == tc["epochs"] or since_best >= tc["patience"]
+        if improved or last or (epoch + 1) % every == 0:
             checkpoint = None
             if rank == 0:
+                tmp = tempfile.mkdtemp(prefix="raypipe-ckpt-")  # removed by Ray once uploaded
                 unwrapped = model.module if hasattr(model, "module") else model
                 torch.save(unwrapped.state_dict(), os.path.join(tmp, MODEL_FILE))
                 torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "history": history, "best": best,
@@ -294,13 +316,41 @@ def train_loop_per_worker(config: dict) -> None:
                 with open(os.path.join(tmp, "history.json"), "w") as fh:
                     json.dump(history, fh, indent=2, default=float)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+            persisted = epoch + 1
+            # ASYNC: the copy to storage runs in the worker's upload thread, the next epoch starts now
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}",
+                             checkpoint_upload_mode=upload, delete_local_checkpoint_after_upload=True)
         fault = config.get("fault_injection")
         if fault and epoch + 1 == fault["epoch"] and rank == fault.get("rank", 0) and not os.path.exists(fault["marker"]):
             open(fault["marker"], "w").close()  # once: the restarted worker must not die again
+            if persisted:  # die after the controller registered the last persisted checkpoint: a known resume point
+                _wait_registered(persisted)
             os.kill(os.getpid(), 9)  # SIGKILL, as a crashed node would
         if since_best >= tc["patience"]:  # same decision on every worker: the metric was all-gathered
             break
+
+
+def _wait_registered(epoch: int, timeout_s: float = 120.0) -> None:
+    """Fault injection only: wait until Ray Train's controller has registered ``epoch``'s checkpoint.
+
+    A checkpoint counts for a restart once the controller lists it in the run's
+    ``checkpoint_manager_snapshot.json`` (docs/cluster.md); the test's crash comes after that.
+    Local storage only (the tests').
+    """
+    import ray.train
+
+    path = os.path.join(ray.train.get_context().get_storage().experiment_fs_path, "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as fh:
+                latest = json.load(fh).get("latest_checkpoint_result") or {}
+            if int(latest.get("metrics", {}).get("epoch", 0)) >= epoch:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    log.warning("checkpoint of epoch %d not registered after %.0f s", epoch, timeout_s)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -317,9 +367,34 @@ def _dataset_for(path: str, ids: set[str]):
     return ray.data.read_parquet(path).map_batches(keep, batch_format="pyarrow", zero_copy_batch=True)
 
 
+#: train.feed=auto feeds the workers from memory up to this size of the input table (uncompressed)
+MEMORY_FEED_BYTES = 256 * 1024**2
+
+
+def _parquet_bytes(path: str) -> int:
+    """Uncompressed size of a Parquet table (its row groups' metadata; nothing else is read)."""
+    import pyarrow.dataset as pads
+
+    total = 0
+    for frag in pads.dataset(path, format="parquet").get_fragments():
+        md = frag.metadata
+        total += sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+    return total
+
+
+def _read_rows(path: str, ids: set[str]) -> pa.Table:
+    """The rows of ``ids`` of a Parquet table, in id order."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(path, format="parquet").to_table(filter=pc.field("sample_id").isin(pa.array(sorted(ids))))
+    return table.sort_by("sample_id")
+
+
 def fit_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: set[str], name: str,
                       storage_path: str, fault_injection: dict | None = None, log_epochs: bool = True):
-    """Build and fit the V2 ``TorchTrainer`` for one training run; returns Ray Train's ``Result``.
+    """Build (:func:`build_torch_trainer`) and fit the V2 ``TorchTrainer`` of one training run; returns
+    Ray Train's ``Result``.
 
     ``log_epochs``: rank 0 logs one line per epoch (off for Tune's folds, whose trials report
     to Tune instead). Ray Train's own console messages follow ``ray.train_log_level``.
@@ -328,6 +403,19 @@ def fit_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: set
     trainable calls this, never passes a trainer to the ``Tuner``. ``fault_injection``
     ({"epoch", "marker", "rank"}) kills a worker once at that epoch: the fault-tolerance test.
     """
+    return build_torch_trainer(cfg, meta, train_ids, val_ids, name, storage_path, fault_injection,
+                               log_epochs).fit()
+
+
+def build_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: set[str], name: str,
+                        storage_path: str, fault_injection: dict | None = None, log_epochs: bool = True):
+    """The V2 ``TorchTrainer`` of one training run (arguments as :func:`fit_torch_trainer`), not fitted.
+
+    From ``cfg.train``: workers, GPUs, the feed (``train.feed``), the checkpoint cadence and upload
+    mode (``train.checkpoint_every``, ``train.checkpoint_async``) and ``FailureConfig(max_failures=
+    train.max_failures)``.
+    """
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -339,22 +427,36 @@ def fit_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: set
     # Workers must leave a CPU for Ray Data's read tasks, or the dataset feed never starts.
     cpus = cluster_resources()["CPU"]
     per_worker = {"CPU": actor_cpus(cfg.train.num_workers, cpus) if cpus else 1.0}
+    tc = cfg.train
+    feed, datasets = None, None
+    if tc.feed == "memory" or (tc.feed == "auto" and _parquet_bytes(cfg.train_input) <= MEMORY_FEED_BYTES):
+        # the splits' rows, read once here into the object store (on the driver's node, so they
+        # outlive a lost worker node); each worker takes its share (train_loop_per_worker)
+        feed = {"train": ray.put(_read_rows(cfg.train_input, train_ids)),
+                "val": ray.put(_read_rows(cfg.train_input, val_ids))}
+    else:
+        datasets = {"train": _dataset_for(cfg.train_input, train_ids), "val": _dataset_for(cfg.train_input, val_ids)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"meta": meta, "fault_injection": fault_injection, "log_epochs": log_epochs,
-                           "train_log_level": cfg.ray.train_log_level},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                           "train_log_level": cfg.ray.train_log_level, "feed": feed,
+                           "checkpoint_every": tc.checkpoint_every, "checkpoint_async": tc.checkpoint_async},
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=f"val_{main}",
                                                          checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=2),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             logging_config=ray.train.LoggingConfig(log_level=cfg.ray.train_log_level)),
-        datasets={"train": _dataset_for(cfg.train_input, train_ids),
-                  "val": _dataset_for(cfg.train_input, val_ids)},
+        datasets=datasets,
     )
+    return trainer
     return trainer.fit()
+
+
+#: train settings that do not change what a run computes (left out of the run name's fingerprint)
+RUN_ONLY_KEYS = ("checkpoint_every", "checkpoint_async", "max_failures", "feed")
 
 
 def train_run_name(cfg: Config, meta: dict, ids: dict[str, set]) -> str:
@@ -369,6 +471,8 @@ def train_run_name(cfg: Config, meta: dict, ids: dict[str, set]) -> str:
     from raypipe.config import fingerprint
 
     keep = {k: v for k, v in meta.items() if k not in ("var_y",)}
+    # how a run is checkpointed, retried and fed does not change what it computes: the same run
+    keep["train_config"] = {k: v for k, v in (meta.get("train_config") or {}).items() if k not in RUN_ONLY_KEYS}
     data = {"meta": keep, "split": {s: sorted(v) for s, v in sorted(ids.items())}, "input": cfg.train_input}
     return f"{cfg.run.name}-{cfg.train.method}-{fingerprint(data)}"
 
