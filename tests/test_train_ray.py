@@ -71,6 +71,51 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, truth_embeddings
     assert abs(h_crash[-1]["val_auroc"] - h_clean[-1]["val_auroc"]) < 0.1
 
 
+def test_checkpoints_every_k_epochs_resume_from_the_last_persisted_one(ray_session, truth_embeddings, tmp_path):
+    from raypipe.train.tables import read_embeddings
+    from raypipe.train.trainer import fit_torch_trainer
+
+    # Worked by hand: the validation samples are all of one class, so AUROC is undefined (nan) and
+    # no epoch is a new best. With 7 epochs and checkpoint_every=3 the persisted epochs are 3 and 6
+    # (every 3rd) and 7 (the last); 1, 2, 4 and 5 are not. Killed after epoch 5, the worker restarts
+    # from epoch 3's checkpoint (with every epoch persisted it would be 5), trains 4-7 and finishes.
+    cfg, meta, ids = _setup(tmp_path, truth_embeddings, "train.epochs=7", "train.checkpoint_every=3",
+                            "train.max_failures=1")
+    table = read_embeddings(truth_embeddings)
+    positive = set(table.sample_id[table.y == 1])
+    val = ids["val"] & positive
+    assert val
+    marker = str(tmp_path / "killed-once")
+    result = fit_torch_trainer(cfg, meta, ids["train"], val, "every3", str(tmp_path / "results"),
+                               fault_injection={"epoch": 5, "marker": marker})
+    assert os.path.exists(marker)  # the worker really was killed
+    hist = _history(result)
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5, 6, 7]
+    assert all(h["val_auroc"] != h["val_auroc"] for h in hist)  # the premise: nan, never a new best
+    assert {h["epoch"]: h["resumed_from_epoch"] for h in hist if "resumed_from_epoch" in h} == {4: 3}
+    assert result.metrics["epoch"] == 7  # the last report is the last epoch's
+    on_disk = sorted(d for d in os.listdir(tmp_path / "results" / "every3") if d.startswith("epoch_"))
+    assert set(on_disk) <= {"epoch_0003", "epoch_0006", "epoch_0007"} and "epoch_0007" in on_disk
+
+
+def test_max_failures_reaches_the_failure_config(ray_session, truth_embeddings, tmp_path):
+    from ray.train import TrainingFailedError
+
+    from raypipe.train.trainer import build_torch_trainer, fit_torch_trainer
+
+    cfg, meta, ids = _setup(tmp_path, truth_embeddings)
+    default = build_torch_trainer(cfg, meta, ids["train"], ids["val"], "default", str(tmp_path / "results"))
+    assert default.run_config.failure_config.max_failures == 2
+    cfg5, _, _ = _setup(tmp_path, truth_embeddings, "train.max_failures=5")
+    five = build_torch_trainer(cfg5, meta, ids["train"], ids["val"], "five", str(tmp_path / "results"))
+    assert five.run_config.failure_config.max_failures == 5
+    # and it is what Ray Train obeys: with no retries allowed, one killed worker fails the run
+    cfg0, _, _ = _setup(tmp_path, truth_embeddings, "train.max_failures=0", "train.epochs=2")
+    with pytest.raises(TrainingFailedError):
+        fit_torch_trainer(cfg0, meta, ids["train"], ids["val"], "no-retry", str(tmp_path / "results"),
+                          fault_injection={"epoch": 1, "marker": str(tmp_path / "killed")})
+
+
 def test_running_an_early_stopped_run_again_trains_nothing_more(ray_session, truth_embeddings, tmp_path):
     from raypipe.train.trainer import fit_torch_trainer
 
