@@ -70,6 +70,14 @@ def load_dataset(name: str, n: int, seed: int):
         x = render_embeddings(truth, dim=64)
         natural = np.stack([truth[f"avail_{m}"].to_numpy() for m in MODALITIES], 1)
         return x, natural, truth["label"].to_numpy().astype(float), list(MODALITIES)
+    if name == "synth2":
+        from raypipe.synth.embeddings import render_embeddings
+        from raypipe.synth.latent2 import MODALITIES as M2, generate_truth as gen2
+
+        truth = gen2(n=n, seed=seed)
+        x = render_embeddings(truth, dim=64)
+        natural = np.stack([truth[f"avail_{m}"].to_numpy() for m in M2], 1)
+        return x, natural, truth["label"].to_numpy().astype(float), list(M2)
     if name == "breast_cancer":
         from sklearn.datasets import load_breast_cancer
 
@@ -77,7 +85,7 @@ def load_dataset(name: str, n: int, seed: int):
         views = ["mean", "error", "worst"]  # columns 0-9, 10-19, 20-29 (sklearn's feature order)
         x = {v: data.data[:, 10 * i:10 * (i + 1)].astype(np.float32) for i, v in enumerate(views)}
         return x, np.ones((len(data.target), 3), bool), data.target.astype(float), views
-    raise ValueError(f"unknown dataset {name!r} (synth, breast_cancer)")
+    raise ValueError(f"unknown dataset {name!r} (synth, synth2, breast_cancer)")
 
 
 def drop_at_random(mask: np.ndarray, rate: float, seed: int) -> np.ndarray:
@@ -190,7 +198,7 @@ def loss_terms(method, history: list[dict], best_epoch: int) -> dict:
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="breast_cancer,synth", help="comma list: synth, breast_cancer")
+    p.add_argument("--dataset", default="breast_cancer,synth", help="comma list: synth (generator v1), synth2 (v2), breast_cancer")
     p.add_argument("--rates", default="0,0.5,0.9", help="random view-dropout rates of the condition masks")
     p.add_argument("--rows", default="concat,b,c,d,e", help="concat and OmniFuse ablation rows b,c,d,e")
     p.add_argument("--n", type=int, default=600, help="synthetic cohort size")

@@ -91,8 +91,13 @@ class OmniFuse(FusionMethod):
                  depth: int = 5, alpha: float = 0.1, beta: float = 0.5, lambda1: float = 1.0, lambda2: float = 10.0,
                  lambda3: float = 0.5, use_imp_forward: bool = True, use_imp_backward: bool = True,
                  use_dwfuse: bool = True, use_tla: bool = True, loss_scale: str = "sum",
-                 absent_fill: str = "mean", imp_forward_on: str = "known", mine_every: int = 1):
+                 absent_fill: str = "mean", imp_forward_on: str = "known", mine_every: int = 1,
+                 joint_skip: bool = False, imputed_trust: str = "same", cascade_grad: str = "all"):
         super().__init__(specs, task, n_outputs, hidden_dim)
+        if imputed_trust not in ("same", "reliability"):
+            raise ValueError(f"imputed_trust must be 'same' (paper) or 'reliability', got {imputed_trust!r}")
+        if cascade_grad not in ("all", "imputation", "separate"):
+            raise ValueError(f"cascade_grad must be 'all' (paper), 'imputation' or 'separate', got {cascade_grad!r}")
         if loss_scale not in ("sum", "mean"):
             raise ValueError(f"loss_scale must be 'sum' (paper) or 'mean', got {loss_scale!r}")
         if absent_fill not in ("mean", "zero_input"):
@@ -103,6 +108,7 @@ class OmniFuse(FusionMethod):
             raise ValueError(f"mine_every must be >= 1, got {mine_every}")
         self.loss_scale, self.absent_fill, self.imp_forward_on = loss_scale, absent_fill, imp_forward_on
         self.mine_every = int(mine_every)
+        self.joint_skip, self.imputed_trust, self.cascade_grad = bool(joint_skip), imputed_trust, cascade_grad
         m, d = len(self.modalities), hidden_dim
         self.alpha, self.beta = alpha, beta
         self.lambda1, self.lambda2, self.lambda3 = lambda1, lambda2, lambda3
@@ -114,18 +120,53 @@ class OmniFuse(FusionMethod):
         if self.use_imp_backward:
             self.cra_backward = CascadeResidualAutoencoder(m * d, depth)
         self.unimodal_heads = nn.ModuleDict({name: mlp(d, d, n_outputs) for name in self.modalities})
-        joint_in = depth * LATENT_DIM if self.use_imp_forward else m * d
+        joint_in = (depth * LATENT_DIM + (m * d if self.joint_skip else 0)) if self.use_imp_forward else m * d
         self.joint_head = mlp(joint_in, max(64, d), n_outputs)
+        # running normalised MSE of the forward imputation per modality (imputed_trust: reliability);
+        # starts at 1 (= no better than the mean: imputed slots untrusted until the cascade earns it)
+        self.register_buffer("imp_nmse", torch.ones(m))
         self.lazy_subset: tuple[int, ...] | None = None  # chosen by TLA after each epoch
         self.last_trace: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ core
     def impute(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(v', joint-head input): forward CRA if on, else identity and concat(h)."""
+        """(v', joint-head input): forward CRA if on, else identity and concat(h).
+
+        The joint-head input is concat(c_1..c_R) (paper), with ``joint_skip`` also v itself (the
+        observed / filled slots), so that the cascade can only add to what row b's head sees."""
         if not self.use_imp_forward:
             return v, v
-        v_imp, latents = self.cra_forward(v)
-        return v_imp, torch.cat(latents, dim=1)
+        # separate: the cascade reads v through a stop-gradient, so the imputation losses train the
+        # cascades only and never pull the encoders' embeddings (e.g. towards small norms)
+        v_imp, latents = self.cra_forward(v.detach() if self.cascade_grad == "separate" else v)
+        return v_imp, self._joint_input(v, latents)
+
+    def _joint_input(self, v: torch.Tensor, latents: list[torch.Tensor]) -> torch.Tensor:
+        lat = torch.cat(latents, dim=1)
+        if self.cascade_grad != "all":
+            lat = lat.detach()  # the classification losses do not reach the cascade
+        return torch.cat([lat, v], dim=1) if self.joint_skip else lat
+
+    def trust(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, M) factor on DWFuse's weight: 1 for observed slots; for imputed ones 1 (``same``, the
+        paper) or the cascade's running reliability max(0, 1 - NMSE_m) (``reliability``)."""
+        if self.imputed_trust == "same" or not self.use_imp_forward:
+            return torch.ones(mask.shape, dtype=torch.float32, device=mask.device)
+        rel = (1.0 - self.imp_nmse).clamp(0.0, 1.0).to(mask.device)
+        return torch.where(mask, torch.ones_like(rel).expand(mask.shape), rel.unsqueeze(0).expand(mask.shape))
+
+    @torch.no_grad()
+    def _track_reliability(self, v_imp: torch.Tensor, v_full: torch.Tensor, dropped: torch.Tensor,
+                           full_mask: torch.Tensor, momentum: float = 0.1) -> None:
+        """Running NMSE_m = E||v'_m - h_m||^2 / E||h_m - mean h_m||^2 over the slots hidden by the
+        simulation (the denominator over every row where m is known: 1.0 = predicting the mean)."""
+        for i, (imp, ref) in enumerate(zip(self._slices(v_imp.detach()), self._slices(v_full))):
+            hid, known = dropped[:, i], full_mask[:, i]
+            if hid.sum() < 1 or known.sum() < 2:
+                continue
+            var = ((ref[known] - ref[known].mean(0)) ** 2).sum(1).mean().clamp_min(1e-8)
+            nmse = ((imp[hid] - ref[hid]) ** 2).sum(1).mean() / var
+            self.imp_nmse[i] = (1 - momentum) * self.imp_nmse[i] + momentum * nmse.clamp(max=10.0)
 
     def _slices(self, v: torch.Tensor) -> list[torch.Tensor]:
         d = self.hidden_dim
@@ -141,7 +182,7 @@ class OmniFuse(FusionMethod):
 
     def joint_from_v(self, v: torch.Tensor) -> torch.Tensor:
         """The joint head's logits for triplets v (only the cascade latents are computed)."""
-        joint_in = torch.cat(self.cra_forward.latents(v), dim=1) if self.use_imp_forward else v
+        joint_in = self._joint_input(v, self.cra_forward.latents(v)) if self.use_imp_forward else v
         return self.joint_head(joint_in)
 
     def _squared_error(self, diff: torch.Tensor, pm: torch.Tensor, batch: int) -> torch.Tensor:
@@ -173,6 +214,8 @@ class OmniFuse(FusionMethod):
             if dropped.any():
                 v_full = torch.cat(self.encode_reference(x, full_mask), dim=1)
                 losses["imp_forward"] = self._squared_error(v_imp - v_full, self._position_mask(counted), batch_n)
+                if self.training and self.imputed_trust == "reliability":
+                    self._track_reliability(v_imp, v_full, dropped, full_mask)
             else:
                 losses["imp_forward"] = zero
         # IMP backward: a second cascade maps v' back onto the positions the model saw
@@ -182,11 +225,14 @@ class OmniFuse(FusionMethod):
         # DWFuse: unimodal heads on the imputed slices, down-weighted by the others' confidence
         joint = per_sample_loss(logits, y, self.task).mean()
         if self.use_dwfuse:
-            uni_logits = [self.unimodal_heads[m](s) for m, s in zip(self.modalities, self._slices(v_imp))]
+            # cascade_grad imputation / separate: the heads see v' but their losses reach the cascade's
+            # parameters not at all (only v's own path back to the encoders)
+            v_heads = v + (v_imp - v).detach() if self.cascade_grad != "all" and self.use_imp_forward else v_imp
+            uni_logits = [self.unimodal_heads[m](s) for m, s in zip(self.modalities, self._slices(v_heads))]
             uni_loss = torch.stack([per_sample_loss(lg, y, self.task) for lg in uni_logits], dim=1)  # (B, M)
             with torch.no_grad():
                 q = torch.stack([true_value_probability(lg, y, self.task, float(self.var_y)) for lg in uni_logits], 1)
-                w = down_weighting(q, self.beta)
+                w = down_weighting(q, self.beta) * self.trust(mask)
             # Eq. 12: summed over modalities (paper); "mean" averages them
             per_sample = (w * uni_loss).sum(dim=1) if self.loss_scale == "sum" else (w * uni_loss).mean(dim=1)
             losses["dwfuse"] = per_sample.mean() + self.alpha * joint
@@ -282,7 +328,7 @@ class OmniFuse(FusionMethod):
         uni = [self.unimodal_heads[m](s) for m, s in zip(self.modalities, self._slices(v_imp))]
         target = predicted_target(logits, self.task)
         q = torch.stack([true_value_probability(lg, target, self.task, float(self.var_y)) for lg in uni], dim=1)
-        w = down_weighting(q, self.beta)
+        w = down_weighting(q, self.beta) * self.trust(mask)
         for i, m in enumerate(self.modalities):
             out[f"prob_{m}"] = probabilities(uni[i], self.task)
             out[f"weight_{m}"] = w[:, i]

@@ -1,0 +1,190 @@
+"""OmniFuse's imputation options (docs/fusion.md, "Making the imputation earn its place"): the skip
+around the cascade, reliability-gated DWFuse trust of imputed slots, and the stop-gradient that keeps
+the classification losses out of the cascades. Each test is a property that fails without the feature."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raypipe.config import TrainConfig
+from raypipe.fusion.base import ModalitySpec, down_weighting, true_value_probability
+from raypipe.fusion.omnifuse import OmniFuse
+from raypipe.fusion.registry import build_method
+
+SPECS = [ModalitySpec("a", (6,)), ModalitySpec("b", (5,)), ModalitySpec("c", (4,))]
+D = 8
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
+
+
+def _batch(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = {s.name: torch.randn((n, *s.shape), generator=g) for s in SPECS}
+    return x, torch.randint(0, 2, (n,), generator=g).float()
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return OmniFuse(SPECS, "binary", 2, hidden_dim=D, depth=2, **kw)
+
+
+def _garble(cascade, scale=50.0):
+    """A cascade that imputes garbage: every weight replaced by large random values."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in cascade.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_joint_skip_lets_a_garbage_cascade_reproduce_row_b():
+    """With the skip, the joint head can read v (row b's input) untouched by the cascade: a row-e model
+    whose cascade imputes garbage, given row b's encoders and joint head on its v columns (zero on the
+    latent columns), predicts exactly row b's logits. Without the skip its head has no such input."""
+    row_b = _model(use_imp_forward=False, use_imp_backward=False, use_tla=False).eval()
+    row_e = _model(joint_skip=True).eval()
+    row_e.encoders.load_state_dict(row_b.encoders.state_dict())
+    _garble(row_e.cra_forward)
+    lat = row_e.cra_forward.blocks[0].encoder[-1].out_features * len(row_e.cra_forward.blocks)
+    first_e, first_b = row_e.joint_head[0], row_b.joint_head[0]
+    assert first_e.in_features == lat + len(SPECS) * D
+    with torch.no_grad():
+        first_e.weight.zero_()
+        first_e.weight[:, lat:] = first_b.weight
+        first_e.bias.copy_(first_b.bias)
+        for pe, pb in zip(list(row_e.joint_head.parameters())[2:], list(row_b.joint_head.parameters())[2:]):
+            pe.copy_(pb)
+    x, _ = _batch()
+    mask = torch.ones(12, 3, dtype=torch.bool)
+    mask[:6, 1] = False
+    mask[3:9, 2] = False
+    with torch.no_grad():
+        torch.testing.assert_close(row_e.joint_logits(x, mask), row_b.joint_logits(x, mask))
+        # the garbage is really there: the latents-only head of the paper sees it
+        no_skip = _model().eval()
+        no_skip.encoders.load_state_dict(row_b.encoders.state_dict())
+        _garble(no_skip.cra_forward)
+        assert no_skip.joint_head[0].in_features == lat
+    # and the skip carries v exactly: the last M*D columns of the joint input are concat(h)
+    with torch.no_grad():
+        v = torch.cat(row_e.encode(x, mask), 1)
+        torch.testing.assert_close(row_e.impute(v)[1][:, lat:], v)
+
+
+@pytest.mark.parametrize("grad", ["all", "imputation"])
+def test_cascade_grad_imputation_keeps_classification_out_of_the_cascades(grad):
+    """cascade_grad=imputation: the cascades' gradients from the full objective equal those from the
+    imputation terms alone (lambda2 = lambda3 = 0); with the paper's 'all' they differ. The encoders
+    still learn from the classification losses either way."""
+    def grads(lam2, lam3):
+        model = _model(cascade_grad=grad, lambda2=lam2, lambda3=lam3).eval()  # eval: no dropout noise
+        model.lazy_subset = (0, 2)
+        x, y = _batch(10, seed=3)
+        full = torch.ones(10, 3, dtype=torch.bool)
+        seen = full.clone()
+        seen[:4, 1] = False
+        model({"x": x, "mask": seen, "y": y}, full_mask=full)["loss"].backward()
+        casc = torch.cat([p.grad.flatten() for p in list(model.cra_forward.parameters())
+                          + list(model.cra_backward.parameters()) if p.grad is not None])
+        enc = torch.cat([p.grad.flatten() for p in model.encoders.parameters() if p.grad is not None])
+        return casc, enc
+
+    casc_full, enc_full = grads(10.0, 0.5)
+    casc_imp, enc_imp = grads(0.0, 0.0)
+    assert casc_full.abs().sum() > 0
+    if grad == "imputation":
+        torch.testing.assert_close(casc_full, casc_imp)
+    else:
+        assert not torch.allclose(casc_full, casc_imp)
+    assert not torch.allclose(enc_full, enc_imp)  # classification still trains the encoders
+
+
+@pytest.mark.parametrize("grad", ["imputation", "separate"])
+def test_cascade_grad_separate_keeps_imputation_out_of_the_encoders(grad, monkeypatch):
+    """cascade_grad=separate: the encoders' gradients do not change when the imputation losses are
+    removed from the objective (the cascade reads v through a stop-gradient); under 'imputation' the
+    imputation losses still reach the encoders through the cascade's input."""
+    def enc_grads(drop_imputation):
+        model = _model(cascade_grad=grad, joint_skip=True).eval()
+        model.lazy_subset = (0, 2)
+        if drop_imputation:
+            monkeypatch.setattr(model, "_squared_error", lambda diff, pm, batch: (diff * 0).sum())
+        x, y = _batch(10, seed=3)
+        full = torch.ones(10, 3, dtype=torch.bool)
+        seen = full.clone()
+        seen[:4, 1] = False
+        out = model({"x": x, "mask": seen, "y": y}, full_mask=full)
+        assert (out["loss_imp_forward"] == 0) == drop_imputation
+        out["loss"].backward()
+        return torch.cat([p.grad.flatten() for p in model.encoders.parameters() if p.grad is not None])
+
+    with_imp, without = enc_grads(False), enc_grads(True)
+    if grad == "separate":
+        torch.testing.assert_close(with_imp, without)
+    else:
+        assert not torch.allclose(with_imp, without)
+
+
+def test_reliability_scales_only_imputed_weights_hand_worked():
+    """imputed_trust=reliability: w_m of an imputed slot times max(0, 1 - NMSE_m); observed slots and
+    the 'same' (paper) option keep DWFuse's weight. NMSE (0.25, 1.5, 0.0) -> factors (0.75, 0, 1)."""
+    x, _ = _batch()
+    mask = torch.ones(12, 3, dtype=torch.bool)
+    mask[:6, 0] = False
+    mask[6:, 1] = False
+    mask[::2, 2] = False
+    rel = _model(imputed_trust="reliability").eval()
+    same = _model(imputed_trust="same").eval()
+    rel.imp_nmse.copy_(torch.tensor([0.25, 1.5, 0.0]))
+    t_rel, t_same = rel.predict_with_trace(x, mask), same.predict_with_trace(x, mask)
+    factor = torch.tensor([0.75, 0.0, 1.0])
+    for i, m in enumerate("abc"):
+        expect = torch.where(mask[:, i], t_same[f"weight_{m}"], t_same[f"weight_{m}"] * factor[i])
+        torch.testing.assert_close(t_rel[f"weight_{m}"], expect)
+    # and the DWFuse loss in training uses the same factor: recompute L_uni by hand
+    rel.train(False)
+    y = torch.randint(0, 2, (12,)).float()
+    out = rel({"x": x, "mask": mask, "y": y})
+    v_imp, joint_in = rel.impute(torch.cat(rel.encode(x, mask), 1))
+    uni = [rel.unimodal_heads[m](v_imp[:, i * D:(i + 1) * D]) for i, m in enumerate("abc")]
+    q = torch.stack([true_value_probability(lg, y, "binary", 1.0) for lg in uni], 1)
+    w = down_weighting(q, 0.5) * torch.where(mask, torch.ones(3), factor)
+    ce = torch.stack([torch.nn.functional.cross_entropy(lg, y.long(), reduction="none") for lg in uni], 1)
+    joint = torch.nn.functional.cross_entropy(rel.joint_head(joint_in), y.long())
+    torch.testing.assert_close(out["loss_dwfuse"], (w * ce).sum(1).mean() + 0.1 * joint, rtol=1e-5, atol=1e-6)
+
+
+def test_reliability_tracker_hand_worked():
+    """The running NMSE moves by momentum 0.1 towards the batch's E||v'_m - h_m||^2 / E||h_m - mean||^2:
+    a perfect imputation -> 0.9 * 1 + 0.1 * 0; the per-row mean of the known truths -> NMSE 1 stays 1;
+    a modality never hidden keeps its value; a new model starts at 1 (imputed slots untrusted)."""
+    model = _model(imputed_trust="reliability")
+    torch.testing.assert_close(model.imp_nmse, torch.ones(3))
+    g = torch.Generator().manual_seed(1)
+    truth = torch.randn(10, 3 * D, generator=g)
+    full = torch.ones(10, 3, dtype=torch.bool)
+    dropped = torch.zeros(10, 3, dtype=torch.bool)
+    dropped[:5, 0] = True
+    dropped[5:, 1] = True
+    imp = truth.clone()
+    imp[:, D:2 * D] = truth[:, D:2 * D].mean(0)  # modality b imputed by the mean of its known rows
+    model._track_reliability(imp, truth, dropped, full)
+    ref_b = truth[:, D:2 * D]
+    var_b = ((ref_b - ref_b.mean(0)) ** 2).sum(1).mean()
+    nmse_b = ((ref_b.mean(0) - ref_b[5:]) ** 2).sum(1).mean() / var_b
+    torch.testing.assert_close(model.imp_nmse, torch.stack([torch.tensor(0.9), 0.9 + 0.1 * nmse_b,
+                                                            torch.tensor(1.0)]))
+
+
+def test_new_options_reach_the_model_from_the_config_and_are_validated():
+    cfg = TrainConfig(hidden_dim=4, omnifuse={"depth": 1, "joint_skip": True, "imputed_trust": "reliability",
+                                              "cascade_grad": "imputation"})
+    model = build_method("omnifuse", SPECS, "binary", 2, cfg)
+    assert (model.joint_skip, model.imputed_trust, model.cascade_grad) == (True, "reliability", "imputation")
+    assert build_method("omnifuse", SPECS, "binary", 2, TrainConfig(
+        hidden_dim=4, omnifuse={"depth": 1, "cascade_grad": "separate"})).cascade_grad == "separate"
+    for bad in ({"imputed_trust": "always"}, {"cascade_grad": "none"}):
+        with pytest.raises(Exception):
+            TrainConfig(omnifuse=bad)
+    with pytest.raises(ValueError):
+        OmniFuse(SPECS, "binary", 2, hidden_dim=4, depth=1, cascade_grad="none")
