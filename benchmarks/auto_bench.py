@@ -10,12 +10,17 @@ One run, two paths, the same work on the same folds:
     one after another in this process, 1 torch thread (what a 1-CPU task gets). Timed: every fit.
 
 Embeddings: the synthetic cohort's latent observations rendered as embeddings
-(``raypipe.synth.embeddings``; the demo's generator). Every fit runs all its epochs
-(patience = epochs). Prints both wall times, the speed-up (b)/(a), the slots and the goal
-0.8 x min(slots, N x k), and the per-candidate CV means of both paths (equal: same fits).
+(``raypipe.synth.embeddings``; the demo's generator), or ``--input`` an embeddings table such
+as the demo's. Every fit runs all its epochs (patience = epochs). Prints both wall
+times, the speed-up (b)/(a), the slots and the goal 0.8 x min(slots, N x k), the CPU seconds
+of both paths (the Ray path's over this process, Ray's daemons and its workers), and the
+per-candidate CV means of both paths (equal: same fits). Run timing runs alone on the
+machine (``flock /tmp/raypipe_bench.lock python benchmarks/auto_bench.py``): on a loaded
+machine the ratio measures the load.
 
     python benchmarks/auto_bench.py                                  # 4 candidates x 5 folds
     python benchmarks/auto_bench.py --candidates concat,late,sum,se_gate,omnifuse --folds 5 --n 1000
+    python benchmarks/auto_bench.py --input runs/demo/embeddings --epochs 4
 """
 
 from __future__ import annotations
@@ -27,6 +32,40 @@ import tempfile
 import time
 
 
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and every live descendant.
+
+    Linux /proc; Ray's daemons and workers of a local ``ray.init`` are this process's
+    descendants, so the difference of two readings is what a step cost the machine (workers
+    that exited in between are missed: Ray keeps its idle workers, so few are). NaN elsewhere.
+    """
+    if not os.path.isdir("/proc/self"):
+        return float("nan")
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as fh:
+                rest = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(d)] = int(rest[1])
+        cpu[int(d)] = (int(rest[11]) + int(rest[12])) / tick
+    me, total = os.getpid(), 0.0
+    for pid, c in cpu.items():
+        q = pid
+        for _ in range(64):
+            if q == me:
+                total += c
+                break
+            q = parent.get(q, 0)
+            if q <= 1:
+                break
+    return total
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--candidates", default="concat,late,sum,se_gate", help="comma-separated methods (N)")
@@ -36,6 +75,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--hidden-dim", type=int, default=32)
     p.add_argument("--cpus", type=int, default=None, help="local Ray CPUs (default: all)")
+    p.add_argument("--input", default=None, help="an embeddings table (e.g. the demo's runs/demo/embeddings) "
+                                                 "instead of the synthetic-truth one; --n/--dim then unused")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -54,7 +95,8 @@ def main(argv=None):
     from raypipe.tune.folds import fold_task, n_outputs_for
 
     work = tempfile.mkdtemp(prefix="auto-bench-")
-    emb = write_truth_embeddings(generate_truth(n=args.n, seed=0), os.path.join(work, "emb"), dim=args.dim)
+    emb = args.input or write_truth_embeddings(generate_truth(n=args.n, seed=0), os.path.join(work, "emb"),
+                                               dim=args.dim)
     cands = args.candidates.split(",")
     cfg = load_config(None, [f"run.out_dir={work}", f"train.input={emb}", "train.method=auto",
                              f"train.epochs={args.epochs}", f"train.patience={args.epochs}",
@@ -66,27 +108,30 @@ def main(argv=None):
     init_ray(cfg)
     slots = int(ray.cluster_resources().get("CPU", 1))
 
-    t0 = time.perf_counter()
-    summary = cross_validate(cfg, table, task, "auroc", True, os.path.join(work, "auto"))
-    t_ray = time.perf_counter() - t0
+    metric = "auroc"
+    c0, t0 = tree_cpu_seconds(), time.perf_counter()
+    summary = cross_validate(cfg, table, task, metric, True, os.path.join(work, "auto"))
+    t_ray, cpu_ray = time.perf_counter() - t0, tree_cpu_seconds() - c0
 
     sub = table.take(assign_splits(table, cfg) != "test")
     folds = kfold_assignments(sub.sample_id, sub.y, k=args.folds, seed=cfg.run.seed)
     data = (sub.x, sub.mask, sub.y, sub.sample_id, {m: list(s) for m, s in sub.shapes.items()})
     threads = torch.get_num_threads()
     seq_means = {}
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for c in candidates(cfg, task):
         scores = [fold_task(c.method, {}, c.train_cfg, data, f, folds, task, sub.modalities, cfg.run.seed,
-                            patterns=False, n_outputs=n_outputs_for(task, table.y))["auroc"]
+                            patterns=False, n_outputs=n_outputs_for(task, table.y))[metric]
                   for f in range(args.folds)]
         seq_means[c.label] = float(np.mean(scores))
-    t_seq = time.perf_counter() - t0
+    t_seq, cpu_seq = time.perf_counter() - t0, time.process_time() - c0
     torch.set_num_threads(threads)
     fits = len(cands) * args.folds
     out = {"candidates": cands, "folds": args.folds, "fits": fits, "samples_cv": int(len(sub)),
            "epochs": args.epochs, "slots": slots, "ray_seconds": round(t_ray, 2), "sequential_seconds": round(t_seq, 2),
            "speedup": round(t_seq / t_ray, 3), "ray_fits_seconds": summary["cv_seconds"],
+           "ray_cpu_seconds": round(cpu_ray, 1), "sequential_cpu_seconds": round(cpu_seq, 1),
+           "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
            "goal": round(0.8 * min(slots, fits), 2),
            "chosen": summary["chosen"], "cv_mean_ray": {k: round(v, 4) for k, v in summary["mean"].items()},
            "cv_mean_sequential": {k: round(v, 4) for k, v in seq_means.items()}}
@@ -95,6 +140,8 @@ def main(argv=None):
     print(f"  Ray (raypipe auto):   {t_ray:7.1f} s (incl. ensemble + leaderboard); the fits alone "
           f"{summary['cv_seconds']:.1f} s (speed-up {t_seq / summary['cv_seconds']:.2f})")
     print(f"  sequential, 1 proc:   {t_seq:7.1f} s")
+    print(f"  CPU seconds: Ray path {cpu_ray:.1f} (this process, Ray's daemons and workers), sequential "
+          f"{cpu_seq:.1f} (this process)")
     print(f"  speed-up {t_seq / t_ray:.2f} (goal >= 0.8 x min(slots, N x k) = {0.8 * min(slots, fits):.2f})")
     print("  CV means, Ray vs sequential: " + ", ".join(
         f"{k} {summary['mean'][k]:.4f}/{seq_means[k]:.4f}" for k in seq_means))

@@ -46,20 +46,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROWS_PER_FILE = 1024
 
 
-def _write_part(root: str, part: int, n: int, size: int, per_sample: int, seed: int) -> None:
+def _write_part(root: str, part: int, n: int, size: int, per_sample: int, seed: int, records: str = "uint8") -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from raypipe.ingest.pipeline import records_table, write_records
     from raypipe.schema import RECORDS_SCHEMA, array_to_payload
 
+    dtype = "float32" if records == "v1" else records
     rows = [{"sample_id": f"s{i // per_sample:07d}", "modality": "ct", "source_key": "k", "position": i % per_sample,
-             **array_to_payload(slice_array(i, size, seed)), "text": None, "meta": "{}"}
+             **array_to_payload(stored_slice(i, size, seed, dtype)), "text": None, "meta": "{}"}
             for i in range(part * ROWS_PER_FILE, min(n, (part + 1) * ROWS_PER_FILE))]
-    pq.write_table(pa.Table.from_pylist(rows, schema=RECORDS_SCHEMA),
-                   os.path.join(root, "records", f"part-{part:05d}.parquet"))
+    path = os.path.join(root, "records", f"part-{part:05d}.parquet")
+    table = pa.Table.from_pylist(rows, schema=RECORDS_SCHEMA)
+    if records == "v1":  # records schema 1: float32 bytes in payload, uncompressed
+        pq.write_table(table, path, compression={c: ("none" if c == "payload" else "snappy") for c in table.column_names})
+    else:  # what ingest writes: the modality's tensor column, zstd, bounded row groups
+        write_records(records_table(table, {"ct": (dtype, [1, size, size])}), path)
 
 
-def write_records(root: str, n: int, size: int, per_sample: int, seed: int = 0, workers: int | None = None) -> None:
+def write_records(root: str, n: int, size: int, per_sample: int, seed: int = 0, workers: int | None = None,
+                  records: str = "uint8") -> None:
     """``n`` single-channel slices of ``size``^2 as records (``per_sample`` per sample), plus samples.parquet.
 
     Files of 1,024 rows sorted by id across files, as ingest writes them; written by ``workers``
@@ -77,10 +84,10 @@ def write_records(root: str, n: int, size: int, per_sample: int, seed: int = 0, 
     workers = min(workers or os.cpu_count() or 1, len(parts))
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_part, *zip(*[(root, p, n, size, per_sample, seed) for p in parts])))
+            list(pool.map(_write_part, *zip(*[(root, p, n, size, per_sample, seed, records) for p in parts])))
     else:
         for p in parts:
-            _write_part(root, p, n, size, per_sample, seed)
+            _write_part(root, p, n, size, per_sample, seed, records)
     ids = [f"s{j:07d}" for j in range(-(-n // per_sample))]
     pq.write_table(pa.table({"sample_id": ids, "label": [float(j % 2) for j in range(len(ids))],
                              "split": ["train"] * len(ids)}, schema=samples_schema(["label"], ["split"])),
@@ -90,6 +97,22 @@ def write_records(root: str, n: int, size: int, per_sample: int, seed: int = 0, 
 def slice_array(i: int, size: int, seed: int = 0) -> np.ndarray:
     """The i-th benchmark slice: (1, size, size) float32 in [0, 1], reproducible."""
     return np.random.default_rng([seed, i]).random((1, size, size), dtype=np.float32)
+
+
+def stored_slice(i: int, size: int, seed: int = 0, dtype: str = "uint8") -> np.ndarray:
+    """The i-th slice as the records store it (uint8 = round(255 v), float16, float32)."""
+    from raypipe.schema import quantise_unit
+
+    return quantise_unit(slice_array(i, size, seed), dtype)
+
+
+def tree_cpu() -> float:
+    """CPU seconds (user + system) of this process and its live descendants (the local Ray's raylet,
+    GCS and workers): ``benchmarks/ingest_bench.py``'s measure."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from ingest_bench import tree_cpu_seconds
+
+    return tree_cpu_seconds()
 
 
 class GPUSampler:
@@ -181,6 +204,9 @@ def main(argv=None) -> dict:
                         "no model): how many slices/s this host can hand to GPU actors. Uses --num-cpus CPUs")
     p.add_argument("--feed-dtype", choices=["float32", "float16"], default="float32",
                    help="--feed-only: pixel dtype of the batches (float16 = what GPU actors under autocast get)")
+    p.add_argument("--records", choices=["uint8", "float16", "float32", "v1"], default="uint8",
+                   help="records layout: schema 2 with this image dtype (uint8 = ingest's default), or v1 = "
+                        "schema 1 (float32 payload bytes, uncompressed)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--keep", action="store_true", help="keep the temporary records/embeddings")
     args = p.parse_args(argv)
@@ -196,7 +222,7 @@ def main(argv=None) -> dict:
 
     work = tempfile.mkdtemp(prefix="rp-embed-bench-")
     t0 = time.perf_counter()
-    write_records(work, args.n, args.input_size, args.per_sample)
+    write_records(work, args.n, args.input_size, args.per_sample, records=args.records)
     t_write = time.perf_counter() - t0
 
     overrides = [f"run.out_dir={work}/run", f"embed.input={work}", f"embed.out={work}/embeddings",
@@ -225,17 +251,22 @@ def main(argv=None) -> dict:
     emb = ImageEmbedder(weights="random", seed=cfg.run.seed, input_size=args.input_size, device=args.device,
                         fixed_batch=batch)
     plain_n = min(args.n, args.plain_n or 16384)
-    pixels = emb.preprocess(np.stack([slice_array(i, args.input_size) for i in range(plain_n)]))
+    from raypipe.schema import to_float
+
+    # the same values the records hold (uint8 -> / 255), so (a) and (b) embed identical inputs
+    dtype = "float32" if args.records == "v1" else args.records
+    pixels = emb.preprocess(np.stack([to_float(stored_slice(i, args.input_size, 0, dtype)) for i in range(plain_n)]))
     emb.embed_pixels(pixels[:batch])  # warm-up (cuDNN autotune, allocator)
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     with GPUSampler(args.device == "cuda") as gpu_a:
-        t0 = time.perf_counter()
+        c0, t0 = tree_cpu(), time.perf_counter()
         plain_out = [emb.embed_pixels(pixels[i:i + batch]) for i in range(0, plain_n, batch)]
         if args.device == "cuda":
             torch.cuda.synchronize()
         t_plain = time.perf_counter() - t0
+        cpu_plain = tree_cpu() - c0  # includes the idle local Ray's background CPU, as (b) does
     del pixels
     plain_rate = plain_n / t_plain
     image_peak_mib = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
@@ -264,9 +295,10 @@ def main(argv=None) -> dict:
 
     ep._family_dataset = lambda *a, **k: _Timed(real_dataset(*a, **k))
     with GPUSampler(args.device == "cuda") as gpu_b:
-        t0 = time.perf_counter()
+        c0, t0 = tree_cpu(), time.perf_counter()
         summary = run_embed(cfg)
         t_ray = time.perf_counter() - t0
+        cpu_ray = tree_cpu() - c0  # live processes only: a worker that exited is not counted
     ep._family_dataset = real_dataset
     ray_rate = args.n / t_ray
     startup = first_batch[0] - t0 if first_batch else float("nan")
@@ -291,7 +323,9 @@ def main(argv=None) -> dict:
         "plain_items_per_s": round(plain_rate, 2), "ray_items_per_s": round(ray_rate, 2),
         "ratio": round(ray_rate / plain_rate, 3), "ray_seconds": round(t_ray, 1), "plain_seconds": round(t_plain, 1),
         "ray_startup_seconds": round(startup, 1), "ray_steady_items_per_s": round(steady_rate, 2),
-        "steady_ratio": round(steady_rate / plain_rate, 3),
+        "steady_ratio": round(steady_rate / plain_rate, 3), "records": args.records,
+        "plain_cpu_ms_per_item": round(1e3 * cpu_plain / plain_n, 2), "ray_cpu_ms_per_item": round(1e3 * cpu_ray / args.n, 2),
+        "cpu_ratio": round((cpu_ray / args.n) / (cpu_plain / plain_n), 3),
         "records_write_seconds": round(t_write, 1), "ray_matches_plain": same,
         "gpu_util_plain": gpu_a.summary(), "gpu_util_ray": gpu_b.summary(), "embed_summary_ok": summary["ok"],
         "image_dtype": image_dtype, "image_peak_gpu_mib": image_peak_mib, "text": text_res,
@@ -305,8 +339,11 @@ def main(argv=None) -> dict:
     print(f"(b) ray data   : {ray_rate:9.1f} items/s  ({args.n} slices in {t_ray:.1f}s incl. start-up; pool "
           f"{plan['size']} x {plan['num_cpus']:g} CPU{gpus}, {res['ray_cpus']:g} Ray CPUs)")
     print(f"ratio (b)/(a)  : {res['ratio']:.2f}   (goal: >= 0.9 on CPU, >= 0.8 on one GPU)")
-    print(f"    start-up until the first embedded batch {startup:.1f}s; after it {steady_rate:.1f} items/s "
-          f"(steady ratio {res['steady_ratio']:.2f})")
+    print(f"    start-up until the first embedded batch {startup:.1f}s (goal <= 10 s); after it {steady_rate:.1f} "
+          f"items/s (steady ratio {res['steady_ratio']:.2f})")
+    print(f"CPU-seconds per item: (a) {res['plain_cpu_ms_per_item']:.2f} ms, (b) {res['ray_cpu_ms_per_item']:.2f} ms; "
+          f"ratio (b)/(a) {res['cpu_ratio']:.2f} (goal <= 1.2) next to the wall-clock ratio {res['ratio']:.2f}; "
+          f"records {args.records}")
     if gpu_b.summary():
         g = gpu_b.summary()
         print(f"GPU busy during (b): mean {g['mean_pct']}%, {100 * g['share_above_80pct']:.0f}% of samples > 80% "
@@ -345,26 +382,34 @@ def feed_throughput(cfg, work: str, plan: dict, args) -> dict:
     for _ in range(2):
         ds = ep._family_dataset(cfg, "image", os.path.join(work, "records"), ["ct"], None, feed_plan,
                                 model_stage=False)
-        t0, first, n = time.perf_counter(), None, 0
+        c0, t0, first, n = tree_cpu(), time.perf_counter(), None, 0
         for b in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
             n += len(b["error"])
             first = first or time.perf_counter()
         dt = time.perf_counter() - t0
+        cpu_all = tree_cpu() - c0
         stats = ds.stats()
         m = re.search(r"MapBatches\(decode_image_blocks\).*?Remote cpu time: .*?([0-9.]+)(us|ms|s) total", stats,
                       re.S)
         cpu = float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)] if m else float("nan")
         runs.append({"slices": n, "seconds": round(dt, 2), "slices_per_s": round(n / dt, 1),
                      "slices_per_s_after_first": round((n - plan["batch_size"]) / (t0 + dt - first), 1),
-                     "decode_cpu_us_per_slice": round(1e6 * cpu / max(n, 1), 1)})
+                     "decode_cpu_us_per_slice": round(1e6 * cpu / max(n, 1), 1),
+                     "cpu_us_per_slice": round(1e6 * cpu_all / max(n, 1), 1),
+                     "slices_per_cpu_second": round(n / max(cpu_all, 1e-9), 1)})
     res = {"machine": machine(), "mode": "feed-only", "n": args.n, "input_size": args.input_size,
            "pixel_dtype": args.feed_dtype, "batch_size": plan["batch_size"], "ray_cpus": cluster_resources()["CPU"],
-           "runs": runs}
-    print(f"\nfeed benchmark (no model): {args.n} slices {args.input_size}x{args.input_size} -> {args.feed_dtype} "
-          f"batches of {plan['batch_size']}, {res['ray_cpus']:g} Ray CPUs; machine {res['machine']['cpu']}")
+           "records": args.records, "load_average": os.getloadavg()[0], "runs": runs}
+    print(f"\nfeed benchmark (no model): {args.n} slices {args.input_size}x{args.input_size} ({args.records} records) "
+          f"-> {args.feed_dtype} batches of {plan['batch_size']}, {res['ray_cpus']:g} Ray CPUs; machine "
+          f"{res['machine']['cpu']}, load average {res['load_average']:.1f}")
     for i, r in enumerate(runs):
         print(f"pass {i + 1}: {r['slices_per_s']:9.1f} slices/s ({r['slices_per_s_after_first']:.1f} after the first "
-              f"batch); decode stage CPU {r['decode_cpu_us_per_slice']:.0f} us/slice")
+              f"batch) = {r['slices_per_s'] / res['ray_cpus']:.1f} per Ray CPU wall-clock; "
+              f"{r['slices_per_cpu_second']:.0f} slices per CPU-second (driver + Ray + workers, {r['cpu_us_per_slice']:.0f}"
+              f" us/slice; decode stage {r['decode_cpu_us_per_slice']:.0f} us/slice)")
+    print("slices/s per CPU core (goal >= 1000): the CPU-second figure; the wall-clock one also counts time the "
+          "cores spent on other work")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=2)
