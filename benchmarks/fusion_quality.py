@@ -245,7 +245,8 @@ def run_one(name: str, omni: dict, data: MultiViewData, mask: np.ndarray, train_
     test rows' predicted class probabilities, an array: for callers, not for the JSON).
     """
     specs = [ModalitySpec(m, (data.views[m].shape[1],)) for m in data.modalities]
-    omni_cfg = dict(omni)
+    # --set overrides first, the row's own switches (ablation, variant) on top
+    omni_cfg = {**omnifuse_overrides(args), **omni}
     if args.depth is not None:
         omni_cfg["depth"] = args.depth
     cfg = TrainConfig(hidden_dim=args.hidden, omnifuse=omni_cfg)
@@ -347,7 +348,66 @@ def plan_runs(args) -> list[tuple[str, str, dict]]:
     runs = [(m, m, {}) for m in methods]
     rows = [] if args.no_ablation else [r for r in args.ablation.split(",") if r]
     runs += [(f"omnifuse row {r} ({ABLATIONS[r][0]})", "omnifuse", ABLATIONS[r][1]) for r in rows]
+    runs += [(f"omnifuse variant {label}", "omnifuse", switches) for label, switches in parse_variants(args)]
     return runs
+
+
+def _parse_value(text: str):
+    """JSON scalars (numbers, true/false, null), else the plain string (e.g. reliability)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def omnifuse_overrides(args) -> dict:
+    """``--set omnifuse.KEY=VALUE`` (also ``train.omnifuse.KEY``) as an OmniFuseConfig override dict, applied to
+    omnifuse and to its ablation and variant rows (their own switches win)."""
+    out = {}
+    for item in getattr(args, "set", None) or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        for prefix in ("train.omnifuse.", "omnifuse."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        else:
+            raise SystemExit(f"--set {item!r}: only omnifuse.KEY=VALUE (or train.omnifuse.KEY=VALUE) is supported")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected omnifuse.KEY=VALUE")
+        out[key] = _parse_value(value.strip())
+    if out:
+        from raypipe.config import OmniFuseConfig
+
+        try:  # fail before hours of fitting, with the configuration's own message
+            OmniFuseConfig(**out)
+        except Exception as exc:  # pydantic's ValidationError names the field and the allowed values
+            raise SystemExit(f"--set: {exc}") from None
+    return out
+
+
+def parse_variants(args) -> list[tuple[str, dict]]:
+    """``--variant LABEL:KEY=VALUE[,KEY=VALUE]``: an extra omnifuse row with these OmniFuseConfig switches
+    (on top of ``--set``), shown as "omnifuse variant LABEL"."""
+    out = []
+    for item in getattr(args, "variant", None) or []:
+        label, sep, body = item.partition(":")
+        if not sep or not label.strip():
+            raise SystemExit(f"--variant {item!r}: expected LABEL:KEY=VALUE[,KEY=VALUE]")
+        switches = {}
+        for kv in filter(None, (p.strip() for p in body.split(","))):
+            k, eq, v = kv.partition("=")
+            if not eq:
+                raise SystemExit(f"--variant {item!r}: {kv!r} is not KEY=VALUE")
+            switches[k.strip()] = _parse_value(v.strip())
+        from raypipe.config import OmniFuseConfig
+
+        try:
+            OmniFuseConfig(**{**omnifuse_overrides(args), **switches})
+        except Exception as exc:
+            raise SystemExit(f"--variant {item!r}: {exc}") from None
+        out.append((label.strip(), switches))
+    return out
 
 
 def run_benchmark(data: MultiViewData, conditions: dict[str, np.ndarray], folds: np.ndarray, runs, args,
@@ -541,7 +601,7 @@ def markdown_report(data: MultiViewData, scores: dict, conditions: dict, args, e
             f"{f' ({data.n_classes} classes)' if data.task == 'multiclass' else ''}.",
             f"{k}-fold CV, mean ± std (ddof = 1) over folds; p = paired t-test over folds vs omnifuse. Width "
             f"{args.hidden}, OmniFuse R = {args.depth if args.depth is not None else TrainConfig().omnifuse.depth} "
-            f"(other OmniFuse settings: the configuration's defaults), <= {args.epochs} epochs (patience "
+            f"(other OmniFuse settings: {_overrides_text(args)}), <= {args.epochs} epochs (patience "
             f"{args.patience}), batch {args.batch_size}, lr {args.lr}, training modality dropout p = {args.p_drop}. "
             f"Conditions: view dropout at the named rate on top of the natural availability, same masks for every "
             f"row{realised}. {elapsed / 60:.1f} min of run time on {machine_description()}, "
@@ -561,6 +621,14 @@ def markdown_report(data: MultiViewData, scores: dict, conditions: dict, args, e
             "the training thread (1 torch thread), and wall seconds, which other jobs on a shared machine inflate)", ""]
     out += timing_table(scores)
     return "\n".join(out)
+
+
+def _overrides_text(args) -> str:
+    sets = omnifuse_overrides(args)
+    if not sets:
+        return "the configuration's defaults"
+    return "the configuration's defaults except " + ", ".join(f"{k} = {v}" for k, v in sets.items()) + \
+        " (--set, on omnifuse and its ablation rows)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -583,6 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(REGISTRY), help="comma list of registered methods")
     p.add_argument("--ablation", default="b,c,d", help="OmniFuse ablation rows to add (b,c,d,f; '' for none)")
     p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="omnifuse.KEY=VALUE",
+                   help="an OmniFuseConfig override for omnifuse and its ablation/variant rows (repeatable), e.g. "
+                        "--set omnifuse.joint_skip=true; recorded in the --json args and the report header")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+                   help="an extra omnifuse row with its own switches (repeatable), e.g. "
+                        "--variant skip:joint_skip=true")
     p.add_argument("--no-single", action="store_true", help="skip the single-view rows")
     p.add_argument("--json", help="write the raw per-fold numbers here")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny models: 1 is fastest)")
@@ -657,7 +731,9 @@ def run_context() -> dict:
 
 
 #: settings that may differ between the --json files merged by --from-json (they select rows or conditions)
-_MERGEABLE = ("dropout", "json", "methods", "ablation", "no_ablation", "no_single", "from_json")
+_MERGEABLE = ("dropout", "json", "methods", "ablation", "no_ablation", "no_single", "from_json", "variant", "set")
+#: options added after some --json files were written: their value in such a file is the default
+_LATER_DEFAULTS = {"set": [], "variant": []}
 
 
 def report_from_json(paths) -> dict:
@@ -667,10 +743,19 @@ def report_from_json(paths) -> dict:
     for path in paths:
         with open(path) as fh:
             runs.append(json.load(fh))
+    for r in runs:
+        for k, v in _LATER_DEFAULTS.items():
+            r["args"].setdefault(k, v)
     same = lambda r: {k: v for k, v in r["args"].items() if k not in _MERGEABLE}  # noqa: E731
+    # --set changes only OmniFuse rows: files without any may differ (e.g. other methods run separately)
+    omni_sets = {json.dumps(sorted(r["args"]["set"])) for r in runs
+                 if any(label.startswith("omnifuse") for c in r["scores"].values() for label in c)}
+    if len(omni_sets) > 1:
+        raise SystemExit(f"--from-json: the files' OmniFuse rows were run with different --set overrides: {paths}")
     if any(same(r) != same(runs[0]) for r in runs[1:]):
         raise SystemExit(f"--from-json: the files were run with different settings: {paths}")
     first = argparse.Namespace(**runs[0]["args"])
+    first.set = json.loads(omni_sets.pop()) if omni_sets else []
     scores, replaced = merge_scores([r["scores"] for r in runs])
     for c, label, i in replaced:
         if label.startswith(("ref:", "only:")):  # references are recomputed by every run, identically

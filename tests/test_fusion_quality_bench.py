@@ -200,3 +200,37 @@ def test_tiny_auto_run_scores_the_table_rows_own_fits_and_merges(bench, capsys, 
     assert set(merged["drop 50%"]) >= {"concat", "sum", "auto", "auto ensemble"}
     out = capsys.readouterr().out
     assert "| auto |" in out and "one fold-std" in out
+
+
+def test_omnifuse_overrides_and_variant_rows_reach_the_config(bench):
+    args = bench.build_parser().parse_args(
+        ["--methods", "omnifuse", "--ablation", "b", "--set", "omnifuse.joint_skip=true",
+         "--set", "train.omnifuse.imputed_trust=reliability", "--variant", "sep:cascade_grad=separate,mine_every=2"])
+    assert bench.omnifuse_overrides(args) == {"joint_skip": True, "imputed_trust": "reliability"}
+    runs = bench.plan_runs(args)
+    assert [r[0] for r in runs] == ["omnifuse", "omnifuse row b (DWFuse)", "omnifuse variant sep"]
+    assert runs[2][2] == {"cascade_grad": "separate", "mine_every": 2}
+    assert "joint_skip = True" in bench._overrides_text(args)
+    for bad in (["--set", "omnifuse.no_such_key=1"], ["--set", "train.lr=1"], ["--set", "omnifuse.cascade_grad=bogus"],
+                ["--variant", "nolabel"], ["--variant", "x:cascade_grad"]):
+        with pytest.raises(SystemExit):
+            a = bench.build_parser().parse_args(bad)
+            bench.omnifuse_overrides(a), bench.parse_variants(a)
+
+
+def test_merge_accepts_files_from_before_set_and_refuses_mixed_omnifuse_overrides(bench, tmp_path, capsys):
+    args = vars(bench.build_parser().parse_args(["--dataset", "breast_cancer", "--n", "80", "--folds", "2"]))
+    rows = lambda v: [{"auroc": v, "seconds_per_epoch": 0.1, "epochs": 1}] * 2  # noqa: E731
+    old = {k: v for k, v in args.items() if k not in ("set", "variant")}  # a file written before these options
+    files = {"old": {"args": old, "scores": {"drop 0%": {"concat": rows(0.9)}}, "seconds": 1},
+             "new": {"args": {**args, "set": ["omnifuse.joint_skip=true"]},
+                     "scores": {"drop 0%": {"omnifuse": rows(0.95)}}, "seconds": 1},
+             "other": {"args": {**args, "set": []}, "scores": {"drop 0%": {"omnifuse row b (DWFuse)": rows(0.9)}},
+                       "seconds": 1}}
+    for name, content in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(content))
+    merged = bench.main(["--from-json", str(tmp_path / "old.json"), str(tmp_path / "new.json")])
+    assert set(merged["drop 0%"]) >= {"concat", "omnifuse"}
+    assert "joint_skip = True" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="different --set"):
+        bench.main(["--from-json", str(tmp_path / "new.json"), str(tmp_path / "other.json")])
