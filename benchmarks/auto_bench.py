@@ -2,10 +2,12 @@
 
 One run, two paths, the same work on the same folds:
 
-(a) ``raypipe.tune.auto.cross_validate``: one 1-CPU Ray task per (candidate, fold), as many at
-    once as the local Ray has CPUs (``slots``), plus the greedy ensemble over the out-of-fold
-    predictions and the leaderboard. Timed: the whole call (Ray already started, as in a run
-    after ingest/embed; the refit of the winner is not included).
+(a) ``raypipe.tune.auto.cross_validate``: the (candidate, fold) fits on a pool of long-lived
+    1-CPU actors, one per CPU of the local Ray (``slots``), each holding the data (put in the
+    object store once) and taking the next fit when free; plus the greedy ensemble over the
+    out-of-fold predictions and the leaderboard. Timed: the whole call (Ray already started, as
+    in a run after ingest/embed; the refit of the winner is not included), and its parts
+    (preparation, fits, ensemble) as ``cross_validate`` reports them.
 (b) the same (candidate, fold) fits with the same fold function (``raypipe.tune.folds.fold_task``),
     one after another in this process, 1 torch thread (what a 1-CPU task gets). Timed: every fit.
 
@@ -119,18 +121,20 @@ def main(argv=None):
     threads = torch.get_num_threads()
     seq_means = {}
     c0, t0 = time.process_time(), time.perf_counter()
+    seq_train = 0.0
     for c in candidates(cfg, task):
-        scores = [fold_task(c.method, {}, c.train_cfg, data, f, folds, task, sub.modalities, cfg.run.seed,
-                            patterns=False, n_outputs=n_outputs_for(task, table.y))[metric]
-                  for f in range(args.folds)]
-        seq_means[c.label] = float(np.mean(scores))
+        rows = [fold_task(c.method, {}, c.train_cfg, data, f, folds, task, sub.modalities, cfg.run.seed,
+                          patterns=False, n_outputs=n_outputs_for(task, table.y)) for f in range(args.folds)]
+        seq_train += sum(r["seconds"] for r in rows)
+        seq_means[c.label] = float(np.mean([r[metric] for r in rows]))
     t_seq, cpu_seq = time.perf_counter() - t0, time.process_time() - c0
     torch.set_num_threads(threads)
     fits = len(cands) * args.folds
     out = {"candidates": cands, "folds": args.folds, "fits": fits, "samples_cv": int(len(sub)),
            "epochs": args.epochs, "slots": slots, "ray_seconds": round(t_ray, 2), "sequential_seconds": round(t_seq, 2),
            "speedup": round(t_seq / t_ray, 3), "ray_fits_seconds": summary["cv_seconds"],
-           "ray_cpu_seconds": round(cpu_ray, 1), "sequential_cpu_seconds": round(cpu_seq, 1),
+           "ray_parts_seconds": summary["seconds"], "ray_cpu_seconds": round(cpu_ray, 1), "sequential_cpu_seconds": round(cpu_seq, 1),
+           "sequential_training_seconds": round(seq_train, 2),
            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
            "goal": round(0.8 * min(slots, fits), 2),
            "chosen": summary["chosen"], "cv_mean_ray": {k: round(v, 4) for k, v in summary["mean"].items()},
@@ -139,7 +143,11 @@ def main(argv=None):
           f"{args.epochs} epochs, {slots} slots")
     print(f"  Ray (raypipe auto):   {t_ray:7.1f} s (incl. ensemble + leaderboard); the fits alone "
           f"{summary['cv_seconds']:.1f} s (speed-up {t_seq / summary['cv_seconds']:.2f})")
-    print(f"  sequential, 1 proc:   {t_seq:7.1f} s")
+    parts = summary["seconds"]
+    print(f"    of it: preparation {parts['prepare']:.1f} s, fits {parts['fits']:.1f} s (the fits' own training "
+          f"{parts['fits_summed']:.1f} s summed over slots), ensemble {parts['ensemble']:.1f} s, rest "
+          f"{t_ray - parts['total']:.1f} s")
+    print(f"  sequential, 1 proc:   {t_seq:7.1f} s (the fits' own training {seq_train:.1f} s)")
     print(f"  CPU seconds: Ray path {cpu_ray:.1f} (this process, Ray's daemons and workers), sequential "
           f"{cpu_seq:.1f} (this process)")
     print(f"  speed-up {t_seq / t_ray:.2f} (goal >= 0.8 x min(slots, N x k) = {0.8 * min(slots, fits):.2f})")

@@ -154,6 +154,7 @@ def cross_validate(cfg: Config, table, task: str, metric: str, higher: bool, out
     from raypipe.tune.folds import FitJob, n_outputs_for, run_fits, summarise, write_folds
 
     ac = cfg.train.auto
+    t_start = time.perf_counter()
     cands = candidates(cfg, task)
     rows_cv = assign_splits(table, cfg) != "test"  # the full training split (train + val)
     sub = table.take(rows_cv)
@@ -183,6 +184,7 @@ def cross_validate(cfg: Config, table, task: str, metric: str, higher: bool, out
     log.info("auto: %d candidates x %d folds = %d fits on %d rows (metric %s%s)", len(cands), ac.folds, len(jobs),
              len(sub), metric, f", time limit {ac.time_limit:g} s" if ac.time_limit else "")
     t0 = time.perf_counter()
+    prepare_seconds = t0 - t_start - search_seconds
     results, unfinished, errors = run_fits(jobs, data_ref, folds, task, sub.modalities, cfg.run.seed,
                                            patterns=False, return_predictions=True, deadline=deadline,
                                            progress_bars=cfg.ray.progress_bars, desc="auto", n_outputs=n_out)
@@ -205,6 +207,7 @@ def cross_validate(cfg: Config, table, task: str, metric: str, higher: bool, out
     if not complete:
         raise RuntimeError(f"no candidate finished every fold (train.auto.time_limit={ac.time_limit}): "
                            f"{skipped}; raise the time limit or list fewer candidates")
+    t_ens = time.perf_counter()
     score = _metric_fn(task, metric)
     per_fold: dict[str, np.ndarray] = {}
     oof: dict[str, np.ndarray] = {}
@@ -231,6 +234,7 @@ def cross_validate(cfg: Config, table, task: str, metric: str, higher: bool, out
         weights = {l: float(v) for l, v in zip(labels, w) if v > 0}
         per_fold["ensemble"] = np.array(fold_scores, dtype=float)
         fit_seconds["ensemble"] = float(sum(fit_seconds[l] for l in weights))
+    ensemble_seconds = time.perf_counter() - t_ens
     means = {l: summarise(v)[0] for l, v in per_fold.items()}
     key = (lambda l: means[l]) if higher else (lambda l: -means[l])
     order = sorted(per_fold, key=lambda l: (-key(l) if np.isfinite(means[l]) else np.inf,
@@ -262,6 +266,9 @@ def cross_validate(cfg: Config, table, task: str, metric: str, higher: bool, out
                "rows": int(len(sub)), "candidates": [c.label for c in cands], "skipped": skipped, "best": best,
                "chosen": chosen, "ensemble_weights": weights, "cv_seconds": round(seconds, 1),
                "search_seconds": round(search_seconds, 1), "tune_trials": ac.tune_trials,
+               "seconds": {"prepare": round(prepare_seconds, 2), "search": round(search_seconds, 2),
+                           "fits": round(seconds, 2), "fits_summed": round(sum(r["seconds"] for r in results), 2),
+                           "ensemble": round(ensemble_seconds, 2), "total": round(time.perf_counter() - t_start, 2)},
                "search": {l: {k: v for k, v in d.items()} for l, d in searched.items()},
                "mean": {l: means[l] for l in order},
                "leaderboard": os.path.abspath(os.path.join(out_dir, LEADERBOARD_FILE))}
