@@ -18,7 +18,8 @@ For each outer fold f of fusion_quality.py (same folds, masks, seeds and trainin
 Nothing of the outer test fold is used for a choice. The candidate list is small on purpose (each
 candidate costs inner-folds + 1 fits per outer fold); the default is the four methods issue 18 names as
 winners somewhere: concat, se_gate, late and OmniFuse's DWFuse-only row b. ``raypipe train
---set train.method=auto`` itself defaults to every registered method and 5 inner folds.
+--set train.method=auto`` itself defaults to every registered method and 5 inner folds;
+``--candidates all`` uses that list (17 methods for a binary task: about 4x the cost of the default).
 
 Each candidate's fits are cached per outer fold under ``--cache`` (npz of probabilities), so candidates
 can be computed by separate processes (``--fit-only``) and combined by a last call; the output is a
@@ -61,10 +62,13 @@ def _bench():
 DEFAULT_CANDIDATES = "concat,se_gate,late,b"
 
 
-def candidate_runs(spec: str, bench) -> list[tuple[str, str, dict]]:
+def candidate_runs(spec: str, bench, task: str | None = None) -> list[tuple[str, str, dict]]:
     """(row label, registry name, omnifuse overrides) per candidate; a letter b/c/d/f is that OmniFuse
-    ablation row (labelled as in fusion_quality.py's tables), ``omnifuse`` is row e."""
+    ablation row (labelled as in fusion_quality.py's tables), ``omnifuse`` is row e; ``all`` is every
+    registered method suited to ``task`` (``train.method=auto``'s default list)."""
     out = []
+    if spec.strip() == "all":
+        spec = ",".join(n for n, cls in bench.REGISTRY.items() if task in cls.info.tasks)
     for c in (s.strip() for s in spec.split(",") if s.strip()):
         if c in bench.ABLATIONS:
             out.append((f"omnifuse row {c} ({bench.ABLATIONS[c][0]})", "omnifuse", bench.ABLATIONS[c][1]))
@@ -120,10 +124,10 @@ def choose(task: str, y_inner_rows: np.ndarray, inner: np.ndarray, oofs: dict[st
     (weights chosen on the other inner folds), the best (a tie goes to the single method, then to the earlier
     candidate), and the ensemble weights fitted on all inner out-of-fold predictions."""
     from raypipe.fusion.ensemble import combine, greedy_ensemble
-    from raypipe.train.metrics import compute_metrics
+    from raypipe.tune.auto import _metric_fn
 
     metric = "auroc"
-    score = lambda yy, p: float(compute_metrics(task, yy, p)[metric])  # noqa: E731
+    score = _metric_fn(task, metric)  # auto's own selection score (= compute_metrics' value, computed faster)
     labels = list(oofs)
     k = int(inner.max()) + 1
     means = {l: float(np.mean([score(y_inner_rows[inner == g], oofs[l][inner == g]) for g in range(k)]))
@@ -143,7 +147,8 @@ def main(argv=None) -> dict:
     bench = _bench()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--candidates", default=DEFAULT_CANDIDATES,
-                   help="comma list: registered methods, OmniFuse ablation letters (b, c, d, f), omnifuse (row e)")
+                   help="comma list: registered methods, OmniFuse ablation letters (b, c, d, f), omnifuse (row e); "
+                        "'all': every registered method suited to the task, as train.method=auto's default")
     p.add_argument("--inner-folds", type=int, default=3)
     p.add_argument("--cache", default=str(_HERE / "quality_runs" / "auto_cache"),
                    help="npz per candidate and outer fold ('' for none)")
@@ -157,7 +162,7 @@ def main(argv=None) -> dict:
     data = bench.load_dataset(args.dataset, args.n, args.seed)
     folds = bench.make_folds(data, args.folds, args.seed)
     (cond, mask), = bench.make_conditions(data, rates, args.seed).items()
-    runs = candidate_runs(own.candidates, bench)
+    runs = candidate_runs(own.candidates, bench, data.task)
     started = bench.run_context()
     t0 = time.perf_counter()
     k = int(folds.max()) + 1
