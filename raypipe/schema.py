@@ -204,25 +204,36 @@ def quantise_unit(a: np.ndarray, dtype: str = "uint8") -> np.ndarray:
     return np.asarray(a).astype(np.dtype(dtype), copy=False)
 
 
-def tensor_rows(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
-    """Zero-copy numpy views (shaped, stored dtype) of a fixed-shape tensor column's values; None for nulls."""
+def tensor_chunks(column: pa.ChunkedArray | pa.Array) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Per chunk of a fixed-shape tensor column: ``(values, valid)``, ``values`` a zero-copy numpy view
+    (len, *shape) in the stored dtype (null slots hold unread filler), ``valid`` a bool mask, or None
+    when the chunk has no nulls. Chunks follow the column's order (empty chunks skipped), so row
+    ``i`` of the column is row ``i - start`` of its chunk."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    out: list[np.ndarray | None] = []
+    out: list[tuple[np.ndarray, np.ndarray | None]] = []
     for arr in chunks:
         if len(arr) == 0:
             continue
         shape = tuple(arr.type.shape)
         storage = arr.storage if isinstance(arr, pa.ExtensionArray) else arr
-        child = storage.values  # length = list_size * (offset + len): null slots hold unread filler
+        child = storage.values  # length = list_size * (offset + len): the parent's offset is not applied
         size = int(np.prod(shape))
         dt = child.type.to_pandas_dtype()
         data = child.buffers()[1]
         flat = (np.frombuffer(data, dt, count=len(child), offset=child.offset * np.dtype(dt).itemsize)
-                if data is not None else np.zeros(0, dt))
-        valid = storage.is_valid().to_numpy(zero_copy_only=False)
+                if data is not None else np.zeros(size * (storage.offset + len(arr)), dt))
         base = storage.offset
-        out.extend(flat[(base + j) * size:(base + j + 1) * size].reshape(shape) if valid[j] else None
-                   for j in range(len(arr)))
+        values = flat[base * size:(base + len(arr)) * size].reshape((len(arr),) + shape)
+        valid = None if storage.null_count == 0 else storage.is_valid().to_numpy(zero_copy_only=False)
+        out.append((values, valid))
+    return out
+
+
+def tensor_rows(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
+    """Zero-copy numpy views (shaped, stored dtype) of a fixed-shape tensor column's values; None for nulls."""
+    out: list[np.ndarray | None] = []
+    for values, valid in tensor_chunks(column):
+        out.extend(values[j] if valid is None or valid[j] else None for j in range(len(values)))
     return out
 
 

@@ -207,3 +207,57 @@ def test_gpu_path_autocast_channels_last_matches_fp32():
     cpu_text = TextEmbedder(model=MINILM, weights="random", pooling="mean", device="cpu")
     t = ["a report", "pleural effusion on the right"]
     assert np.corrcoef(text(t).ravel(), cpu_text(t).ravel())[0, 1] > 0.99
+
+
+def test_decode_of_tensor_columns_matches_the_per_record_conversion():
+    """Records schema 2: the vectorised decode of ``tensor_<m>`` columns gives, row by row, what the
+    documented conversion gives (uint8 -> v * float32(1/255), floats widened; then the pixel dtype),
+    whatever the mix: two modalities (nulls in each other's column), 1 and 3 channels, a sliced
+    multi-chunk column, a record to resize, a non-finite record, a schema-1 payload row."""
+    from raypipe.ingest.pipeline import records_table
+
+    rng = np.random.default_rng(7)
+    scale = np.float32(1.0 / 255.0)
+
+    def reference(a: np.ndarray) -> np.ndarray:  # outside the code under test: numpy, per record
+        return a.astype(np.float32) * scale if a.dtype == np.uint8 else a.astype(np.float32)
+
+    for tensors, extra in (({"ct": ("uint8", [1, 8, 8]), "pet": ("uint8", [1, 8, 8])}, None),
+                           ({"ct": ("uint8", [1, 8, 8]), "sat": ("uint8", [3, 8, 8])}, None),
+                           ({"ct": ("float16", [1, 8, 8]), "pet": ("float32", [1, 8, 8])}, "nan"),
+                           ({"ct": ("uint8", [1, 8, 8]), "pet": ("uint8", [1, 16, 16])}, "payload")):
+        rows, arrays = [], []
+        for i in range(11):
+            m = sorted(tensors)[i % 2] if i % 5 else sorted(tensors)[0]
+            dt, shape = tensors[m]
+            a = (rng.integers(0, 256, shape).astype(np.uint8) if dt == "uint8"
+                 else rng.random(shape).astype(dt))
+            if extra == "nan" and i == 3:
+                a = a.copy()
+                a.flat[5] = np.nan
+            rows.append(_record(f"s{i:02d}", array_to_payload(a), modality=m, position=i))
+            arrays.append(a)
+        if extra == "payload":  # a float32 schema-1 row among them
+            a = rng.random((1, 8, 8), dtype=np.float32)
+            rows.append(_record("s99", array_to_payload(a), modality="other", position=99))
+            arrays.append(a)
+        table = records_table(pa.Table.from_pylist(rows, schema=RECORDS_SCHEMA), tensors)
+        assert table.column("payload").null_count == len(rows) - (extra == "payload")
+        # several chunks with offsets, as Ray Data's block slices are
+        table = pa.concat_tables([table.slice(0, 4), table.slice(4, 3), table.slice(7)])
+        sizes = {tuple(a.shape) for a in arrays}
+        channels = 3 if any(s[0] == 3 for s in sizes) else 1
+        for dtype in ("float32", "float16"):
+            out = decode_image_batch(table, input_size=8, pixel_dtype=dtype)
+            px = out["pixels"]
+            assert px.shape == (len(arrays), channels, 8, 8) and px.dtype == np.dtype(dtype)
+            assert list(out["sample_id"]) == [r["sample_id"] for r in rows]
+            for i, a in enumerate(arrays):
+                if extra == "nan" and i == 3:
+                    assert "non-finite" in out["error"][i] and not px[i].any()
+                    continue
+                assert out["error"][i] == ""
+                if a.shape[1:] != (8, 8):  # resized by the model-size path: finite, in [0, 1]
+                    assert np.isfinite(px[i]).all() and px[i].min() >= 0 and px[i].max() <= 1
+                    continue
+                np.testing.assert_array_equal(px[i], np.broadcast_to(reference(a), (channels, 8, 8)).astype(dtype))

@@ -100,6 +100,32 @@ def test_row_groups_are_bounded(tmp_path):
     assert md.num_row_groups == 2 and md.row_group(0).num_rows == int(pipeline.ROW_GROUP_BYTES // per_row)
 
 
+def test_uint8_tensor_values_are_dictionary_encoded_and_round_trip(tmp_path):
+    """Parquet stores uint8 as INT32: the 8-bit tensor column's values are dictionary-encoded (1 byte per
+    pixel before zstd, not 4); other tensors (float16 EHR) are not; every value reads back unchanged."""
+    from raypipe.ingest import pipeline
+
+    rng = np.random.default_rng(3)
+    img = [rng.integers(0, 256, (1, 16, 16)).astype(np.uint8) for _ in range(5)]
+    ehr = [rng.standard_normal((4, 3)).astype(np.float16) for _ in range(3)]
+    rows = pa.Table.from_pylist(
+        [{"sample_id": f"s{i}", "modality": "ct", "source_key": "k", "position": i, **array_to_payload(a),
+          "text": None, "meta": "{}"} for i, a in enumerate(img)]
+        + [{"sample_id": f"s{i}", "modality": "ehr", "source_key": "e", "position": 0, **array_to_payload(a),
+            "text": None, "meta": "{}"} for i, a in enumerate(ehr)], schema=RECORDS_SCHEMA)
+    table = pipeline.records_table(rows, {"ct": ("uint8", [1, 16, 16]), "ehr": ("float16", [4, 3])})
+    path = str(tmp_path / "r.parquet")
+    pipeline.write_records(table, path)
+    rg = pq.ParquetFile(path).metadata.row_group(0)
+    enc = {rg.column(j).path_in_schema: rg.column(j).encodings for j in range(rg.num_columns)}
+    assert "RLE_DICTIONARY" in enc["tensor_ct.list.element"]
+    assert "RLE_DICTIONARY" not in enc["tensor_ehr.list.element"]
+    back = pq.read_table(path)
+    assert back.equals(table)
+    got = back.slice(0, 5).column("tensor_ct").combine_chunks().to_numpy_ndarray()
+    np.testing.assert_array_equal(got, np.stack(img))
+
+
 def test_embeddings_of_uint8_records_match_float32(ingested, tmp_path):
     from raypipe.embed.pipeline import run_embed
     from raypipe.schema import embedding_column

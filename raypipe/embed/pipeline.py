@@ -55,7 +55,7 @@ import pyarrow.compute as pc
 from raypipe.config import Config
 from raypipe.schema import (EMBEDDING_SPEC_KEY, ERRORS_SCHEMA, NORMALISATION_KEY, TASK_KEY, embedding_column,
                             TENSOR_PREFIX, embeddings_schema, mask_column, payload_to_array, read_json_metadata,
-                            tensor_column, tensor_rows, to_float)
+                            tensor_chunks, tensor_column, tensor_rows, to_float)
 
 log = logging.getLogger(__name__)
 
@@ -154,23 +154,24 @@ def _fill(dst: np.ndarray, src: np.ndarray) -> None:
         np.copyto(dst, src)
 
 
-def _record_arrays(batch: pa.Table) -> list[np.ndarray | None]:
+def _record_arrays(batch: pa.Table, skip: np.ndarray | None = None) -> list[np.ndarray | None]:
     """Each row's stored array (its dtype, zero-copy): from the row's ``tensor_<modality>`` column
     (records schema 2) or else its ``payload`` bytes (``dtype``/``shape``; schema 1 and fallbacks).
-    Raises nothing: a row without either is None."""
+    Raises nothing: a row without either is None. Rows where ``skip`` is True are left None
+    (the caller has them already)."""
     n = batch.num_rows
     out: list[np.ndarray | None] = [None] * n
     for name in batch.column_names:
         if name.startswith(TENSOR_PREFIX):
             for i, a in enumerate(tensor_rows(batch.column(name))):
-                if a is not None:
+                if a is not None and (skip is None or not skip[i]):
                     out[i] = a
-    if "payload" in batch.column_names:
+    if "payload" in batch.column_names and batch.column("payload").null_count < n:
         payloads = _binary_views(batch.column("payload"))
         dtypes = batch.column("dtype").to_pylist()
         shapes = batch.column("shape").to_pylist()
         for i in range(n):
-            if out[i] is None and payloads[i] is not None:
+            if out[i] is None and payloads[i] is not None and (skip is None or not skip[i]):
                 if dtypes[i] is None or shapes[i] is None:
                     out[i] = ValueError("record without dtype/shape")  # type: ignore[assignment]
                     continue
@@ -179,6 +180,42 @@ def _record_arrays(batch: pa.Table) -> list[np.ndarray | None]:
                 except Exception as e:  # noqa: BLE001 - reported per row by the caller
                     out[i] = e  # type: ignore[assignment]
     return out
+
+
+def _tensor_runs(batch: pa.Table, input_size: int) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
+    """Records of schema 2 that need no per-record work: runs of consecutive rows of a ``tensor_<m>``
+    column whose tensors already are (1 or 3, ``input_size``, ``input_size``) (or 2-D of that size) and
+    need no check (uint8 is always finite; float runs are checked here in one pass).
+
+    Returns ``[(first row, (k, C, S, S) zero-copy view)]`` and a mask of the rows they cover; every
+    other row takes the per-record path (resize, band projection, errors)."""
+    n = batch.num_rows
+    covered = np.zeros(n, bool)
+    runs: list[tuple[int, np.ndarray]] = []
+    for name in batch.column_names:
+        if not name.startswith(TENSOR_PREFIX):
+            continue
+        start = 0
+        for values, valid in tensor_chunks(batch.column(name)):
+            k = len(values)
+            if values.ndim == 3:
+                values = values[:, None]
+            if values.ndim != 4 or values.shape[1] not in (1, 3) or values.shape[2:] != (input_size, input_size):
+                start += k
+                continue
+            if valid is None:
+                spans = [(0, k)]
+            else:  # runs of valid rows: edges where the mask flips
+                edges = np.flatnonzero(np.diff(np.concatenate(([False], valid, [False])).astype(np.int8)))
+                spans = list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+            for a, b in spans:
+                run = values[a:b]
+                if run.dtype != np.uint8 and not np.isfinite(run).all():
+                    continue  # a non-finite record in the run: the per-record path reports which one
+                runs.append((start + a, run))
+                covered[start + a:start + b] = True
+            start += k
+    return runs, covered
 
 
 def decode_image_batch(batch: pa.Table, input_size: int, band_projection: str = "mean_groups",
@@ -192,14 +229,21 @@ def decode_image_batch(batch: pa.Table, input_size: int, band_projection: str = 
     A record that cannot be decoded keeps zero pixels and a non-empty ``error``;
     the model stage skips it and the driver turns it into an errors row (the
     zeros never reach the table).
+
+    The usual case (records schema 2 at the model's size) is converted a run of rows at a time,
+    one vectorised operation over the tensor column's buffer and no Python per record; the
+    values are the same as the per-record path's (elementwise, the same operations).
     """
     from raypipe.embed.image import preprocess_images
 
     n = batch.num_rows
-    arrays = _record_arrays(batch)
+    runs, covered = _tensor_runs(batch, input_size)
+    arrays = _record_arrays(batch, skip=covered) if not covered.all() else [None] * n
     errors = [""] * n
     by_shape: dict[tuple, list[tuple[int, np.ndarray]]] = defaultdict(list)
     for i in range(n):
+        if covered[i]:
+            continue
         try:
             a = arrays[i]
             if isinstance(a, Exception):
@@ -220,9 +264,11 @@ def decode_image_batch(batch: pa.Table, input_size: int, band_projection: str = 
         except Exception as e:  # noqa: BLE001 - a corrupt record is data, not a crash
             errors[i] = f"{type(e).__name__}: {e}"
     # model input in [0, 1] (normalised by the model stage): one channel when every record has one
-    channels = 1 if all(shape[0] == 1 for shape in by_shape) else 3
+    channels = 1 if (all(shape[0] == 1 for shape in by_shape) and all(r.shape[1] == 1 for _, r in runs)) else 3
     # zeros cost nothing extra (fresh zero pages, written once anyway) and cover every failed row
     pixels = np.zeros((n, channels, input_size, input_size), np.dtype(pixel_dtype))
+    for first, run in runs:  # (k, 1 or C, S, S) -> pixels[first:first + k], broadcasting 1 channel to 3
+        _fill(pixels[first:first + len(run)], run)
     for shape, rows in by_shape.items():
         try:
             if shape[1:] == (input_size, input_size) and shape[0] in (1, channels):
