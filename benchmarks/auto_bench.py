@@ -145,7 +145,8 @@ def main(argv=None):
           f"{summary['cv_seconds']:.1f} s (speed-up {t_seq / summary['cv_seconds']:.2f})")
     parts = summary["seconds"]
     print(f"    of it: preparation {parts['prepare']:.1f} s, fits {parts['fits']:.1f} s (the fits' own training "
-          f"{parts['fits_summed']:.1f} s summed over slots), ensemble {parts['ensemble']:.1f} s, rest "
+          f"{parts['fits_summed']:.1f} s summed over slots, {parts['fits_cpu_summed']:.1f} CPU s in the actors), "
+          f"ensemble {parts['ensemble']:.1f} s, rest "
           f"{t_ray - parts['total']:.1f} s")
     print(f"  sequential, 1 proc:   {t_seq:7.1f} s (the fits' own training {seq_train:.1f} s)")
     print(f"  CPU seconds: Ray path {cpu_ray:.1f} (this process, Ray's daemons and workers), sequential "

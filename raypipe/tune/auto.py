@@ -268,7 +268,10 @@ def cross_validate(cfg: Config, table, task: str, metric: str, higher: bool, out
                "search_seconds": round(search_seconds, 1), "tune_trials": ac.tune_trials,
                "seconds": {"prepare": round(prepare_seconds, 2), "search": round(search_seconds, 2),
                            "fits": round(seconds, 2), "fits_summed": round(sum(r["seconds"] for r in results), 2),
+                           "fits_cpu_summed": round(sum(r.get("cpu_seconds", 0.0) for r in results), 2),
                            "ensemble": round(ensemble_seconds, 2), "total": round(time.perf_counter() - t_start, 2)},
+               "fit_cpu_seconds": {l: round(sum(r.get("cpu_seconds", 0.0) for r in by_label.get(l, {}).values()), 2)
+                                   for l in [c.label for c in cands]},
                "search": {l: {k: v for k, v in d.items()} for l, d in searched.items()},
                "mean": {l: means[l] for l in order},
                "leaderboard": os.path.abspath(os.path.join(out_dir, LEADERBOARD_FILE))}

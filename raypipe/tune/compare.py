@@ -78,7 +78,7 @@ def run_compare(cfg: Config, methods: list[str] | None = None, ablation: bool = 
     seconds = time.perf_counter() - t0
     df = pd.DataFrame(rows).sort_values(["method", "fold"]).reset_index(drop=True)
     df.to_csv(os.path.join(out_dir, "folds.csv"), index=False)
-    metric_cols = [c for c in df.columns if c not in ("method", "fold", "seconds")]
+    metric_cols = [c for c in df.columns if c not in ("method", "fold", "seconds", "cpu_seconds")]
     order = [label for label, _, _ in runs]
     table_rows = []
     first = order[0]
