@@ -269,11 +269,13 @@ class OmniFuseConfig(_Section):
     #: TLA mines the lazy subset after every k-th epoch (1 = every epoch, the paper's schedule)
     mine_every: int = Field(1, ge=1)
     #: the joint head sees the cascade latents and also v, the observed / filled slots (a skip
-    #: around the cascade); false = the paper's latents only
-    joint_skip: bool = False
+    #: around the cascade); false = the paper's latents only. Default true (with imputed_trust
+    #: reliability) by the rule and measurements in docs/fusion.md ("Making the imputation earn
+    #: its place"); the paper's configuration is joint_skip false, imputed_trust same
+    joint_skip: bool = True
     #: DWFuse weight of an imputed slot: same as observed (the paper) or scaled by the cascade's
-    #: running reliability max(0, 1 - NMSE) (reliability)
-    imputed_trust: Literal["same", "reliability"] = "same"
+    #: running reliability max(0, 1 - NMSE) (reliability, the default: see joint_skip)
+    imputed_trust: Literal["same", "reliability"] = "reliability"
     #: which losses train what: all (the paper: every loss reaches cascades and encoders);
     #: imputation (the heads read the cascade's output through a stop-gradient: only the imputation
     #: losses train the cascades); separate (also the cascade's input v is detached: the imputation
