@@ -27,6 +27,7 @@ random view dropout. Dropout keeps at least one view per sample and is the same 
     python benchmarks/omnifuse_diagnose.py                           # both data sets, 0/50/90 %
     python benchmarks/omnifuse_diagnose.py --dataset breast_cancer --rates 0.5 --folds 2 --epochs 10
     python benchmarks/omnifuse_diagnose.py --set loss_scale=mean --set absent_fill=mean   # a variant
+    python benchmarks/omnifuse_diagnose.py --profile --dataset synth2        # where an epoch's CPU time goes
 
 Timings are wall-clock on whatever machine runs this; on a shared machine they are noisy.
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -195,6 +197,100 @@ def loss_terms(method, history: list[dict], best_epoch: int) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- profile
+def profile_epochs(ds: str, args) -> dict:
+    """CPU seconds (this thread) of each phase of a training epoch, concat vs row b vs row e.
+
+    The epoch is :func:`raypipe.train.loop.train_epoch` unrolled so that each phase is timed on its own:
+    simulation + forward (of which TLA's lazy-view pass), backward, gradient clipping, the AdamW step
+    (foreach, as the loop builds it, and fused, the single-kernel CPU implementation), TLA mining
+    (``on_epoch_end``) and the validation pass. Fold 0 of 5, natural availability, batch 64; the
+    first epoch is discarded (warm-up, no lazy subset yet)."""
+    from raypipe.train.data import simulate_missing, tensor_batches
+
+    x, natural, y, views = load_dataset(ds, args.n, args.seed)
+    folds = kfold_assignments(np.arange(len(y)).astype(str), y, k=5, seed=args.seed)
+    tr, va = np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
+    part = lambda idx: ({v: x[v][idx] for v in views}, natural[idx], y[idx])  # noqa: E731
+    specs = [ModalitySpec(v, (x[v].shape[1],)) for v in views]
+    clock = time.thread_time
+    out = {}
+    for row in args.rows.split(","):
+        name, switches = ROWS[row]
+        for opt_kind in (("foreach", "fused") if name == "omnifuse" and row == "e" else ("foreach",)):
+            torch.manual_seed(args.seed)
+            cfg = TrainConfig(hidden_dim=args.hidden, omnifuse={"depth": args.depth, **args.omni, **switches})
+            method = build_method(name, specs, "binary", 2, cfg)
+            opt = torch.optim.AdamW(method.parameters(), lr=args.lr, weight_decay=1e-4,
+                                    **({"fused": True} if opt_kind == "fused" else {"foreach": True}))
+            xtr, mtr, ytr = part(tr)
+            ctx = loop.HookContext(p_drop=args.p_drop, seed=args.seed,
+                                   train_batches=lambda: tensor_batches(xtr, mtr, ytr, "binary", 512))
+            lazy_t = [0.0]
+            if hasattr(method, "joint_logits"):
+                inner = method.joint_logits
+
+                def timed(*a, **k):
+                    t = clock()
+                    try:
+                        return inner(*a, **k)
+                    finally:
+                        lazy_t[0] += clock() - t
+                method.joint_logits = timed
+            phases: dict[str, list[float]] = {}
+            for epoch in range(args.profile_epochs + 1):
+                t = dict.fromkeys(("forward", "of which TLA lazy view", "backward", "clip", "optimizer", "TLA mining",
+                                   "validation"), 0.0)
+                lazy_t[0] = 0.0
+                ctx.epoch = epoch
+                method.train()
+                rng = np.random.default_rng([args.seed, epoch, 0])
+                for batch in tensor_batches(xtr, mtr, ytr, "binary", 64, shuffle=True, seed=epoch):
+                    c0 = clock()
+                    seen = simulate_missing(batch["mask"], args.p_drop, rng)
+                    res = method({"x": batch["x"], "mask": seen, "y": batch["y"]}, full_mask=batch["mask"])
+                    c1 = clock()
+                    opt.zero_grad(set_to_none=True)
+                    res["loss"].backward()
+                    c2 = clock()
+                    torch.nn.utils.clip_grad_norm_(method.parameters(), 5.0, foreach=True)
+                    c3 = clock()
+                    opt.step()
+                    c4 = clock()
+                    t["forward"] += c1 - c0
+                    t["backward"] += c2 - c1
+                    t["clip"] += c3 - c2
+                    t["optimizer"] += c4 - c3
+                t["of which TLA lazy view"] = lazy_t[0]
+                c0 = clock()
+                method.on_epoch_end(ctx)
+                t["TLA mining"] = clock() - c0
+                c0 = clock()
+                loop.evaluate(method, tensor_batches(*part(va), "binary", 512), "binary")
+                t["validation"] = clock() - c0
+                if epoch:  # epoch 0: warm-up
+                    for k, v in t.items():
+                        phases.setdefault(k, []).append(v)
+            mean = {k: float(np.mean(v)) for k, v in phases.items()}
+            mean["total"] = sum(v for k, v in mean.items() if not k.startswith("of which"))
+            label = row if name != "omnifuse" or row != "e" else f"e ({opt_kind} AdamW)"
+            out[label] = {"cpu_s": mean, "parameters": int(sum(p.numel() for p in method.parameters())),
+                          "n_train": int(len(tr))}
+    base = out.get("concat", {}).get("cpu_s", {}).get("total")
+    print(f"\n## CPU seconds per epoch, {ds}, n_train {len(tr)}, width {args.hidden}, R = {args.depth}, batch 64, "
+          f"overrides {args.omni or 'none'}; mean of epochs 2..{args.profile_epochs + 1}; 1-min load "
+          f"{os.getloadavg()[0]:.1f}\n")
+    keys = list(next(iter(out.values()))["cpu_s"])
+    print("| row | params | " + " | ".join(keys) + " | x concat |")
+    print("|---|---|" + "---|" * (len(keys) + 1))
+    for label, rec in out.items():
+        c = rec["cpu_s"]
+        ratio = f"{c['total'] / base:.1f}" if base else "-"
+        print(f"| {label} | {rec['parameters']:,} | " + " | ".join(f"{c[k]:.3f}" for k in keys) + f" | {ratio} |")
+    sys.stdout.flush()
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,6 +311,9 @@ def main(argv=None):
     p.add_argument("--no-diagnose", action="store_true", help="AUROC table and times only")
     p.add_argument("--json", help="write everything measured here")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the diagnosis: CPU seconds per phase of an epoch (--rows, default concat,b,e)")
+    p.add_argument("--profile-epochs", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -225,6 +324,14 @@ def main(argv=None):
             args.omni[k] = json.loads(val)  # numbers, true/false, lists
         except json.JSONDecodeError:
             args.omni[k] = val  # a plain string (e.g. loss_scale=mean)
+    if args.profile:
+        if args.rows == p.get_default("rows"):
+            args.rows = "concat,b,e"
+        report = {"args": vars(args), "profile": {ds: profile_epochs(ds, args) for ds in args.dataset.split(",")}}
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(report, fh, indent=1, default=float)
+        return
     rows = [r for r in args.rows.split(",") if r]
     rates = [float(r) for r in args.rates.split(",")]
     report: dict = {"args": {k: v for k, v in vars(args).items()}, "results": {}}
