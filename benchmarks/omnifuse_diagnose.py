@@ -176,6 +176,8 @@ def diagnose(method, x, y, mask, views, tr_idx, te_idx) -> dict:
         t_hid = method.predict_with_trace({k: torch.as_tensor(a) for k, a in sub(idx).items()}, torch.as_tensor(hidden))
         t_obs = method.predict_with_trace({k: torch.as_tensor(a) for k, a in sub(idx).items()},
                                           torch.as_tensor(mask[idx]))
+        # the running NMSE that imputed_trust=reliability gates imputed slots by (1 - it, floored at 0)
+        rec["running_nmse"] = float(method.imp_nmse[i]) if hasattr(method, "imp_nmse") else float("nan")
         rec["weight_imputed"] = float(t_hid[f"weight_{m}"].mean())
         rec["weight_observed"] = float(t_obs[f"weight_{m}"].mean())
         oth_hid = [float(t_hid[f"weight_{views[j]}"][torch.as_tensor(hidden[:, j])].mean())
@@ -389,7 +391,7 @@ def print_condition(key: str, res: dict, rows: list[str]) -> None:
             recs = [dg[m] for dg in diags if m in dg]
             mean = lambda k: np.nanmean([r[k] for r in recs])  # noqa: E731
             print(f"row {row} {m:8s} NMSE cascade {mean('nmse_cascade'):.3f} ridge {mean('nmse_ridge'):.3f} "
-                  f"fill {mean('nmse_fill'):.3f} | head AUROC imputed {mean('head_auroc_imputed'):.3f} observed "
+                  f"fill {mean('nmse_fill'):.3f} (running NMSE {mean('running_nmse'):.2f}) | head AUROC imputed {mean('head_auroc_imputed'):.3f} observed "
                   f"{mean('head_auroc_observed'):.3f} norm x{mean('norm_ratio_imputed_vs_observed'):.2f} | "
                   f"w imputed {mean('weight_imputed'):.3f} observed {mean('weight_observed'):.3f}; others' w when "
                   f"imputed {mean('others_weight_when_imputed'):.3f} vs observed {mean('others_weight_when_observed'):.3f}")
