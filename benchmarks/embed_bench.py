@@ -53,7 +53,7 @@ def _write_part(root: str, part: int, n: int, size: int, per_sample: int, seed: 
     from raypipe.ingest.pipeline import records_table, write_records
     from raypipe.schema import RECORDS_SCHEMA, array_to_payload
 
-    dtype = "float32" if records == "v1" else records
+    dtype = "float32" if records == "v1" else records.replace("-bytes", "")
     rows = [{"sample_id": f"s{i // per_sample:07d}", "modality": "ct", "source_key": "k", "position": i % per_sample,
              **array_to_payload(stored_slice(i, size, seed, dtype)), "text": None, "meta": "{}"}
             for i in range(part * ROWS_PER_FILE, min(n, (part + 1) * ROWS_PER_FILE))]
@@ -61,8 +61,9 @@ def _write_part(root: str, part: int, n: int, size: int, per_sample: int, seed: 
     table = pa.Table.from_pylist(rows, schema=RECORDS_SCHEMA)
     if records == "v1":  # records schema 1: float32 bytes in payload, uncompressed
         pq.write_table(table, path, compression={c: ("none" if c == "payload" else "snappy") for c in table.column_names})
-    else:  # what ingest writes: the modality's tensor column, zstd, bounded row groups
-        write_records(records_table(table, {"ct": (dtype, [1, size, size])}), path)
+    else:  # what ingest writes: the modality's tensor column (uint8-bytes: none), zstd, bounded row groups
+        write_records(records_table(table, {} if records.endswith("-bytes") else {"ct": (dtype, [1, size, size])}),
+                      path)
 
 
 def write_records(root: str, n: int, size: int, per_sample: int, seed: int = 0, workers: int | None = None,
@@ -104,6 +105,40 @@ def stored_slice(i: int, size: int, seed: int = 0, dtype: str = "uint8") -> np.n
     from raypipe.schema import quantise_unit
 
     return quantise_unit(slice_array(i, size, seed), dtype)
+
+
+def cpu_by_process() -> dict[tuple[int, str], float]:
+    """CPU seconds (user + system) of this process and each live descendant, keyed by (pid, title): the
+    driver, Ray's own processes and each worker (``ray::ImageActor``, ``ray::_StatsActor``, ``ray::ReadFiles...``)."""
+    import ray  # noqa: F401 - Ray ships psutil in its vendored packages
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            title = "driver" if p.pid == me.pid else " ".join(p.cmdline()[:1])[:60]
+        except psutil.Error:
+            continue
+        out[(p.pid, title)] = t.user + t.system
+    return out
+
+
+def startup_split(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds between two :func:`cpu_by_process` snapshots, by role: the driver, the model actors,
+    Ray Data's helper actors, the other Ray workers (file listing, read + decode tasks, idle workers
+    that exited are not counted) and Ray's own processes (raylet, GCS, dashboard, agents)."""
+    out = {"driver": 0.0, "model actors": 0.0, "Ray Data helper actors": 0.0, "read/decode workers": 0.0,
+           "Ray system processes": 0.0}
+    for key, cpu in after.items():
+        d = cpu - before.get(key, 0.0)
+        title = key[1]
+        role = ("driver" if title == "driver" else "model actors" if "ImageActor" in title or "MapWorker" in title
+                else "Ray Data helper actors" if title.startswith("ray::_") else
+                "read/decode workers" if title.startswith("ray::") and "Agent" not in title else "Ray system processes")
+        out[role] += d
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def tree_cpu() -> float:
@@ -204,9 +239,10 @@ def main(argv=None) -> dict:
                         "no model): how many slices/s this host can hand to GPU actors. Uses --num-cpus CPUs")
     p.add_argument("--feed-dtype", choices=["float32", "float16"], default="float32",
                    help="--feed-only: pixel dtype of the batches (float16 = what GPU actors under autocast get)")
-    p.add_argument("--records", choices=["uint8", "float16", "float32", "v1"], default="uint8",
-                   help="records layout: schema 2 with this image dtype (uint8 = ingest's default), or v1 = "
-                        "schema 1 (float32 payload bytes, uncompressed)")
+    p.add_argument("--records", choices=["uint8", "float16", "float32", "uint8-bytes", "v1"], default="uint8",
+                   help="records layout: schema 2 with this image dtype in the tensor column (uint8 = ingest's "
+                        "default); uint8-bytes = schema 2's uint8 values as raw bytes in payload (no tensor column), "
+                        "zstd; v1 = schema 1 (float32 payload bytes, uncompressed)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--keep", action="store_true", help="keep the temporary records/embeddings")
     args = p.parse_args(argv)
@@ -254,7 +290,7 @@ def main(argv=None) -> dict:
     from raypipe.schema import to_float
 
     # the same values the records hold (uint8 -> / 255), so (a) and (b) embed identical inputs
-    dtype = "float32" if args.records == "v1" else args.records
+    dtype = "float32" if args.records == "v1" else args.records.replace("-bytes", "")
     pixels = emb.preprocess(np.stack([to_float(stored_slice(i, args.input_size, 0, dtype)) for i in range(plain_n)]))
     emb.embed_pixels(pixels[:batch])  # warm-up (cuDNN autotune, allocator)
     if args.device == "cuda":
@@ -291,12 +327,14 @@ def main(argv=None) -> dict:
                     first_batch.append(time.perf_counter())
                     first_batch.append(len(b["error"]))
                     first_batch.append(tree_cpu())  # CPU-seconds spent until the first result: start-up work
+                    first_batch.append(cpu_by_process())
                 yield b
             ray_stats.append(self.ds.stats())  # per-operator wall/CPU times: where the pipeline waits
 
     ep._family_dataset = lambda *a, **k: _Timed(real_dataset(*a, **k))
     load_b = os.getloadavg()[0]
     with GPUSampler(args.device == "cuda") as gpu_b:
+        procs0 = cpu_by_process()
         c0, t0 = tree_cpu(), time.perf_counter()
         summary = run_embed(cfg)
         t_ray = time.perf_counter() - t0
@@ -306,6 +344,7 @@ def main(argv=None) -> dict:
     startup = first_batch[0] - t0 if first_batch else float("nan")
     steady_rate = (args.n - first_batch[1]) / (t0 + t_ray - first_batch[0]) if first_batch else float("nan")
     startup_cpu = first_batch[2] - c0 if first_batch else float("nan")
+    split = startup_split(procs0, first_batch[3]) if first_batch else {}
 
     # sanity: the pipeline's first sample equals the plain loop's mean over its slices
     import pyarrow.parquet as pq
@@ -326,6 +365,7 @@ def main(argv=None) -> dict:
         "plain_items_per_s": round(plain_rate, 2), "ray_items_per_s": round(ray_rate, 2),
         "ratio": round(ray_rate / plain_rate, 3), "ray_seconds": round(t_ray, 1), "plain_seconds": round(t_plain, 1),
         "ray_startup_seconds": round(startup, 1), "ray_startup_cpu_seconds": round(startup_cpu, 1),
+        "ray_startup_cpu_split": split,
         "load_average_before_ray": round(load_b, 2), "load_average_end": round(os.getloadavg()[0], 2),
         "ray_steady_items_per_s": round(steady_rate, 2),
         "steady_ratio": round(steady_rate / plain_rate, 3), "records": args.records,
@@ -349,6 +389,7 @@ def main(argv=None) -> dict:
     print(f"    start-up work: {startup_cpu:.1f} CPU-seconds (driver + Ray + workers) until the first embedded batch, "
           f"i.e. >= {startup_cpu / res['ray_cpus']:.1f} s on {res['ray_cpus']:g} idle cores; load average "
           f"{load_b:.1f} before (b), {res['load_average_end']:.1f} at the end")
+    print("    of it, CPU-seconds by process: " + ", ".join(f"{k} {v:.1f}" for k, v in split.items()))
     print(f"CPU-seconds per item: (a) {res['plain_cpu_ms_per_item']:.2f} ms, (b) {res['ray_cpu_ms_per_item']:.2f} ms; "
           f"ratio (b)/(a) {res['cpu_ratio']:.2f} (goal <= 1.2) next to the wall-clock ratio {res['ratio']:.2f}; "
           f"records {args.records}")
