@@ -261,3 +261,21 @@ def test_decode_of_tensor_columns_matches_the_per_record_conversion():
                     assert np.isfinite(px[i]).all() and px[i].min() >= 0 and px[i].max() <= 1
                     continue
                 np.testing.assert_array_equal(px[i], np.broadcast_to(reference(a), (channels, 8, 8)).astype(dtype))
+
+
+def test_decode_of_uint8_payload_bytes_equals_the_tensor_column_layout():
+    """ingest.tensor_columns=false stores the same uint8 values as payload bytes: the decoded batch is identical."""
+    from raypipe.ingest.pipeline import records_table
+
+    rng = np.random.default_rng(11)
+    arrays = [rng.integers(0, 256, (1, 8, 8)).astype(np.uint8) for _ in range(6)]
+    rows = pa.Table.from_pylist([_record(f"s{i}", array_to_payload(a), position=i) for i, a in enumerate(arrays)],
+                                schema=RECORDS_SCHEMA)
+    as_tensor = records_table(rows, {"ct": ("uint8", [1, 8, 8])})
+    as_bytes = records_table(rows, {})
+    assert "tensor_ct" not in as_bytes.column_names and as_bytes.column("payload").null_count == 0
+    for dtype in ("float32", "float16"):
+        a, b = (decode_image_batch(t, input_size=8, pixel_dtype=dtype) for t in (as_tensor, as_bytes))
+        assert a["pixels"].dtype == b["pixels"].dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(a["pixels"], b["pixels"])
+        assert list(a["error"]) == list(b["error"]) == [""] * 6
