@@ -2,10 +2,9 @@
 
 One run, two paths, the same work on the same folds:
 
-(a) ``raypipe.tune.auto.cross_validate``: the (candidate, fold) fits on a pool of long-lived
-    1-CPU actors, one per CPU of the local Ray (``slots``), each holding the data (put in the
-    object store once) and taking the next fit when free; plus the greedy ensemble over the
-    out-of-fold predictions and the leaderboard. Timed: the whole call (Ray already started, as
+(a) ``raypipe.tune.auto.cross_validate``: one 1-CPU Ray task per (candidate, fold), as many at
+    once as the local Ray has CPUs (``slots``), the data put in the object store once; plus the
+    greedy ensemble over the out-of-fold predictions and the leaderboard. Timed: the whole call (Ray already started, as
     in a run after ingest/embed; the refit of the winner is not included), and its parts
     (preparation, fits, ensemble) as ``cross_validate`` reports them.
 (b) the same (candidate, fold) fits with the same fold function (``raypipe.tune.folds.fold_task``),
@@ -145,7 +144,7 @@ def main(argv=None):
           f"{summary['cv_seconds']:.1f} s (speed-up {t_seq / summary['cv_seconds']:.2f})")
     parts = summary["seconds"]
     print(f"    of it: preparation {parts['prepare']:.1f} s, fits {parts['fits']:.1f} s (the fits' own training "
-          f"{parts['fits_summed']:.1f} s summed over slots, {parts['fits_cpu_summed']:.1f} CPU s in the actors), "
+          f"{parts['fits_summed']:.1f} s summed over slots, {parts['fits_cpu_summed']:.1f} CPU s in the tasks), "
           f"ensemble {parts['ensemble']:.1f} s, rest "
           f"{t_ray - parts['total']:.1f} s")
     print(f"  sequential, 1 proc:   {t_seq:7.1f} s (the fits' own training {seq_train:.1f} s)")

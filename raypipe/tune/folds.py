@@ -4,9 +4,9 @@
 - the selection metric (``--metric``: any metric the task reports) and its direction;
 - one (method, fold) fit as a Ray task: train on the other folds (minus a validation part
   for early stopping), predict the held-out fold (its out-of-fold predictions), score it;
-- running many such fits on a pool of long-lived 1-CPU actors (one per CPU, the data put in
-  the object store once and held by each actor) with one progress bar (``ray.progress_bars``),
-  an optional deadline (fits still running then are cancelled) and Ctrl+C cancelling everything.
+- running many such fits as 1-CPU Ray tasks (the data put in the object store once) with one
+  progress bar (``ray.progress_bars``), an optional deadline (fits still running then are
+  cancelled) and Ctrl+C cancelling everything.
 """
 
 from __future__ import annotations
@@ -156,108 +156,65 @@ def progress(total: int, desc: str, enabled: bool):
     return _Silent()
 
 
-class FitWorker:
-    """One slot of :func:`run_fits`: a long-lived 1-CPU process that holds the cross-validated data and
-    runs (candidate, fold) fits one after another with :func:`fold_task`.
-
-    Why an actor and not a task per fit: the data is deserialised once per slot instead of once per
-    fit, the imports (torch, raypipe, torch._dynamo via the first optimizer) happen once per slot,
-    while the driver still prepares, and a fit's result is the same as in any other process (every
-    fit seeds itself: ``seed + fold``).
-    """
-
-    def __init__(self, data, folds: np.ndarray, task: str, modalities: list[str], seed: int):
-        import torch
-
-        torch.set_num_threads(1)
-        self.data, self.folds, self.task, self.modalities, self.seed = data, folds, task, modalities, seed
-        # the first optimizer imports torch._dynamo (~1.6 s): pay it now, not inside the first fit
-        torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
-        from raypipe.train import loop  # noqa: F401 - warm the imports the fits use
-
-    def ready(self) -> bool:
-        return True
-
-    def fit(self, method: str, omni: dict, train_cfg: dict, fold: int, patterns: bool, return_predictions: bool,
-            n_outputs: int | None) -> dict[str, Any]:
-        """:func:`fold_task`'s row, plus ``cpu_seconds``: this process's CPU time for the whole job (fit,
-        prediction, scoring), which other load on the machine does not inflate as it does wall time."""
-        c0 = time.process_time()
-        row = fold_task(method, omni, train_cfg, self.data, fold, self.folds, self.task, self.modalities,
-                        self.seed, patterns, return_predictions, n_outputs)
-        row["cpu_seconds"] = time.process_time() - c0
-        return row
-
-
-def fit_slots() -> int:
-    """How many 1-CPU fits the Ray cluster holds at once (its CPUs, at least 1)."""
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+def _fit_job(*args) -> dict[str, Any]:
+    """:func:`fold_task` as a Ray task: its row plus ``cpu_seconds``, this process's CPU time for the whole
+    job (fit, prediction, scoring), which other load on the machine does not inflate as it does wall time."""
+    c0 = time.process_time()
+    row = fold_task(*args)
+    row["cpu_seconds"] = time.process_time() - c0
+    return row
 
 
 def run_fits(jobs: Sequence[FitJob], data_ref, folds: np.ndarray, task: str, modalities: list[str], seed: int,
              *, patterns: bool = True, return_predictions: bool = False, deadline: float | None = None,
              progress_bars: bool = True, desc: str = "folds", n_outputs: int | None = None,
-             slots: int | None = None) -> tuple[list[dict], list[FitJob], dict[str, str]]:
-    """Run every job on a pool of 1-CPU :class:`FitWorker` actors; returns (finished rows, unfinished jobs,
-    errors per label).
+             ) -> tuple[list[dict], list[FitJob], dict[str, str]]:
+    """Run every job as a 1-CPU Ray task; returns (finished rows, unfinished jobs, errors per label).
 
-    ``slots`` actors (default: the cluster's CPUs, at most one per job), each holding the data of
-    ``data_ref`` (put in the object store once by the caller); each takes the next job in the given
-    order as soon as it is free. ``deadline`` (a ``time.monotonic()`` value): the actors are killed
-    then, and the jobs not finished are returned as unfinished. A job that raises is recorded in
-    ``errors`` (its label's message); an actor that dies is replaced. The actors are killed at the end,
-    so their CPUs are free for what follows (e.g. the refit).
+    Jobs are submitted in the given order (Ray starts them in that order as CPUs free up).
+    ``deadline`` (a ``time.monotonic()`` value): jobs not finished by then are cancelled and
+    returned as unfinished. A job that raises is recorded in ``errors`` (its label's message).
+
+    Why tasks and not a pool of long-lived actors (tried and measured, benchmarks/RESULTS.md): Ray
+    keeps a task's worker process for the next task, so torch and raypipe are imported once per
+    process for the whole Ray session (the next compare or auto in the same session starts warm),
+    while actors are new processes each call; the data argument (``data_ref``, put once) reaches a
+    task without a copy, and per-task overhead was ~0.25 s of argument handling at load 25 against
+    fits of seconds to minutes.
     """
     import ray
 
-    if not jobs:
-        return [], [], {}
-    n_slots = max(1, min(slots or fit_slots(), len(jobs)))
-    actor_cls = ray.remote(num_cpus=1)(FitWorker)
-    start = lambda: actor_cls.remote(data_ref, folds, task, modalities, seed)  # noqa: E731
-    actors = [start() for _ in range(n_slots)]
-    queue = list(jobs)
-    running: dict = {}  # result ref -> (actor index, job)
-
-    def submit(i: int) -> None:
-        if queue:
-            j = queue.pop(0)
-            ref = actors[i].fit.remote(j.method, j.omni, j.train_cfg, j.fold, patterns, return_predictions, n_outputs)
-            running[ref] = (i, j)
-
+    remote = ray.remote(num_cpus=1)(_fit_job)
+    futures = {remote.remote(j.method, j.omni, j.train_cfg, data_ref, j.fold, folds, task, modalities, seed,
+                             patterns, return_predictions, n_outputs): j for j in jobs}
     rows: list[dict] = []
     errors: dict[str, str] = {}
+    pending = list(futures)
     try:
-        for i in range(n_slots):
-            submit(i)
-        with progress(len(jobs), desc, progress_bars) as bar:
-            while running:
+        with progress(len(pending), desc, progress_bars) as bar:
+            while pending:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                done, _ = ray.wait(list(running), num_returns=1, timeout=timeout)
+                done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
                 if not done:  # the deadline passed
                     break
-                i, job = running.pop(done[0])
+                job = futures[done[0]]
                 try:
                     r = ray.get(done[0])
                 except Exception as err:  # noqa: BLE001 - one method failing must not stop the others
                     cause = getattr(err, "cause", None) or err
                     errors.setdefault(job.label, f"{type(cause).__name__}: {str(cause).splitlines()[0][:300]}")
                     log.warning("%s fold %d failed: %s", job.label, job.fold, errors[job.label])
-                    if isinstance(err, ray.exceptions.RayActorError):  # the process died: a fresh one
-                        actors[i] = start()
                 else:
                     r["method"] = job.label
                     rows.append(r)
                 bar.update(1)
-                submit(i)
-    finally:  # normal end, deadline, Ctrl+C or an error: no fit keeps running
-        for a in actors:
-            ray.kill(a, no_restart=True)
-    unfinished = [j for _, j in running.values()] + queue
-    order = {id(j): n for n, j in enumerate(jobs)}
-    return rows, sorted(unfinished, key=lambda j: order[id(j)]), errors
+    except KeyboardInterrupt:
+        for f in pending:
+            ray.cancel(f, force=True)
+        raise
+    for f in pending:
+        ray.cancel(f, force=True)
+    return rows, [futures[f] for f in pending], errors
 
 
 def summarise(values: np.ndarray) -> tuple[float, float]:
