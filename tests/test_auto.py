@@ -121,6 +121,9 @@ def test_auto_is_deterministic_and_the_ensemble_is_scored_on_the_folds(ray_sessi
         s = cross_validate(cfg, table, task, "accuracy", True, str(tmp_path / run / "auto"))
         boards.append(pd.read_csv(s["leaderboard"]).drop(columns=["fit_seconds"]))
     pd.testing.assert_frame_equal(boards[0], boards[1])  # same config and seed: same leaderboard and choice
+    # where the time went: every part named, and each candidate's fits used some CPU
+    assert {"prepare", "search", "fits", "fits_summed", "fits_cpu_summed", "ensemble", "total"} <= set(s["seconds"])
+    assert set(s["fit_cpu_seconds"]) == {"concat", "late", "sum"} and min(s["fit_cpu_seconds"].values()) > 0
     b = boards[0].set_index("candidate")
     assert set(b.index) == {"concat", "late", "sum", "ensemble"} and (b.status == "ok").all()
     assert b.loc["ensemble", "members"]
