@@ -203,6 +203,10 @@ class IngestConfig(_Section):
     #: stored dtype of image records (windowed to [0, 1]): uint8 = round(255 * v) (49 KB per 224x224 slice
     #: before compression, error <= 1/510), float16, or float32 (200 KB, the schema-1 layout); EHR is float16
     payload_dtype: Literal["uint8", "float16", "float32"] = "uint8"
+    #: arrays of a declared shape in fixed-shape tensor columns `tensor_<m>` (read as arrays by pandas,
+    #: pyarrow, Ray Data) or, false, as raw `payload` bytes of the same dtype: about 2x cheaper to read
+    #: (Parquet stores a tensor as a nested list with levels per value); benchmarks/RESULTS.md, issue 17
+    tensor_columns: bool = True
 
 
 # ---------------------------------------------------------------------------- embed

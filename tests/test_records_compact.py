@@ -23,11 +23,12 @@ MODALITIES = ("ingest.modalities={ct: {kind: volume, window: [-1000, 400], size:
               "pet: {kind: volume, window: [0, 10], size: 32, slices: {policy: even, n: 4}}, ehr: {kind: ehr}}")
 
 
-def _cfg(out, cohort, dtype):
+def _cfg(out, cohort, dtype, *extra):
     # the demo's image settings (32x32, 4 slices, seeded random ResNet34)
     return load_config(None, [f"run.out_dir={out}", f"ingest.input={cohort}", "ray.progress_bars=false",
                               MODALITIES, f"ingest.payload_dtype={dtype}", "embed.image.weights=random",
-                              "embed.image.input_size=32", "run.seed=0", "embed.batch_size=8", "embed.pool_size=1"])
+                              "embed.image.input_size=32", "run.seed=0", "embed.batch_size=8", "embed.pool_size=1",
+                              *extra])
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,10 @@ def ingested(ray_session, clinical_cohort, tmp_path_factory):
         cfg = _cfg(str(tmp_path_factory.mktemp(f"records_{dtype}")), root, dtype)
         assert run_ingest(cfg)["ok"]
         out[dtype] = cfg
+    # the same uint8 values as raw payload bytes (ingest.tensor_columns: false)
+    cfg = _cfg(str(tmp_path_factory.mktemp("records_bytes")), root, "uint8", "ingest.tensor_columns=false")
+    assert run_ingest(cfg)["ok"]
+    out["uint8_bytes"] = cfg
     return out
 
 
@@ -132,6 +137,8 @@ def test_embeddings_of_uint8_records_match_float32(ingested, tmp_path):
 
     tables = {}
     for d, cfg in ingested.items():
+        if d not in ("uint8", "float32"):
+            continue
         cfg = cfg.model_copy(deep=True)
         cfg.embed.out = str(tmp_path / f"emb_{d}")
         run_embed(cfg)
@@ -148,6 +155,30 @@ def test_embeddings_of_uint8_records_match_float32(ingested, tmp_path):
         # not vacuous: different samples' embeddings differ by more than the quantisation does
         other = (x[0] * y[1:]).sum(1) / np.linalg.norm(x[0]) / np.linalg.norm(y[1:], axis=1)
         assert other.max() < cos.min()
+
+
+def test_payload_bytes_layout_embeds_exactly_like_tensor_columns(ingested, tmp_path):
+    """ingest.tensor_columns=false stores the same uint8 values as payload bytes: no tensor column in
+    the files, and the embeddings equal those of the tensor-column records to the last bit."""
+    from raypipe.embed.pipeline import run_embed
+    from raypipe.schema import embedding_column
+
+    names = pq.read_schema(next(iter(glob.glob(os.path.join(_records(ingested["uint8_bytes"]), "*.parquet"))))).names
+    assert not [n for n in names if n.startswith("tensor_")]
+    tables = {}
+    for d in ("uint8", "uint8_bytes"):
+        cfg = ingested[d].model_copy(deep=True)
+        cfg.embed.out = str(tmp_path / f"emb_{d}")
+        run_embed(cfg)
+        tables[d] = pq.read_table(cfg.embed.out).sort_by("sample_id")
+    a, b = tables["uint8"], tables["uint8_bytes"]
+    assert a.column("sample_id").to_pylist() == b.column("sample_id").to_pylist()
+    for m in ("ct", "pet"):
+        assert a.column(f"mask_{m}").to_pylist() == b.column(f"mask_{m}").to_pylist()
+        present = a.column(f"mask_{m}").to_numpy(zero_copy_only=False)
+        x = np.stack(a.column(embedding_column(m)).to_numpy(zero_copy_only=False)[present])
+        y = np.stack(b.column(embedding_column(m)).to_numpy(zero_copy_only=False)[present])
+        np.testing.assert_array_equal(x, y)
 
 
 def test_schema_1_rows_still_read():

@@ -709,8 +709,8 @@ def run_ingest(cfg: Config, manifest: pd.DataFrame | None = None) -> dict:
     # fixed-shape tensor columns. Parquet stores a tensor as a nested list (levels per pixel): reading a
     # 224x224 uint8 slice costs ~2x the CPU of the same bytes as one binary value, which halves what a
     # host can feed a GPU (benchmarks/RESULTS.md, issue 17); the price is arrays that pandas & co. see
-    # as bytes. (getattr: the key lands in raypipe/config.py separately; absent = the default, True.)
-    if not getattr(cfg.ingest, "tensor_columns", True):
+    # as bytes.
+    if not cfg.ingest.tensor_columns:
         tensors = {}
 
     # --- one entry per manifest file; files of unconfigured modalities are counted as skipped
