@@ -168,6 +168,17 @@ def make_predict_fn(method, task: str, device=None):
     return predict
 
 
+def make_optimizer(method: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with torch's fused kernel: the same update as the per-tensor loop in one pass over all
+    parameters (OmniFuse's 2R residual autoencoders have ~130 tensors: its step went from 8.5 to
+    2.6 ms of CPU, docs/fusion.md); foreach where the parameters' device has no fused kernel."""
+    params = list(method.parameters())
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
 def fit_batches(method, train_batches: Callable[[int | None], Iterable[dict]],
                 val_batches: Callable[[], Iterable[dict]], task: str | None = None, cfg=None, *,
                 epochs: int | None = None, lr: float | None = None, weight_decay: float | None = None,
@@ -199,9 +210,7 @@ def fit_batches(method, train_batches: Callable[[int | None], Iterable[dict]],
     torch.manual_seed(seed)
     if task == "regression" and var_y is not None:
         method.set_label_variance(var_y)
-    # foreach (multi-tensor) AdamW: the same update, without a Python loop over the parameter tensors
-    # (OmniFuse's 2R residual autoencoders have ~130 of them; on CPU the default is the per-tensor loop)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
+    optimizer = make_optimizer(method, lr, weight_decay)
     main = M.main_metric_name(task)
     ctx = HookContext(p_drop=p_drop, seed=seed, train_batches=lambda: train_batches(None), val_batches=val_batches)
     history, best, best_state, best_epoch, since = [], -np.inf, None, 0, 0

@@ -185,7 +185,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     method = build_from_meta(meta)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+    optimizer = loop.make_optimizer(method, tc["lr"], tc["weight_decay"])
     start_epoch, history, best, since_best = 0, [], -np.inf, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # resume after a failure: same state as when the checkpoint was taken
