@@ -29,42 +29,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
 
 def tree_cpu_seconds() -> float:
-    """CPU seconds (user + system) used so far by this process and every live descendant.
+    """CPU seconds (user + system) used so far by this process and every live descendant (a local
+    ``ray.init``'s daemons and workers): ``benchmarks/ingest_bench.py``'s meter."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from ingest_bench import tree_cpu_seconds as meter
 
-    Linux /proc; Ray's daemons and workers of a local ``ray.init`` are this process's
-    descendants, so the difference of two readings is what a step cost the machine (workers
-    that exited in between are missed: Ray keeps its idle workers, so few are). NaN elsewhere.
-    """
-    if not os.path.isdir("/proc/self"):
-        return float("nan")
-    tick = os.sysconf("SC_CLK_TCK")
-    parent, cpu = {}, {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as fh:
-                rest = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(d)] = int(rest[1])
-        cpu[int(d)] = (int(rest[11]) + int(rest[12])) / tick
-    me, total = os.getpid(), 0.0
-    for pid, c in cpu.items():
-        q = pid
-        for _ in range(64):
-            if q == me:
-                total += c
-                break
-            q = parent.get(q, 0)
-            if q <= 1:
-                break
-    return total
+    return meter()
 
 
 def main(argv=None):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -138,6 +139,20 @@ def _selected_score(history: list[dict], best_epoch: int, meta: dict, best_val: 
     return float(history[best_epoch - 1].get(f"val_{metric}", np.nan))
 
 
+def _report_fold(f: int, scores: list[float], t0: float) -> None:
+    """Report fold ``f``'s score and the running CV mean/std to Tune, with the fold scores so far as
+    the trial's checkpoint (a restored trial resumes at the next fold)."""
+    import ray.tune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, CV_STATE_FILE), "w") as fh:
+            json.dump({"fold_scores": scores}, fh)
+        ray.tune.report({"fold": f + 1, "fold_score": scores[-1], "cv_mean": float(np.nanmean(scores)),
+                         "cv_std": summarise(np.asarray(scores))[1], "fold_seconds": time.perf_counter() - t0,
+                         "fold_scores": json.dumps(scores)},
+                        checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+
+
 def _cv_trainable(config: dict, base_config: dict, folds: dict, meta: dict, data: tuple | None = None) -> None:
     """One Tune trial: k folds, a report after every fold.
 
@@ -149,7 +164,6 @@ def _cv_trainable(config: dict, base_config: dict, folds: dict, meta: dict, data
     ``base_config``, ``folds`` (sample_id -> fold), ``meta`` and ``data`` come through
     ``tune.with_parameters`` (the object store), so ``config`` holds only the searched parameters.
     """
-    import tempfile
 
     import ray.data
     import ray.tune
@@ -190,13 +204,7 @@ def _cv_trainable(config: dict, base_config: dict, folds: dict, meta: dict, data
             result = fit_torch_trainer(cfg, meta, train_ids, val_ids, f"{cfg.run.name}-tune-{trial}-fold{f}",
                                        meta["storage_path"], log_epochs=False)
             scores.append(_trainer_fold_score(result, meta))
-        with tempfile.TemporaryDirectory() as tmp:
-            with open(os.path.join(tmp, CV_STATE_FILE), "w") as fh:
-                json.dump({"fold_scores": scores}, fh)
-            ray.tune.report({"fold": f + 1, "fold_score": scores[-1], "cv_mean": float(np.nanmean(scores)),
-                             "cv_std": summarise(np.asarray(scores))[1], "fold_seconds": time.perf_counter() - t0,
-                             "fold_scores": json.dumps(scores)},
-                            checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+        _report_fold(f, scores, t0)
 
 
 def _trainer_fold_score(result, meta: dict) -> float:
@@ -406,7 +414,6 @@ def _auto_trainable(config: dict, bases: dict, methods: dict, keys: dict, data: 
     can stop a trial early), with the fold scores as a small checkpoint (``Tuner.restore``
     continues a trial at its first unfinished fold).
     """
-    import tempfile
 
     import ray.tune
 
@@ -425,13 +432,7 @@ def _auto_trainable(config: dict, bases: dict, methods: dict, keys: dict, data: 
         row = fold_task(methods[label], {}, train, data, f, folds, task, modalities, seed, patterns=False,
                         n_outputs=n_outputs)
         scores.append(float(row.get(metric, np.nan)))
-        with tempfile.TemporaryDirectory() as tmp:
-            with open(os.path.join(tmp, CV_STATE_FILE), "w") as fh:
-                json.dump({"fold_scores": scores}, fh)
-            ray.tune.report({"fold": f + 1, "fold_score": scores[-1], "cv_mean": float(np.nanmean(scores)),
-                             "cv_std": summarise(np.asarray(scores))[1], "fold_seconds": time.perf_counter() - t0,
-                             "fold_scores": json.dumps(scores)},
-                            checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+        _report_fold(f, scores, t0)
 
 
 def search_candidates(cfg: Config, cands: list, data: tuple, folds: np.ndarray, task: str, modalities: list[str],
