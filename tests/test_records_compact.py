@@ -131,25 +131,33 @@ def test_uint8_tensor_values_are_dictionary_encoded_and_round_trip(tmp_path):
     np.testing.assert_array_equal(got, np.stack(img))
 
 
-def test_embeddings_of_uint8_records_match_float32(ingested, tmp_path):
+@pytest.fixture(scope="module")
+def embedded(ingested, tmp_path_factory):
+    """Each layout's records embedded once (seeded random ResNet34): the embeddings tables, by sample."""
     from raypipe.embed.pipeline import run_embed
-    from raypipe.schema import embedding_column
 
     tables = {}
     for d, cfg in ingested.items():
-        if d not in ("uint8", "float32"):
-            continue
         cfg = cfg.model_copy(deep=True)
-        cfg.embed.out = str(tmp_path / f"emb_{d}")
+        cfg.embed.out = str(tmp_path_factory.mktemp(f"emb_{d}"))
         run_embed(cfg)
         tables[d] = pq.read_table(cfg.embed.out).sort_by("sample_id")
-    a, b = tables["uint8"], tables["float32"]
+    return tables
+
+
+def _embeddings(table: pa.Table, m: str, rows: np.ndarray) -> np.ndarray:
+    from raypipe.schema import embedding_column
+
+    return np.stack(table.column(embedding_column(m)).to_numpy(zero_copy_only=False)[rows])
+
+
+def test_embeddings_of_uint8_records_match_float32(embedded):
+    a, b = embedded["uint8"], embedded["float32"]
     assert a.column("sample_id").to_pylist() == b.column("sample_id").to_pylist()
     for m in ("ct", "pet"):
         present = pc.and_(a.column(f"mask_{m}"), b.column(f"mask_{m}")).to_numpy(zero_copy_only=False)
         assert present.sum() >= 3
-        x = np.stack(a.column(embedding_column(m)).to_numpy(zero_copy_only=False)[present])
-        y = np.stack(b.column(embedding_column(m)).to_numpy(zero_copy_only=False)[present])
+        x, y = _embeddings(a, m, present), _embeddings(b, m, present)
         cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
         assert cos.min() >= 0.999, (m, cos.min())
         # not vacuous: different samples' embeddings differ by more than the quantisation does
@@ -157,28 +165,17 @@ def test_embeddings_of_uint8_records_match_float32(ingested, tmp_path):
         assert other.max() < cos.min()
 
 
-def test_payload_bytes_layout_embeds_exactly_like_tensor_columns(ingested, tmp_path):
+def test_payload_bytes_layout_embeds_exactly_like_tensor_columns(ingested, embedded):
     """ingest.tensor_columns=false stores the same uint8 values as payload bytes: no tensor column in
     the files, and the embeddings equal those of the tensor-column records to the last bit."""
-    from raypipe.embed.pipeline import run_embed
-    from raypipe.schema import embedding_column
-
     names = pq.read_schema(next(iter(glob.glob(os.path.join(_records(ingested["uint8_bytes"]), "*.parquet"))))).names
     assert not [n for n in names if n.startswith("tensor_")]
-    tables = {}
-    for d in ("uint8", "uint8_bytes"):
-        cfg = ingested[d].model_copy(deep=True)
-        cfg.embed.out = str(tmp_path / f"emb_{d}")
-        run_embed(cfg)
-        tables[d] = pq.read_table(cfg.embed.out).sort_by("sample_id")
-    a, b = tables["uint8"], tables["uint8_bytes"]
+    a, b = embedded["uint8"], embedded["uint8_bytes"]
     assert a.column("sample_id").to_pylist() == b.column("sample_id").to_pylist()
     for m in ("ct", "pet"):
         assert a.column(f"mask_{m}").to_pylist() == b.column(f"mask_{m}").to_pylist()
         present = a.column(f"mask_{m}").to_numpy(zero_copy_only=False)
-        x = np.stack(a.column(embedding_column(m)).to_numpy(zero_copy_only=False)[present])
-        y = np.stack(b.column(embedding_column(m)).to_numpy(zero_copy_only=False)[present])
-        np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(_embeddings(a, m, present), _embeddings(b, m, present))
 
 
 def test_schema_1_rows_still_read():

@@ -160,13 +160,18 @@ class OmniFuse(FusionMethod):
                            full_mask: torch.Tensor, momentum: float = 0.1) -> None:
         """Running NMSE_m = E||v'_m - h_m||^2 / E||h_m - mean h_m||^2 over the slots hidden by the
         simulation (the denominator over every row where m is known: 1.0 = predicting the mean)."""
-        for i, (imp, ref) in enumerate(zip(self._slices(v_imp.detach()), self._slices(v_full))):
-            hid, known = dropped[:, i], full_mask[:, i]
-            if hid.sum() < 1 or known.sum() < 2:
-                continue
-            var = ((ref[known] - ref[known].mean(0)) ** 2).sum(1).mean().clamp_min(1e-8)
-            nmse = ((imp[hid] - ref[hid]) ** 2).sum(1).mean() / var
-            self.imp_nmse[i] = (1 - momentum) * self.imp_nmse[i] + momentum * nmse.clamp(max=10.0)
+        # all modalities at once, as (B, M, d) with the masks as weights: no per-modality branch, so no
+        # host-device sync per step on a GPU; a modality with no hidden slot or < 2 known rows keeps its value
+        b, m = dropped.shape
+        imp, ref = v_imp.detach().reshape(b, m, -1), v_full.reshape(b, m, -1)
+        hid, known = dropped.to(ref.dtype), full_mask.to(ref.dtype)
+        n_hid, n_known = hid.sum(0), known.sum(0)
+        mean = (ref * known.unsqueeze(2)).sum(0) / n_known.clamp_min(1).unsqueeze(1)
+        var = (((ref - mean) ** 2).sum(2) * known).sum(0) / n_known.clamp_min(1)
+        err = (((imp - ref) ** 2).sum(2) * hid).sum(0) / n_hid.clamp_min(1)
+        nmse = (err / var.clamp_min(1e-8)).clamp(max=10.0).to(self.imp_nmse.dtype)
+        update = (n_hid >= 1) & (n_known >= 2)
+        self.imp_nmse.copy_(torch.where(update, (1 - momentum) * self.imp_nmse + momentum * nmse, self.imp_nmse))
 
     def _slices(self, v: torch.Tensor) -> list[torch.Tensor]:
         d = self.hidden_dim

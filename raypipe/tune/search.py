@@ -164,7 +164,6 @@ def _cv_trainable(config: dict, base_config: dict, folds: dict, meta: dict, data
     ``base_config``, ``folds`` (sample_id -> fold), ``meta`` and ``data`` come through
     ``tune.with_parameters`` (the object store), so ``config`` holds only the searched parameters.
     """
-
     import ray.data
     import ray.tune
 
@@ -414,7 +413,6 @@ def _auto_trainable(config: dict, bases: dict, methods: dict, keys: dict, data: 
     can stop a trial early), with the fold scores as a small checkpoint (``Tuner.restore``
     continues a trial at its first unfinished fold).
     """
-
     import ray.tune
 
     from raypipe.tune.folds import fold_task
