@@ -105,9 +105,10 @@ def test_row_groups_are_bounded(tmp_path):
     assert md.num_row_groups == 2 and md.row_group(0).num_rows == int(pipeline.ROW_GROUP_BYTES // per_row)
 
 
-def test_uint8_tensor_values_are_dictionary_encoded_and_round_trip(tmp_path):
-    """Parquet stores uint8 as INT32: the 8-bit tensor column's values are dictionary-encoded (1 byte per
-    pixel before zstd, not 4); other tensors (float16 EHR) are not; every value reads back unchanged."""
+def test_uint8_tensor_values_are_byte_stream_split_and_round_trip(tmp_path):
+    """Parquet stores uint8 as INT32: the 8-bit tensor column's values are BYTE_STREAM_SPLIT (their three
+    zero bytes per pixel become zero streams that zstd removes); other tensors (float16 EHR) are not;
+    every value reads back unchanged, through pyarrow and through pandas."""
     from raypipe.ingest import pipeline
 
     rng = np.random.default_rng(3)
@@ -123,12 +124,15 @@ def test_uint8_tensor_values_are_dictionary_encoded_and_round_trip(tmp_path):
     pipeline.write_records(table, path)
     rg = pq.ParquetFile(path).metadata.row_group(0)
     enc = {rg.column(j).path_in_schema: rg.column(j).encodings for j in range(rg.num_columns)}
-    assert "RLE_DICTIONARY" in enc["tensor_ct.list.element"]
-    assert "RLE_DICTIONARY" not in enc["tensor_ehr.list.element"]
+    assert "BYTE_STREAM_SPLIT" in enc["tensor_ct.list.element"]
+    assert "BYTE_STREAM_SPLIT" not in enc["tensor_ehr.list.element"]
     back = pq.read_table(path)
     assert back.equals(table)
     got = back.slice(0, 5).column("tensor_ct").combine_chunks().to_numpy_ndarray()
     np.testing.assert_array_equal(got, np.stack(img))
+    df = pd.read_parquet(path)
+    np.testing.assert_array_equal(np.stack([np.asarray(v).reshape(1, 16, 16) for v in df["tensor_ct"][:5]]),
+                                  np.stack(img))
 
 
 @pytest.fixture(scope="module")
