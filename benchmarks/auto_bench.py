@@ -22,6 +22,17 @@ machine the ratio measures the load.
     python benchmarks/auto_bench.py                                  # 4 candidates x 5 folds
     python benchmarks/auto_bench.py --candidates concat,late,sum,se_gate,omnifuse --folds 5 --n 1000
     python benchmarks/auto_bench.py --input runs/demo/embeddings --epochs 4
+
+``--refit MEMBERS`` times the refit of a chosen model instead (no CV): ``MEMBERS`` is one candidate
+(a single-method refit) or ``name:weight,...`` (an ensemble), refitted on the training split with
+``--config``'s train settings (default configs/demo.yaml) both ways auto can do it
+(``raypipe.tune.auto.refit_runner``): ``ray_train`` (each member through `raypipe train`'s Ray Train V2
+path, one after another: the code before 2026-12-02's second session) and ``tasks`` (every member at once
+as a 1-CPU Ray task running the CV fits' loop). Prints per runner the wall, the CPU seconds of this
+process and the local Ray (sampled every 0.2 s, so exiting Train workers count) and the test score:
+
+    python benchmarks/auto_bench.py --refit concat:0.292,late:0.458,se_gate:0.167,attention:0.083 \
+        --input runs/demo/embeddings
 """
 
 from __future__ import annotations
@@ -55,7 +66,13 @@ def main(argv=None):
     p.add_argument("--input", default=None, help="an embeddings table (e.g. the demo's runs/demo/embeddings) "
                                                  "instead of the synthetic-truth one; --n/--dim then unused")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--refit", default=None, help="time the refit of this model instead: a candidate, or "
+                                                  "name:weight,... for an ensemble")
+    p.add_argument("--config", default="configs/demo.yaml", help="--refit: the train settings")
+    p.add_argument("--runners", default="ray_train,tasks", help="--refit: the ways to time, in this order")
     args = p.parse_args(argv)
+    if args.refit:
+        return refit_bench(args)
 
     import numpy as np
     import ray
@@ -132,6 +149,64 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
+    ray.shutdown()
+    return out
+
+
+def refit_bench(args) -> dict:
+    """``--refit``: the refit of one model (single or ensemble), each runner in turn, same config and data."""
+    import ray
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from cpu_meter import TreeCpu
+
+    from raypipe.config import load_config
+    from raypipe.runtime import init_ray
+    from raypipe.train.tables import infer_task, read_embeddings
+    from raypipe.tune.auto import _refit_ensemble, _refit_single, candidates
+
+    work = tempfile.mkdtemp(prefix="auto-refit-bench-")
+    members = {}
+    for part in args.refit.split(","):
+        name, _, w = part.partition(":")
+        members[name] = float(w or 1)
+    cfg = load_config(args.config, [f"run.out_dir={work}", "train.method=auto", "ray.progress_bars=false",
+                                    f"train.auto.candidates=[{','.join(members)}]",
+                                    *([f"train.input={args.input}"] if args.input else []),
+                                    *([f"ray.num_cpus={args.cpus}"] if args.cpus else [])])
+    table = read_embeddings(cfg.train_input, cfg.ingest.label_columns)
+    task, _ = infer_task(table.y, cfg.train.task)
+    cands = {c.label: c for c in candidates(cfg, task)}
+    init_ray(cfg)
+    slots = int(ray.cluster_resources().get("CPU", 1))
+    out = {"members": members, "config": args.config, "input": cfg.train_input, "slots": slots,
+           "epochs": cfg.train.epochs, "patience": cfg.train.patience, "runs": {}}
+    for runner in args.runners.split(","):
+        run_dir = os.path.join(work, runner)
+        load0 = os.getloadavg()
+        meter, t0 = TreeCpu().start(), time.perf_counter()
+        if len(members) > 1:
+            res = _refit_ensemble(cfg, table, task, run_dir, members, cands, runner=runner)
+        else:
+            res = _refit_single(cfg, table, task, run_dir, next(iter(members)), cands, runner=runner)
+        wall, cpu = time.perf_counter() - t0, meter.stop()
+        with open(os.path.join(run_dir, "metrics.json")) as fh:
+            doc = json.load(fh)
+        main = doc["main_metric"]
+        out["runs"][runner] = {"wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
+                               f"test_{main}": doc["test"]["natural"].get(main),
+                               "refit": doc.get("refit"), "load_average": [load0, os.getloadavg()]}
+        print(f"refit {args.refit} with {runner}: {wall:.1f} s wall, {cpu:.1f} CPU s (this process + local Ray), "
+              f"test {main} {doc['test']['natural'].get(main):.4f}, load {load0[0]:.2f} -> {os.getloadavg()[0]:.2f}",
+              flush=True)
+    r = out["runs"]
+    if "ray_train" in r and "tasks" in r:
+        out["speedup"] = round(r["ray_train"]["wall_seconds"] / r["tasks"]["wall_seconds"], 2)
+        print(f"  speed-up ray_train / tasks: {out['speedup']:.2f} (wall), CPU "
+              f"{r['ray_train']['cpu_seconds']:.0f} -> {r['tasks']['cpu_seconds']:.0f} s; {slots} slots")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2, default=float)
     ray.shutdown()
     return out
 

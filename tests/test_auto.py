@@ -210,7 +210,43 @@ def test_byo_table_through_compare_tune_auto_and_infer(ray_session, user_table, 
 
 
 @ray
-def test_infer_and_report_with_an_ensemble_model(ray_session, user_table, tmp_path):
+def test_refit_is_deterministic_and_independent_of_the_process(ray_session, user_table, tmp_path):
+    from raypipe.train.tables import infer_task, read_embeddings
+    from raypipe.train.trainer import assign_splits, model_meta
+    from raypipe.tune.auto import _cfg_for, _refit_ensemble, _refit_fit, _refit_single, candidates
+
+    cfg = _auto_cfg(tmp_path, user_table, "train.auto.candidates=[concat, late]")
+    table = read_embeddings(user_table)
+    task, n_out = infer_task(table.y)
+    cands = {c.label: c for c in candidates(cfg, task)}
+    states, docs = [], []
+    for run in ("a", "b"):  # same config and seed: the same members, bit for bit, and the same test scores
+        res = _refit_ensemble(cfg, table, task, str(tmp_path / run), {"concat": 0.5, "late": 0.5}, cands,
+                              runner="tasks")
+        assert res["ok"]
+        states.append(torch.load(tmp_path / run / "model.pt", weights_only=True))
+        docs.append(json.loads((tmp_path / run / "metrics.json").read_text())["test"])
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert docs[0] == docs[1]
+    # a single method's refit is the same fit as that member's
+    _refit_single(cfg, table, task, str(tmp_path / "single"), "concat", cands, runner="tasks")
+    single = torch.load(tmp_path / "single" / "model.pt", weights_only=True)
+    member = torch.load(tmp_path / "a" / "members" / "concat" / "model.pt", weights_only=True)
+    assert all(torch.equal(single[k], member[k]) for k in member)
+    # and the Ray task's fit equals the same function run here, in the test's own process
+    split = assign_splits(table, cfg)
+    rows = split != "test"
+    threads = torch.get_num_threads()
+    meta = model_meta(_cfg_for(cfg, cands["concat"], str(tmp_path / "x")), table, task, n_out)
+    here = _refit_fit(meta, ({m: v[rows] for m, v in table.x.items()}, table.mask[rows], table.y[rows]),
+                      np.flatnonzero(split[rows] == "train"), np.flatnonzero(split[rows] == "val"), cfg.run.seed)
+    assert all(torch.equal(here["state"][k], member[k]) for k in member)
+    torch.set_num_threads(threads)
+
+
+@ray
+@pytest.mark.parametrize("runner", ["tasks", "ray_train"])
+def test_infer_and_report_with_an_ensemble_model(ray_session, user_table, tmp_path, runner):
     from raypipe.infer.pipeline import run_infer
     from raypipe.report.html import write_report
     from raypipe.train.tables import infer_task, read_embeddings
@@ -222,7 +258,7 @@ def test_infer_and_report_with_an_ensemble_model(ray_session, user_table, tmp_pa
     task, _ = infer_task(table.y)
     run_dir = str(tmp_path / "train" / "auto")
     cands = {c.label: c for c in candidates(cfg, task)}
-    res = _refit_ensemble(cfg, table, task, run_dir, {"concat": 0.25, "late": 0.75}, cands)
+    res = _refit_ensemble(cfg, table, task, run_dir, {"concat": 0.25, "late": 0.75}, cands, runner=runner)
     assert res["ok"] and 0 <= res["test_auroc"] <= 1
     meta = json.loads(open(os.path.join(run_dir, "model_meta.json")).read())
     assert meta["method"] == "ensemble" and [m["name"] for m in meta["members"]] == ["concat", "late"]

@@ -19,10 +19,13 @@
 4. ``<run dir>/leaderboard.csv`` (metric mean ± std over folds, fit seconds, paired t-test
    against the best, searched params), ``auto_summary.json``, ``folds.parquet`` and, with a
    search, ``search.csv``.
-5. The winner is refitted on the full training split with `raypipe train`'s own path (Ray
-   Train V2) into the run directory (default ``<out_dir>/train/auto``); an ensemble's members
-   are refitted each into ``members/<name>`` and saved together as one model
-   (``model.pt`` + ``model_meta.json``) that `raypipe infer` and `raypipe report` use.
+5. The winner is refitted on the full training split (its train part; early stopping on its val
+   part, as `raypipe train`) into the run directory (default ``<out_dir>/train/auto``): with
+   1-worker CPU training as 1-CPU Ray tasks running the CV fits' own loop, an ensemble's members
+   all at once (:func:`refit_runner`); with ``train.num_workers`` > 1 or a GPU through `raypipe
+   train`'s path (Ray Train V2), one after another. An ensemble's members go each into
+   ``members/<name>`` and are saved together as one model (``model.pt`` + ``model_meta.json``)
+   that `raypipe infer` and `raypipe report` use.
 
 Deterministic: same config and seed, same folds, search trials, fits, leaderboard and choice
 (the time limit aside: what finishes in time depends on the machine).
@@ -318,12 +321,11 @@ def run_auto(cfg: Config, refit: bool = True) -> dict:
     result["run_dir"] = os.path.abspath(run_dir)
     if refit:
         t0 = time.perf_counter()
+        summary["refit_runner"] = refit_runner(cfg)
         if summary["chosen"] == "ensemble":
             final = _refit_ensemble(cfg, table, task, run_dir, summary["ensemble_weights"], cands)
         else:
-            from raypipe.train.trainer import run_train
-
-            final = run_train(_cfg_for(cfg, cands[summary["chosen"]], run_dir))
+            final = _refit_single(cfg, table, task, run_dir, summary["chosen"], cands)
         summary["refit_seconds"] = round(time.perf_counter() - t0, 1)
         main = [k for k in final if k.startswith("test_")]
         result.update({k: final[k] for k in main})
@@ -363,55 +365,166 @@ def _annotate_metrics(run_dir: str, summary: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _refit_ensemble(cfg: Config, table, task: str, run_dir: str, weights: dict[str, float], cands: dict) -> dict:
-    """Refit each member on the full training split (`raypipe train`'s path), save them as one model, test it."""
+def refit_runner(cfg: Config) -> str:
+    """How the winner is refitted: ``"tasks"`` (1-CPU Ray tasks running the CV's own fit, every member of
+    an ensemble at once) for 1-worker CPU training, else ``"ray_train"`` (`raypipe train`'s TorchTrainer,
+    which DDP over ``train.num_workers`` workers or a GPU needs; members one after another)."""
+    return "tasks" if cfg.train.num_workers == 1 and not cfg.train.use_gpu else "ray_train"
+
+
+def _safe(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in label)
+
+
+def _refit_fit(meta: dict, data, train_idx: np.ndarray, val_idx: np.ndarray, seed: int) -> dict:
+    """One refit as a Ray task: the model of ``meta`` (built as `raypipe infer` rebuilds it) trained by
+    :func:`raypipe.train.loop.fit` (the CV fits' loop) on ``train_idx``, early-stopped on ``val_idx``,
+    1 torch thread; returns the best epoch's state dict, the history, wall and CPU seconds."""
+    import torch
+
+    from raypipe.train import loop
+    from raypipe.train.trainer import build_from_meta
+
+    c0 = time.process_time()
+    torch.set_num_threads(1)  # what the task was given; also what makes a refit the same on any machine
+    x, mask, y = data
+    tc = meta["train_config"]
+    torch.manual_seed(seed)
+    method = build_from_meta(meta)
+    part = lambda idx: ({m: x[m][idx] for m in meta["modalities"]}, mask[idx], y[idx])  # noqa: E731
+    t0 = time.perf_counter()
+    res = loop.fit(method, part(train_idx), part(val_idx), meta["task"], epochs=tc["epochs"],
+                   batch_size=tc["batch_size"], lr=tc["lr"], weight_decay=tc["weight_decay"], p_drop=tc["p_drop"],
+                   patience=tc["patience"], seed=seed, precision=tc.get("precision", "auto"))
+    seconds = time.perf_counter() - t0
+    history = [{("tla" if k == "train_tla" else k): v for k, v in h.items()} for h in res["history"]]
+    best = history[res["best_epoch"] - 1] if res["best_epoch"] else history[-1]
+    return {"state": {k: v.detach().clone() for k, v in method.state_dict().items()}, "history": history,
+            "epoch": res["best_epoch"], "val": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
+            "seconds": seconds, "cpu_seconds": time.process_time() - c0}
+
+
+def _refit_tasks(cfg: Config, table, task: str, dirs: dict[str, str], cands: dict) -> dict[str, dict]:
+    """Refit each of ``dirs``' candidates (label -> run dir) on the training split as parallel 1-CPU Ray
+    tasks (:func:`_refit_fit`; the split's train part, early stopping on its val part, as `raypipe train`)
+    and write each run dir's model (``model.pt``, ``model_meta.json``: the format `raypipe infer` loads),
+    ``history.json`` and ``split.parquet``. Returns per label the fit's seconds, CPU seconds and epochs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    import torch
+
+    from raypipe.runtime import init_ray
+    from raypipe.train.tables import infer_task
+    from raypipe.train.trainer import META_FILE, MODEL_FILE, assign_splits, model_meta
+
+    init_ray(cfg)
+    split = assign_splits(table, cfg)
+    rows = split != "test"
+    part = split[rows]
+    train_idx, val_idx = np.flatnonzero(part == "train"), np.flatnonzero(part == "val")
+    data_ref = ray.put(({m: v[rows] for m, v in table.x.items()}, table.mask[rows], table.y[rows]))
+    _, n_outputs = infer_task(table.y, cfg.train.task)
+    remote = ray.remote(num_cpus=1)(_refit_fit)
+    metas, futures = {}, {}
+    for label, d in dirs.items():  # all submitted at once: as many run together as the cluster has CPUs
+        metas[label] = model_meta(_cfg_for(cfg, cands[label], d), table, task, n_outputs)
+        futures[label] = remote.remote(metas[label], data_ref, train_idx, val_idx, cfg.run.seed)
+    done: dict[str, dict] = {}
+    for label, d in dirs.items():
+        r = ray.get(futures[label])
+        os.makedirs(d, exist_ok=True)
+        torch.save(r["state"], os.path.join(d, MODEL_FILE) + ".tmp")
+        os.replace(os.path.join(d, MODEL_FILE) + ".tmp", os.path.join(d, MODEL_FILE))
+        for name, doc in ((META_FILE, {**metas[label], "epoch": r["epoch"], "val": r["val"]}),
+                          ("history.json", r["history"])):
+            with open(os.path.join(d, name) + ".tmp", "w") as fh:
+                json.dump(doc, fh, indent=2, default=float)
+            os.replace(os.path.join(d, name) + ".tmp", os.path.join(d, name))
+        pq.write_table(pa.table({"sample_id": table.sample_id, "split": split}), os.path.join(d, "split.parquet"))
+        done[label] = {"fit_seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"], "epochs": len(r["history"])}
+    return done
+
+
+def _refit_single(cfg: Config, table, task: str, run_dir: str, label: str, cands: dict,
+                  runner: str | None = None) -> dict:
+    """Refit the chosen single candidate into ``run_dir`` (:func:`refit_runner`'s way), evaluate it on the test split."""
+    runner = runner or refit_runner(cfg)
+    if runner == "ray_train":
+        from raypipe.train.trainer import run_train
+
+        return run_train(_cfg_for(cfg, cands[label], run_dir))
+    from raypipe.train.trainer import load_trained
+
+    fit = _refit_tasks(cfg, table, task, {label: run_dir}, cands)[label]
+    method, _ = load_trained(run_dir)
+    return _evaluate_and_write(cfg, table, task, run_dir, method, cands[label].method,
+                               fit["fit_seconds"], {"refit": {label: fit}})
+
+
+def _refit_ensemble(cfg: Config, table, task: str, run_dir: str, weights: dict[str, float], cands: dict,
+                    runner: str | None = None) -> dict:
+    """Refit each member on the full training split into ``members/<name>`` (all at once as Ray tasks, or
+    one after another through `raypipe train`'s path: :func:`refit_runner`), save them as one model, test it."""
     from raypipe.fusion.ensemble import EnsembleMethod, ensemble_meta, save_ensemble
+    from raypipe.train.trainer import load_trained, run_train
+
+    runner = runner or refit_runner(cfg)
+    dirs = {label: os.path.join(run_dir, "members", _safe(label)) for label in weights}
+    if runner == "tasks":
+        fits = _refit_tasks(cfg, table, task, dirs, cands)
+        fit = max(f["fit_seconds"] for f in fits.values())  # they ran side by side
+    else:
+        fits, fit = {}, 0.0
+        for label, d in dirs.items():
+            res = run_train(_cfg_for(cfg, cands[label], d))
+            fits[label] = {"fit_seconds": float(res.get("fit_seconds") or 0)}
+            fit += fits[label]["fit_seconds"]
+    members, metas, names = [], [], list(weights)
+    for label in names:
+        method, meta = load_trained(dirs[label])
+        members.append(method)
+        metas.append(meta)
+    ws = [weights[n] for n in names]
+    ens = EnsembleMethod(members, ws, names)
+    save_ensemble(run_dir, ens, ensemble_meta(metas, ws, names))
+    for f in ("split.parquet", "history.json"):
+        if os.path.isfile(os.path.join(dirs[names[ens.top]], f)):
+            shutil.copy(os.path.join(dirs[names[ens.top]], f), os.path.join(run_dir, f))
+    return _evaluate_and_write(cfg, table, task, run_dir, ens, "ensemble", fit,
+                               {"members": {n: float(w) for n, w in zip(names, ens.weights.tolist())},
+                                "refit": fits})
+
+
+def _evaluate_and_write(cfg: Config, table, task: str, run_dir: str, model, method_name: str, fit_seconds: float,
+                        extra: dict) -> dict:
+    """What `raypipe train` writes after its fit: test metrics (``metrics.json``), ``predictions_test.parquet``,
+    the imputation ``projection.parquet`` (an ensemble's: its top member's) and ``config.yaml``."""
+    from raypipe.config import dump_config
     from raypipe.train import loop
     from raypipe.train.evaluate import evaluate_test
     from raypipe.train.metrics import main_metric_name
-    from raypipe.train.trainer import (_write_test_predictions, assign_splits, imputation_projection, load_trained,
-                                       run_train)
+    from raypipe.train.trainer import _write_test_predictions, assign_splits, imputation_projection
 
-    members, metas, names, ws, fit = [], [], [], [], 0.0
-    for label, w in weights.items():
-        safe = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in label)
-        mdir = os.path.join(run_dir, "members", safe)
-        res = run_train(_cfg_for(cfg, cands[label], mdir))
-        fit += float(res.get("fit_seconds") or 0)
-        method, meta = load_trained(mdir)
-        members.append(method)
-        metas.append(meta)
-        names.append(label)
-        ws.append(w)
-    ens = EnsembleMethod(members, ws, names)
-    meta = ensemble_meta(metas, ws, names)
-    save_ensemble(run_dir, ens, meta)
-    top_dir = os.path.join(run_dir, "members", "".join(ch if ch.isalnum() or ch in "_-" else "_"
-                                                        for ch in names[ens.top]))
-    for f in ("split.parquet", "history.json"):
-        if os.path.isfile(os.path.join(top_dir, f)):
-            shutil.copy(os.path.join(top_dir, f), os.path.join(run_dir, f))
     split = assign_splits(table, cfg)
     test = table.take(split == "test")
     groups = {k: v for k, v in test.groups.items() if k in cfg.ingest.group_columns}
-    test_metrics, natural = evaluate_test(loop.make_predict_fn(ens, task), test.x, test.mask, test.y, task,
+    test_metrics, natural = evaluate_test(loop.make_predict_fn(model, task), test.x, test.mask, test.y, task,
                                           table.modalities, groups, seed=cfg.run.seed,
                                           gap_threshold=cfg.report.subgroup_gap_threshold)
     main = main_metric_name(task)
-    doc = {"method": "ensemble", "task": task, "modalities": table.modalities, "main_metric": main,
-           "n": {s: int((split == s).sum()) for s in ("train", "val", "test")}, "fit_seconds": fit,
-           "members": {n: float(w) for n, w in zip(names, ens.weights.tolist())}, "test": test_metrics}
+    doc = {"method": method_name, "task": task, "modalities": table.modalities, "main_metric": main,
+           "n": {s: int((split == s).sum()) for s in ("train", "val", "test")}, "fit_seconds": fit_seconds,
+           **extra, "test": test_metrics}
     with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
         json.dump(doc, fh, indent=2, default=float)
     _write_test_predictions(os.path.join(run_dir, "predictions_test.parquet"), test, natural)
-    proj = imputation_projection(ens.top_member, test)
+    proj = imputation_projection(getattr(model, "top_member", model), test)
     if proj is not None:
         proj.to_parquet(os.path.join(run_dir, "projection.parquet"), index=False)
-    from raypipe.config import dump_config
-
     with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
         fh.write(dump_config(cfg))
-    return {"ok": True, f"test_{main}": test_metrics["natural"].get(main), "fit_seconds": round(fit, 1)}
+    return {"ok": True, f"test_{main}": test_metrics["natural"].get(main), "fit_seconds": round(fit_seconds, 1)}
 
 
 # ----------------------------------------------------------------------------- report section
