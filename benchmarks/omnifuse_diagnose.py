@@ -100,10 +100,21 @@ def drop_at_random(mask: np.ndarray, rate: float, seed: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- fitting
+def train_config(args, switches: dict, name: str = "omnifuse") -> TrainConfig:
+    """OmniFuse settings: ``--set`` overrides under the row's switches; a key the installed OmniFuseConfig
+    does not (yet) have goes to the constructor through ``train.method_args`` (options under trial)."""
+    from raypipe.config import OmniFuseConfig
+
+    omni = {"depth": args.depth, **args.omni, **switches}
+    known = {k: v for k, v in omni.items() if k in OmniFuseConfig.model_fields}
+    extra = {k: v for k, v in omni.items() if k not in known}
+    return TrainConfig(hidden_dim=args.hidden, omnifuse=known, method_args=extra if name == "omnifuse" else {})
+
+
 def fit_one(row, x, y, mask, views, tr_idx, te_idx, args, seed):
     name, switches = ROWS[row]
     specs = [ModalitySpec(v, (x[v].shape[1],)) for v in views]
-    cfg = TrainConfig(hidden_dim=args.hidden, omnifuse={"depth": args.depth, **args.omni, **switches})
+    cfg = train_config(args, switches, name)
     torch.manual_seed(seed)
     method = build_method(name, specs, "binary", 2, cfg)
     val = holdout_mask(tr_idx.astype(str), y[tr_idx], fraction=0.2, seed=seed)
@@ -221,7 +232,7 @@ def profile_epochs(ds: str, args) -> dict:
         name, switches = ROWS[row]
         for opt_kind in (("foreach", "fused") if name == "omnifuse" and row == "e" else ("foreach",)):
             torch.manual_seed(args.seed)
-            cfg = TrainConfig(hidden_dim=args.hidden, omnifuse={"depth": args.depth, **args.omni, **switches})
+            cfg = train_config(args, switches, name)
             method = build_method(name, specs, "binary", 2, cfg)
             opt = torch.optim.AdamW(method.parameters(), lr=args.lr, weight_decay=1e-4,
                                     **({"fused": True} if opt_kind == "fused" else {"foreach": True}))

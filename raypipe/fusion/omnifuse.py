@@ -58,9 +58,13 @@ class CascadeResidualAutoencoder(nn.Module):
     delta_1 = RA_1(v); delta_k = RA_k(v + delta_1 + ... + delta_{k-1}); output v + sum_k delta_k.
     """
 
-    def __init__(self, width: int, depth: int):
+    def __init__(self, width: int, depth: int, zero_init: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList(ResidualAutoencoder(width) for _ in range(depth))
+        if zero_init:  # every delta_k = 0 at the start: the untrained cascade is the identity
+            for block in self.blocks:
+                nn.init.zeros_(block.decoder[-1].weight)
+                nn.init.zeros_(block.decoder[-1].bias)
 
     def forward(self, v: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         total = torch.zeros_like(v)
@@ -84,7 +88,7 @@ class CascadeResidualAutoencoder(nn.Module):
 
 
 class OmniFuse(FusionMethod):
-    info = MethodInfo("omnifuse", "imputation", hooks=("on_epoch_end",),
+    info = MethodInfo("omnifuse", "imputation", hooks=("on_epoch_start", "on_epoch_end"),
                       description="CRA imputation + DWFuse + TLA (Wu et al. 2025)")
 
     def __init__(self, specs: Sequence[ModalitySpec], task: str, n_outputs: int, hidden_dim: int = 128,
@@ -92,8 +96,15 @@ class OmniFuse(FusionMethod):
                  lambda3: float = 0.5, use_imp_forward: bool = True, use_imp_backward: bool = True,
                  use_dwfuse: bool = True, use_tla: bool = True, loss_scale: str = "sum",
                  absent_fill: str = "mean", imp_forward_on: str = "known", mine_every: int = 1,
-                 joint_skip: bool = False, imputed_trust: str = "same", cascade_grad: str = "all"):
+                 joint_skip: bool = False, imputed_trust: str = "same", cascade_grad: str = "all",
+                 cascade_init: str = "default", imp_warmup: int = 0, imp_hide_one: bool = False):
         super().__init__(specs, task, n_outputs, hidden_dim)
+        if cascade_init not in ("default", "zero"):
+            raise ValueError(f"cascade_init must be 'default' (paper) or 'zero', got {cascade_init!r}")
+        if imp_warmup < 0:
+            raise ValueError(f"imp_warmup must be >= 0, got {imp_warmup}")
+        self.cascade_init, self.imp_warmup, self.imp_hide_one = cascade_init, int(imp_warmup), bool(imp_hide_one)
+        self.warming_up = False  # set per epoch by on_epoch_start (imp_warmup)
         if imputed_trust not in ("same", "reliability"):
             raise ValueError(f"imputed_trust must be 'same' (paper) or 'reliability', got {imputed_trust!r}")
         if cascade_grad not in ("all", "imputation", "separate"):
@@ -115,10 +126,11 @@ class OmniFuse(FusionMethod):
         self.use_imp_forward = use_imp_forward
         self.use_imp_backward = use_imp_backward and use_imp_forward  # backward refines the forward output
         self.use_dwfuse, self.use_tla = use_dwfuse, use_tla
+        zero = cascade_init == "zero"
         if self.use_imp_forward:
-            self.cra_forward = CascadeResidualAutoencoder(m * d, depth)
+            self.cra_forward = CascadeResidualAutoencoder(m * d, depth, zero_init=zero)
         if self.use_imp_backward:
-            self.cra_backward = CascadeResidualAutoencoder(m * d, depth)
+            self.cra_backward = CascadeResidualAutoencoder(m * d, depth, zero_init=zero)
         self.unimodal_heads = nn.ModuleDict({name: mlp(d, d, n_outputs) for name in self.modalities})
         joint_in = (depth * LATENT_DIM + (m * d if self.joint_skip else 0)) if self.use_imp_forward else m * d
         self.joint_head = mlp(joint_in, max(64, d), n_outputs)
@@ -173,6 +185,13 @@ class OmniFuse(FusionMethod):
         update = (n_hid >= 1) & (n_known >= 2)
         self.imp_nmse.copy_(torch.where(update, (1 - momentum) * self.imp_nmse + momentum * nmse, self.imp_nmse))
 
+    @staticmethod
+    def _hide_one(mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` with one seen modality hidden, uniformly at random, in every row that has >= 2."""
+        score = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, -1.0)
+        pick = torch.zeros_like(mask).scatter_(1, score.argmax(dim=1, keepdim=True), True)
+        return mask & ~(pick & (mask.sum(dim=1, keepdim=True) >= 2))
+
     def _slices(self, v: torch.Tensor) -> list[torch.Tensor]:
         d = self.hidden_dim
         return [v[:, i * d:(i + 1) * d] for i in range(len(self.modalities))]
@@ -200,8 +219,11 @@ class OmniFuse(FusionMethod):
 
     def forward(self, batch: dict, full_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x, mask, y = batch["x"], batch["mask"], batch.get("y")
+        warm = self.warming_up and self.training and y is not None and self.use_imp_forward
         hs = self.encode(x, mask)
         v = torch.cat(hs, dim=1)
+        if warm:  # imp_warmup: the encoders stay as they are, only the cascades learn
+            v = v.detach()
         v_imp, joint_in = self.impute(v)
         logits = self.joint_head(joint_in)
         out: dict[str, torch.Tensor] = {"logits": logits}
@@ -216,11 +238,23 @@ class OmniFuse(FusionMethod):
             # Eq. 7 compares v' with the true triplet wherever it is known (the cascade must also leave
             # observed slots as they are); "dropped" counts only the slots hidden by the simulation
             counted = full_mask if self.imp_forward_on == "known" else dropped
-            if dropped.any():
+            # imp_hide_one: a second forward pass in which every sample that saw >= 2 modalities also
+            # hides one of them at random, so the cascade gets ~1 imputation example per sample per step
+            # instead of the simulation's ~0.3; L_fwd is then the mean of the two passes' losses
+            seen2 = self._hide_one(mask) if self.imp_hide_one and self.training else None
+            if dropped.any() or seen2 is not None:
                 v_full = torch.cat(self.encode_reference(x, full_mask), dim=1)
-                losses["imp_forward"] = self._squared_error(v_imp - v_full, self._position_mask(counted), batch_n)
-                if self.training and self.imputed_trust == "reliability":
-                    self._track_reliability(v_imp, v_full, dropped, full_mask)
+                terms = []
+                if dropped.any():
+                    terms.append(self._squared_error(v_imp - v_full, self._position_mask(counted), batch_n))
+                    if self.training and self.imputed_trust == "reliability":
+                        self._track_reliability(v_imp, v_full, dropped, full_mask)
+                if seen2 is not None:
+                    v2 = torch.cat(self.encode(x, seen2), dim=1)
+                    v2_imp, _ = self.cra_forward(v2.detach() if self.cascade_grad == "separate" or warm else v2)
+                    counted2 = full_mask if self.imp_forward_on == "known" else full_mask & ~seen2
+                    terms.append(self._squared_error(v2_imp - v_full, self._position_mask(counted2), batch_n))
+                losses["imp_forward"] = torch.stack(terms).mean() if len(terms) > 1 else terms[0]
             else:
                 losses["imp_forward"] = zero
         # IMP backward: a second cascade maps v' back onto the positions the model saw
@@ -256,8 +290,9 @@ class OmniFuse(FusionMethod):
                 losses["tla"] = per_sample_loss(lazy_logits, y[rows], self.task).mean()
             else:
                 losses["tla"] = zero
-        total = (losses.get("imp_forward", zero) + self.lambda1 * losses.get("imp_backward", zero)
-                 + self.lambda2 * losses["dwfuse"] + self.lambda3 * losses.get("tla", zero))
+        total = losses.get("imp_forward", zero) + self.lambda1 * losses.get("imp_backward", zero)
+        if not warm:  # imp_warmup: the classification terms are computed (and logged) but weigh 0
+            total = total + self.lambda2 * losses["dwfuse"] + self.lambda3 * losses.get("tla", zero)
         out["loss"] = total
         out.update({f"loss_{k}": v.detach() for k, v in losses.items()})
         return out
@@ -305,7 +340,11 @@ class OmniFuse(FusionMethod):
             sums, counts = stacked[0], stacked[1]
         return {s: (float(sums[j] / counts[j]) if counts[j] > 0 else float("-inf")) for j, s in enumerate(subsets)}
 
+    def on_epoch_start(self, ctx) -> None:
+        self.warming_up = ctx.epoch is not None and ctx.epoch < self.imp_warmup
+
     def on_epoch_end(self, ctx) -> dict[str, Any] | None:
+        self.warming_up = False  # validation and prediction are never a warm-up pass
         if not self.use_tla:
             return None
         if self.lazy_subset is not None and ctx.epoch % self.mine_every != 0:
