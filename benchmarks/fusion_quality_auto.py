@@ -6,10 +6,12 @@ For each outer fold f of fusion_quality.py (same folds, masks, seeds and trainin
 1. inner cross-validation on the outer training part only (``--inner-folds``, default 3; stratified,
    grouped like the outer folds, seeded): every candidate is fitted on the other inner folds and predicts
    the held-out inner fold (out-of-fold probabilities), with fusion_quality.py's own ``run_one``;
-2. the choice, as ``train.method=auto`` makes it (raypipe.tune.auto): the candidate with the best mean
-   inner-fold score; the greedy weighted ensemble (``raypipe.fusion.ensemble.greedy_ensemble``, Caruana
-   et al., size 25) competes too, scored on each inner fold with weights chosen on the other inner folds'
-   predictions; a tie goes to the single method;
+2. the choice, as ``train.method=auto`` makes it (``raypipe.tune.auto.choose_model``, rule ``--select``,
+   default auto's own): from the candidates' inner-fold scores and the greedy weighted ensemble's
+   (``raypipe.fusion.ensemble.greedy_ensemble``, Caruana et al., size 25), scored on each inner fold with
+   weights chosen on the other inner folds' predictions; ``best``: the best mean (a tie goes to the single
+   method), ``ensemble_1se``: the ensemble unless the best single candidate beats it by more than one
+   standard error;
 3. every candidate is fitted on the whole outer training part (the very fit fusion_quality.py makes for
    its table row: same call, same seed) and predicts the outer test fold; ``auto``'s score on fold f is
    the chosen candidate's (or the ensemble's), ``auto ensemble``'s is the ensemble's with weights fitted
@@ -119,28 +121,46 @@ def candidate_fold(bench, data, mask, folds, f, label, name, omni, args, inner_k
     return out
 
 
-def choose(task: str, y_inner_rows: np.ndarray, inner: np.ndarray, oofs: dict[str, np.ndarray], size: int = 25):
-    """auto's choice on one outer training part: inner-fold mean score per candidate and for the ensemble
-    (weights chosen on the other inner folds), the best (a tie goes to the single method, then to the earlier
-    candidate), and the ensemble weights fitted on all inner out-of-fold predictions."""
+def choose(task: str, y_inner_rows: np.ndarray, inner: np.ndarray, oofs: dict[str, np.ndarray], size: int = 25,
+           select: str = "best", complexity: dict[str, float] | None = None):
+    """auto's choice on one outer training part: inner-fold scores per candidate and for the ensemble
+    (weights chosen on the other inner folds), the choice by auto's own rule (``raypipe.tune.auto.choose_model``,
+    ``select``; ``best``: the highest mean, a tie to the single method, then to the earlier candidate), and the
+    ensemble weights fitted on all inner out-of-fold predictions. Returns (choice, means, weights, per-fold)."""
     from raypipe.fusion.ensemble import combine, greedy_ensemble
-    from raypipe.tune.auto import _metric_fn
+    from raypipe.tune.auto import _metric_fn, choose_model
 
     metric = "auroc"
     score = _metric_fn(task, metric)  # auto's own selection score (= compute_metrics' value, computed faster)
     labels = list(oofs)
     k = int(inner.max()) + 1
-    means = {l: float(np.mean([score(y_inner_rows[inner == g], oofs[l][inner == g]) for g in range(k)]))
-             for l in labels}
+    per_fold = {l: np.array([score(y_inner_rows[inner == g], oofs[l][inner == g]) for g in range(k)])
+                for l in labels}
     preds = [oofs[l] for l in labels]
     ens = []
     for g in range(k):
         w_g, _ = greedy_ensemble([p[inner != g] for p in preds], y_inner_rows[inner != g], score, size)
         ens.append(score(y_inner_rows[inner == g], combine([p[inner == g] for p in preds], w_g)))
-    means["ensemble"] = float(np.mean(ens))
+    per_fold["ensemble"] = np.array(ens)
+    means = {l: float(np.mean(v)) for l, v in per_fold.items()}
     w, _ = greedy_ensemble(preds, y_inner_rows, score, size)
-    order = sorted(means, key=lambda l: (-means[l], l == "ensemble", (labels + ["ensemble"]).index(l)))
-    return order[0], means, {l: float(v) for l, v in zip(labels, w)}
+    chosen = choose_model(per_fold, True, select, complexity)
+    return chosen, means, {l: float(v) for l, v in zip(labels, w)}, {l: v.tolist() for l, v in per_fold.items()}
+
+
+def parameter_counts(bench, data, runs, args) -> dict[str, int]:
+    """Trainable parameters of each candidate as fusion_quality.py builds it (``simplest_1se``'s complexity)."""
+    from raypipe.config import TrainConfig
+    from raypipe.fusion.base import ModalitySpec
+    from raypipe.fusion.registry import build_method
+
+    specs = [ModalitySpec(m, (data.views[m].shape[1],)) for m in data.modalities]
+    out = {}
+    for label, name, omni in runs:
+        cfg = TrainConfig(hidden_dim=args.hidden, omnifuse={**bench.omnifuse_overrides(args), **omni})
+        m = build_method(name, specs, data.task, data.n_classes, cfg)
+        out[label] = int(sum(p.numel() for p in m.parameters() if p.requires_grad))
+    return out
 
 
 def main(argv=None) -> dict:
@@ -153,7 +173,13 @@ def main(argv=None) -> dict:
     p.add_argument("--cache", default=str(_HERE / "quality_runs" / "auto_cache"),
                    help="npz per candidate and outer fold ('' for none)")
     p.add_argument("--fit-only", action="store_true", help="compute the candidates' fits into the cache, no rows")
+    p.add_argument("--select", default=None, help="auto's rule for the choice (raypipe.tune.auto.SELECT_RULES): "
+                                                  "best, ensemble_1se or simplest_1se; default auto's own")
     own, rest = p.parse_known_args(argv)
+    if own.select is None:
+        from raypipe.tune.auto import DEFAULT_SELECT
+
+        own.select = DEFAULT_SELECT
     args = bench.build_parser().parse_args(rest)  # fusion_quality.py's settings (--dataset, --dropout, --epochs ...)
     rates = [float(r) for r in args.dropout.split(",") if r.strip()]
     if len(rates) != 1:
@@ -170,6 +196,7 @@ def main(argv=None) -> dict:
     from raypipe.train.metrics import compute_metrics
 
     auto_rows, ens_rows, detail = [], [], []
+    complexity = None
     for f in range(k):
         got = {}
         for label, name, omni in runs:
@@ -181,7 +208,11 @@ def main(argv=None) -> dict:
             continue
         tr, te = folds != f, folds == f
         inner = next(iter(got.values()))["inner"]
-        chosen, means, weights = choose(data.task, data.y[tr].astype(float), inner, {l: g["oof"] for l, g in got.items()})
+        if own.select == "simplest_1se" and complexity is None:
+            complexity = parameter_counts(bench, data, runs, args)
+        chosen, means, weights, inner_scores = choose(data.task, data.y[tr].astype(float), inner,
+                                                      {l: g["oof"] for l, g in got.items()}, select=own.select,
+                                                      complexity=complexity)
         yt = data.y[te].astype(float)
         test = {l: compute_metrics(data.task, yt, g["test"]) for l, g in got.items()}
         ens_prob = combine([got[l]["test"] for l in got], [weights[l] for l in got])
@@ -193,7 +224,8 @@ def main(argv=None) -> dict:
         e.update(weights=weights, candidates=labels)
         auto_rows.append(a)
         ens_rows.append(e)
-        detail.append({"fold": f, "chosen": chosen, "inner_means": means, "weights": weights,
+        detail.append({"fold": f, "chosen": chosen, "inner_means": means, "inner_folds": inner_scores,
+                       "weights": weights,
                        "outer": {l: test[l]["auroc"] for l in labels}})
     if own.fit_only:
         return {}
@@ -210,6 +242,7 @@ def main(argv=None) -> dict:
             json.dump({"args": vars(args), "dataset": data.name, "scores": scores, "seconds": elapsed,
                        "command": command, "context": started,
                        "auto": {"candidates": [r[0] for r in runs], "inner_folds": own.inner_folds,
+                                "select": own.select, "complexity": complexity,
                                 "folds": detail}}, fh, indent=2)
     return scores
 

@@ -80,6 +80,30 @@ def test_candidates_default_and_overrides():
         candidates(load_config(None, ["train.auto.candidates=[nope]"]), "binary")
 
 
+def test_choose_model_rules_hand_worked():
+    from raypipe.tune.auto import choose_model
+
+    # per-fold scores; best single a (mean 0.90); ensemble mean 0.89, paired differences a - ens
+    # = (0.02, 0.00, 0.01): mean 0.01, std 0.01, SE 0.01/sqrt(3) = 0.00577 < 0.01 -> not within one SE
+    per_fold = {"a": np.array([0.92, 0.88, 0.90]), "b": np.array([0.90, 0.87, 0.89]),
+                "ensemble": np.array([0.90, 0.88, 0.89])}
+    assert choose_model(per_fold, True, "best") == "a"
+    assert choose_model(per_fold, True, "ensemble_1se") == "a"
+    # ensemble (0.91, 0.86, 0.90): differences (0.01, 0.02, 0.00), mean 0.01, std 0.01 -> the same SE: not within;
+    # (0.93, 0.85, 0.90): differences (-0.01, 0.03, 0), mean 0.00667, std 0.02082, SE 0.01202 -> within
+    per_fold["ensemble"] = np.array([0.93, 0.85, 0.90])
+    assert choose_model(per_fold, True, "best") == "a" and choose_model(per_fold, True, "ensemble_1se") == "ensemble"
+    # b - a = (-0.02, -0.01, -0.01): mean -0.01333, std 0.00577, SE 0.00333 -> b is not within; a is chosen
+    assert choose_model(per_fold, True, "simplest_1se", {"a": 10, "b": 5}) == "a"
+    per_fold["b"] = np.array([0.95, 0.84, 0.89])  # a - b = (-0.03, 0.04, 0.01): mean 0.00667, SE 0.02028: within
+    assert choose_model(per_fold, True, "simplest_1se", {"a": 10, "b": 5}) == "b"
+    # lower is better (e.g. brier): the same rules with the sign turned
+    low = {"a": np.array([0.10, 0.12]), "ensemble": np.array([0.11, 0.12])}  # d = (0.01, 0): mean 0.005, SE 0.005
+    assert choose_model(low, False, "best") == "a" and choose_model(low, False, "ensemble_1se") == "ensemble"
+    with pytest.raises(ValueError, match="select rule"):
+        choose_model(low, False, "nope")
+
+
 # ----------------------------------------------------------------------------- Ray
 def _frame(n=90, seed=3):
     """A pandas frame with one column per modality (lists; None where absent), 3 classes."""
