@@ -111,7 +111,9 @@ def train_config(args, switches: dict, name: str = "omnifuse") -> TrainConfig:
     return TrainConfig(hidden_dim=args.hidden, omnifuse=known, method_args=extra if name == "omnifuse" else {})
 
 
-def fit_one(row, x, y, mask, views, tr_idx, te_idx, args, seed):
+def fit_one(row, x, y, mask, views, tr_idx, te_idx, args, seed, trace=None):
+    """``trace``: a list that gets, after every epoch, the test-fold imputation NMSE per modality
+    (:func:`imputation_nmse`) of the model as it is then (rows d/e only)."""
     name, switches = ROWS[row]
     specs = [ModalitySpec(v, (x[v].shape[1],)) for v in views]
     cfg = train_config(args, switches, name)
@@ -119,6 +121,17 @@ def fit_one(row, x, y, mask, views, tr_idx, te_idx, args, seed):
     method = build_method(name, specs, "binary", 2, cfg)
     val = holdout_mask(tr_idx.astype(str), y[tr_idx], fraction=0.2, seed=seed)
     tr, va = tr_idx[~val], tr_idx[val]
+    if trace is not None and getattr(method, "use_imp_forward", False):
+        inner = method.on_epoch_end
+
+        def traced(ctx):
+            out = inner(ctx)
+            was = method.training
+            nm = imputation_nmse(method, x, mask, views, tr, te_idx)
+            trace.append({m: {k: v for k, v in r.items() if k != "_pieces"} for m, r in nm.items()})
+            method.train(was)
+            return out
+        method.on_epoch_end = traced
     part = lambda idx: ({v: x[v][idx] for v in views}, mask[idx], y[idx])  # noqa: E731
     res = loop.fit(method, part(tr), part(va), "binary", epochs=args.epochs, batch_size=64, lr=args.lr,
                    p_drop=args.p_drop, patience=args.patience, seed=seed)
@@ -141,10 +154,12 @@ def slot_views(method, x: dict[str, np.ndarray], mask: np.ndarray):
 
 
 @torch.no_grad()
-def diagnose(method, x, y, mask, views, tr_idx, te_idx) -> dict:
-    """Imputation error (cascade vs ridge vs no imputation), heads on imputed slices, DWFuse trust."""
+def imputation_nmse(method, x, mask, views, tr_idx, te_idx) -> dict[str, dict]:
+    """Per modality m: hide m in every test sample that has it and something else, and compare the
+    forward cascade's slot (v'_m), the untouched fill (v_m) and a ridge regression from the other slots
+    of v (fitted on the training samples that have m) with the encoders' embedding of the true input,
+    as normalised MSE (1.0 = the training mean of h_m). Also returns the pieces diagnose() reuses."""
     from sklearn.linear_model import RidgeCV
-    from sklearn.metrics import roc_auc_score
 
     d = method.hidden_dim
     sl = lambda i: slice(i * d, (i + 1) * d)  # noqa: E731
@@ -159,23 +174,39 @@ def diagnose(method, x, y, mask, views, tr_idx, te_idx) -> dict:
         hidden = mask[idx].copy()
         hidden[:, i] = False
         v, v_imp, ref = slot_views(method, sub(idx), hidden)
-        _, _, ref_obs = slot_views(method, sub(idx), mask[idx])
         target = ref[:, sl(i)]
         train_rows = mask[tr_idx, i]
         mu = ref_tr[train_rows][:, sl(i)].mean(0)
         scale = float(((target - mu) ** 2).sum(1).mean()) or 1.0
         nmse = lambda pred: float(((pred - target) ** 2).sum(1).mean() / scale)  # noqa: E731
-        # ridge from the other slots of v, fitted on training samples that have m (others as they are)
         others = [j for j in range(len(views)) if j != i]
         cols = np.concatenate([np.arange(j * d, (j + 1) * d) for j in others])
         ridge = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(v_tr[train_rows][:, cols], ref_tr[train_rows][:, sl(i)])
-        rec = {"n": int(has.sum()), "nmse_cascade": nmse(v_imp[:, sl(i)]), "nmse_ridge": nmse(ridge.predict(v[:, cols])),
-               "nmse_fill": nmse(v[:, sl(i)]), "nmse_train_mean": nmse(np.broadcast_to(mu, target.shape))}
+        out[m] = {"n": int(has.sum()), "nmse_cascade": nmse(v_imp[:, sl(i)]),
+                  "nmse_ridge": nmse(ridge.predict(v[:, cols])), "nmse_fill": nmse(v[:, sl(i)]),
+                  "nmse_train_mean": nmse(np.broadcast_to(mu, target.shape)),
+                  "_pieces": (idx, hidden, v_imp, mu, scale)}
+    return out
+
+
+@torch.no_grad()
+def diagnose(method, x, y, mask, views, tr_idx, te_idx) -> dict:
+    """Imputation error (cascade vs ridge vs no imputation), heads on imputed slices, DWFuse trust."""
+    from sklearn.metrics import roc_auc_score
+
+    d = method.hidden_dim
+    sl = lambda i: slice(i * d, (i + 1) * d)  # noqa: E731
+    sub = lambda idx: {v: x[v][idx] for v in views}  # noqa: E731
+    out: dict[str, dict] = {}
+    for m, rec in imputation_nmse(method, x, mask, views, tr_idx, te_idx).items():
+        i = views.index(m)
+        others = [j for j in range(len(views)) if j != i]
+        idx, hidden, v_imp, _, _ = rec.pop("_pieces")
+        _, v_imp_obs, ref_obs = slot_views(method, sub(idx), mask[idx])
         # heads: g_m on the imputed slice vs the observed slice; DWFuse trust
         yt = y[idx]
         head = method.unimodal_heads[m]
         imp_slice = torch.as_tensor(v_imp[:, sl(i)])
-        _, v_imp_obs, _ = slot_views(method, sub(idx), mask[idx])
         obs_slice = torch.as_tensor(v_imp_obs[:, sl(i)])
         p_imp = head(imp_slice).softmax(-1)[:, 1].numpy()
         p_obs = head(obs_slice).softmax(-1)[:, 1].numpy()
@@ -198,6 +229,51 @@ def diagnose(method, x, y, mask, views, tr_idx, te_idx) -> dict:
         rec["others_weight_when_imputed"] = float(np.mean(oth_hid)) if oth_hid else float("nan")
         rec["others_weight_when_observed"] = float(np.mean(oth_obs)) if oth_obs else float("nan")
         out[m] = rec
+    return out
+
+
+def isolated_cascade(method, x, mask, views, tr_idx, te_idx, args, seed) -> list[tuple[int, dict]]:
+    """The fitted model's encoders frozen (eval mode), a fresh forward cascade of the same shape and
+    options trained *alone* on the model's forward-imputation loss (same simulation, batch 64, AdamW at
+    --lr, gradient clip 5) for --isolated epochs. Returns [(epoch, {m: NMSE of the cascade})] at epochs
+    1, 5, 10, 20, 40, ...: how fast the cascade learns the redundancy when its targets stand still."""
+    from raypipe.fusion.omnifuse import CascadeResidualAutoencoder
+    from raypipe.train.data import simulate_missing
+
+    method.eval()
+    d, n_mod = method.hidden_dim, len(views)
+    torch.manual_seed(seed)
+    casc = CascadeResidualAutoencoder(n_mod * d, len(method.cra_forward.blocks),
+                                      zero_init=getattr(method, "cascade_init", "default") == "zero")
+    opt = torch.optim.AdamW(casc.parameters(), lr=args.lr, weight_decay=1e-4)
+    xt = {m: torch.as_tensor(x[m][tr_idx], dtype=torch.float32) for m in views}
+    full = torch.as_tensor(mask[tr_idx])
+    with torch.no_grad():
+        target = torch.cat(method.encode(xt, full), 1)
+    rng = np.random.default_rng(seed)
+    report_at = {1, 5, 10} | set(range(20, args.isolated + 1, 20)) | {args.isolated}
+    out = []
+    for epoch in range(1, args.isolated + 1):
+        casc.train()
+        for b in np.array_split(rng.permutation(len(tr_idx)), max(1, len(tr_idx) // 64)):
+            seen = simulate_missing(full[b], args.p_drop, rng)
+            with torch.no_grad():
+                v = torch.cat(method.encode({m: t[b] for m, t in xt.items()}, seen), 1)
+            counted = full[b] if method.imp_forward_on == "known" else full[b] & ~seen
+            diff = casc(v)[0] - target[b]
+            loss = method._squared_error(diff, method._position_mask(counted), len(b))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(casc.parameters(), 5.0)
+            opt.step()
+        if epoch in report_at:
+            casc.eval()
+            original, method.cra_forward = method.cra_forward, casc  # measured exactly like the fitted cascade
+            try:
+                nm = imputation_nmse(method, x, mask, views, tr_idx, te_idx)
+            finally:
+                method.cra_forward = original
+            out.append((epoch, {m: r["nmse_cascade"] for m, r in nm.items()}))
     return out
 
 
@@ -322,6 +398,10 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an OmniFuseConfig override for every OmniFuse row (repeatable)")
     p.add_argument("--no-diagnose", action="store_true", help="AUROC table and times only")
+    p.add_argument("--trace", action="store_true",
+                   help="rows d/e: the test-fold imputation NMSE (cascade vs ridge) after every epoch")
+    p.add_argument("--isolated", type=int, default=0, metavar="EPOCHS",
+                   help="rows d/e: also train a fresh forward cascade alone on the fitted, frozen encoders")
     p.add_argument("--json", help="write everything measured here")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile", action="store_true",
@@ -362,7 +442,15 @@ def main(argv=None):
             for row in rows:
                 for f in range(args.folds):
                     tr, te = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
-                    method, fitres, auroc, fit_idx = fit_one(row, x, y, mask, views, tr, te, args, args.seed + f)
+                    trace = [] if args.trace and row in ("d", "e") else None
+                    method, fitres, auroc, fit_idx = fit_one(row, x, y, mask, views, tr, te, args, args.seed + f,
+                                                             trace=trace)
+                    if trace is not None:
+                        res.setdefault("trace", {}).setdefault(row, []).append(
+                            {"best_epoch": fitres["best_epoch"], "epochs": trace})
+                    if args.isolated and row in ("d", "e"):
+                        res.setdefault("isolated", {}).setdefault(row, []).append(
+                            isolated_cascade(method, x, mask, views, fit_idx, te, args, args.seed + f))
                     res["auroc"].setdefault(row, []).append(auroc)
                     res["sec_per_epoch"].setdefault(row, []).append(
                         float(np.mean([h["seconds"] for h in fitres["history"]])))
@@ -406,6 +494,23 @@ def print_condition(key: str, res: dict, rows: list[str]) -> None:
                   f"{mean('head_auroc_observed'):.3f} norm x{mean('norm_ratio_imputed_vs_observed'):.2f} | "
                   f"w imputed {mean('weight_imputed'):.3f} observed {mean('weight_observed'):.3f}; others' w when "
                   f"imputed {mean('others_weight_when_imputed'):.3f} vs observed {mean('others_weight_when_observed'):.3f}")
+    for row, folds in res.get("trace", {}).items():
+        views = list(folds[0]["epochs"][0]) if folds[0]["epochs"] else []
+        best = [fd["best_epoch"] for fd in folds]
+        print(f"row {row} per-epoch test NMSE, cascade / ridge (mean over the folds that ran the epoch; "
+              f"best epochs {best}):")
+        for e in range(max(len(fd["epochs"]) for fd in folds)):
+            recs = [fd["epochs"][e] for fd in folds if e < len(fd["epochs"])]
+            cells = [f"{m} {np.mean([r[m]['nmse_cascade'] for r in recs if m in r]):.2f} / "
+                     f"{np.mean([r[m]['nmse_ridge'] for r in recs if m in r]):.2f}" for m in views]
+            mark = " <- a best epoch" if (e + 1) in best else ""
+            print(f"  epoch {e + 1:2d}: " + " | ".join(cells) + mark)
+    for row, runs in res.get("isolated", {}).items():
+        print(f"row {row} cascade trained alone on the frozen encoders, test NMSE (mean over folds):")
+        for k, (epoch, _) in enumerate(runs[0]):
+            per = [r[k][1] for r in runs if k < len(r)]
+            print(f"  epoch {epoch:3d}: " + " | ".join(f"{m} {np.mean([p[m] for p in per if m in p]):.2f}"
+                                                    for m in per[0]))
     for row, lts in res["loss_terms"].items():
         for label in ("first", "best"):
             keys = [k for k in ("imp_forward", "imp_backward", "dwfuse", "tla") if any(k in lt[label] for lt in lts)]
