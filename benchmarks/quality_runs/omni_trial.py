@@ -1,5 +1,5 @@
 """``benchmarks/fusion_quality.py`` with OmniFuse constructor options that raypipe/config.py's
-OmniFuseConfig does not have yet (options under trial: cascade_init, imp_warmup, imp_hide_one).
+OmniFuseConfig does not have yet (options under trial: cascade_init, imp_warmup, imp_hide_one, cascade_passes).
 
 The harness is fusion_quality's own, unchanged (same folds, masks, rows, report); only the
 configuration step is widened: ``--variant``/``--set`` keys the installed OmniFuseConfig lacks are
@@ -23,13 +23,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import fusion_quality  # noqa: E402
 import raypipe.config as config  # noqa: E402
 
-TRIAL = {"cascade_init", "imp_warmup", "imp_hide_one"}
+TRIAL = {"cascade_init", "imp_warmup", "imp_hide_one", "cascade_passes"}
 
 
 class TrialOmniFuseConfig(config.OmniFuseConfig):
     cascade_init: Literal["default", "zero"] = "default"
     imp_warmup: int = Field(0, ge=0)
     imp_hide_one: bool = False
+    cascade_passes: int = Field(0, ge=0)
 
 
 _TrainConfig = config.TrainConfig

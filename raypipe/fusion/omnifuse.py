@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -97,7 +98,8 @@ class OmniFuse(FusionMethod):
                  use_dwfuse: bool = True, use_tla: bool = True, loss_scale: str = "sum",
                  absent_fill: str = "mean", imp_forward_on: str = "known", mine_every: int = 1,
                  joint_skip: bool = False, imputed_trust: str = "same", cascade_grad: str = "all",
-                 cascade_init: str = "default", imp_warmup: int = 0, imp_hide_one: bool = False):
+                 cascade_init: str = "default", imp_warmup: int = 0, imp_hide_one: bool = False,
+                 cascade_passes: int = 0):
         super().__init__(specs, task, n_outputs, hidden_dim)
         if cascade_init not in ("default", "zero"):
             raise ValueError(f"cascade_init must be 'default' (paper) or 'zero', got {cascade_init!r}")
@@ -105,6 +107,10 @@ class OmniFuse(FusionMethod):
             raise ValueError(f"imp_warmup must be >= 0, got {imp_warmup}")
         self.cascade_init, self.imp_warmup, self.imp_hide_one = cascade_init, int(imp_warmup), bool(imp_hide_one)
         self.warming_up = False  # set per epoch by on_epoch_start (imp_warmup)
+        if cascade_passes < 0:
+            raise ValueError(f"cascade_passes must be >= 0, got {cascade_passes}")
+        self.cascade_passes = int(cascade_passes)
+        self._cascade_opt: torch.optim.Optimizer | None = None  # cascade_passes' own AdamW (lr 1e-3)
         if imputed_trust not in ("same", "reliability"):
             raise ValueError(f"imputed_trust must be 'same' (paper) or 'reliability', got {imputed_trust!r}")
         if cascade_grad not in ("all", "imputation", "separate"):
@@ -343,8 +349,59 @@ class OmniFuse(FusionMethod):
     def on_epoch_start(self, ctx) -> None:
         self.warming_up = ctx.epoch is not None and ctx.epoch < self.imp_warmup
 
+    def train_cascades_alone(self, batches, p_drop: float, rng: np.random.Generator, batch_size: int = 64,
+                             lr: float = 1e-3) -> float:
+        """One pass of the cascades alone over ``batches`` (natural masks): the missing-pattern
+        simulation, L_fwd + lambda1 L_bwd with the encoders fixed (eval mode, no gradient), a step of
+        the cascades' own AdamW per ``batch_size`` rows. Returns the mean loss. (``cascade_passes``.)"""
+        from raypipe.train.data import simulate_missing
+
+        params = list(self.cra_forward.parameters())
+        if self.use_imp_backward:
+            params += list(self.cra_backward.parameters())
+        if self._cascade_opt is None:
+            self._cascade_opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+        modes = [e.training for e in self.encoders.values()]
+        self.encoders.eval()
+        total, n = 0.0, 0
+        try:
+            for batch in batches:
+                x_all, full_all = batch["x"], batch["mask"]
+                for start in range(0, int(full_all.shape[0]), batch_size):
+                    sl = slice(start, start + batch_size)
+                    x = {m: t[sl] for m, t in x_all.items()}
+                    full = full_all[sl]
+                    seen = simulate_missing(full, p_drop, rng) if p_drop > 0 else full
+                    with torch.no_grad():
+                        v = torch.cat(self.encode(x, seen), dim=1)
+                        target = torch.cat(self.encode(x, full), dim=1)
+                    counted = full if self.imp_forward_on == "known" else full & ~seen
+                    b = int(full.shape[0])
+                    v_imp, _ = self.cra_forward(v)
+                    loss = self._squared_error(v_imp - target, self._position_mask(counted), b)
+                    if self.use_imp_backward:
+                        v_back, _ = self.cra_backward(v_imp)
+                        loss = loss + self.lambda1 * self._squared_error(v_back - v, self._position_mask(seen), b)
+                    self._cascade_opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 5.0)
+                    self._cascade_opt.step()
+                    total, n = total + float(loss.detach()) * b, n + b
+        finally:
+            for e, mode in zip(self.encoders.values(), modes):
+                e.train(mode)
+        return total / max(n, 1)
+
     def on_epoch_end(self, ctx) -> dict[str, Any] | None:
         self.warming_up = False  # validation and prediction are never a warm-up pass
+        if self.cascade_passes and self.use_imp_forward and ctx.train_batches is not None:
+            if ctx.world_size > 1:
+                raise ValueError("cascade_passes runs the cascades' own optimizer on one worker's data: "
+                                 "not supported with num_workers > 1")
+            rng = np.random.default_rng([ctx.seed, ctx.epoch, 7])
+            with torch.enable_grad():
+                for _ in range(self.cascade_passes):
+                    self.train_cascades_alone(ctx.train_batches(), ctx.p_drop, rng)
         if not self.use_tla:
             return None
         if self.lazy_subset is not None and ctx.epoch % self.mine_every != 0:
