@@ -21,7 +21,10 @@ weigh terms of the paper's size; ``mean`` is the per-position / per-modality nor
 ``imp_forward_on`` picks the slots of the forward loss (``known``: every slot with a known truth,
 Eq. 7; ``dropped``: only the simulated-missing ones); ``absent_fill`` is documented on
 ``FusionMethod``; ``mine_every`` mines TLA's lazy subset every k epochs (default 1, the paper's).
-Measurements behind the defaults: docs/fusion.md and ``benchmarks/omnifuse_diagnose.py``.
+``cascade_init``, ``imp_warmup``, ``imp_hide_one`` and ``cascade_passes`` (constructor options, paper
+behaviour by default) were the root-cause trials of issue 14: the cascade is starved of optimisation
+steps before early stopping; none improved AUROC (docs/fusion.md, "Why the cascade does not learn
+what a ridge finds"). Measurements behind the defaults: docs/fusion.md and ``benchmarks/omnifuse_diagnose.py``.
 """
 
 from __future__ import annotations
