@@ -28,6 +28,13 @@ random view dropout. Dropout keeps at least one view per sample and is the same 
     python benchmarks/omnifuse_diagnose.py --dataset breast_cancer --rates 0.5 --folds 2 --epochs 10
     python benchmarks/omnifuse_diagnose.py --set loss_scale=mean --set absent_fill=mean   # a variant
     python benchmarks/omnifuse_diagnose.py --profile --dataset synth2        # where an epoch's CPU time goes
+    python benchmarks/omnifuse_diagnose.py --dataset synth2 --rates 0.5 --rows e --epochs 20 --patience 5 \
+        --trace --isolated 40 --set cascade_passes=3   # NMSE per epoch, and of a cascade trained alone
+
+``--set`` keys the installed OmniFuseConfig does not have go to the constructor (``train.method_args``).
+``--trace`` prints, for rows d/e, the test-fold NMSE of the cascade and of a ridge fitted on that epoch's
+embeddings after every epoch; ``--isolated N`` trains a fresh forward cascade alone for N epochs on the
+fitted model's frozen encoders (docs/fusion.md, "Why the cascade does not learn what a ridge finds").
 
 Timings are wall-clock on whatever machine runs this; on a shared machine they are noisy.
 """
