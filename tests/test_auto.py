@@ -244,9 +244,10 @@ def test_refit_is_deterministic_and_independent_of_the_process(ray_session, user
     task, n_out = infer_task(table.y)
     cands = {c.label: c for c in candidates(cfg, task)}
     states, docs = [], []
-    for run in ("a", "b"):  # same config and seed: the same members, bit for bit, and the same test scores
+    # same config and seed: the same members, bit for bit, and the same test scores, whichever is submitted first
+    for run, cost in (("a", None), ("b", {"late": 10.0, "concat": 1.0})):
         res = _refit_ensemble(cfg, table, task, str(tmp_path / run), {"concat": 0.5, "late": 0.5}, cands,
-                              runner="tasks")
+                              runner="tasks", cost=cost)
         assert res["ok"]
         states.append(torch.load(tmp_path / run / "model.pt", weights_only=True))
         docs.append(json.loads((tmp_path / run / "metrics.json").read_text())["test"])

@@ -405,7 +405,8 @@ def run_auto(cfg: Config, refit: bool = True) -> dict:
         t0 = time.perf_counter()
         summary["refit_runner"] = refit_runner(cfg)
         if summary["chosen"] == "ensemble":
-            final = _refit_ensemble(cfg, table, task, run_dir, summary["ensemble_weights"], cands)
+            final = _refit_ensemble(cfg, table, task, run_dir, summary["ensemble_weights"], cands,
+                                    cost=summary["fit_cpu_seconds"])
         else:
             final = _refit_single(cfg, table, task, run_dir, summary["chosen"], cands)
         summary["refit_seconds"] = round(time.perf_counter() - t0, 1)
@@ -487,11 +488,14 @@ def _refit_fit(meta: dict, data, train_idx: np.ndarray, val_idx: np.ndarray, see
             "seconds": seconds, "cpu_seconds": time.process_time() - c0}
 
 
-def _refit_tasks(cfg: Config, table, task: str, dirs: dict[str, str], cands: dict) -> dict[str, dict]:
+def _refit_tasks(cfg: Config, table, task: str, dirs: dict[str, str], cands: dict,
+                 cost: dict[str, float] | None = None) -> dict[str, dict]:
     """Refit each of ``dirs``' candidates (label -> run dir) on the training split as parallel 1-CPU Ray
     tasks (:func:`_refit_fit`; the split's train part, early stopping on its val part, as `raypipe train`)
     and write each run dir's model (``model.pt``, ``model_meta.json``: the format `raypipe infer` loads),
-    ``history.json`` and ``split.parquet``. Returns per label the fit's seconds, CPU seconds and epochs."""
+    ``history.json`` and ``split.parquet``. ``cost`` (e.g. the CV's CPU seconds per candidate): the
+    costliest are submitted first, so the longest fit does not start last (the results do not depend on
+    the order). Returns per label the fit's seconds, CPU seconds and epochs."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -510,7 +514,9 @@ def _refit_tasks(cfg: Config, table, task: str, dirs: dict[str, str], cands: dic
     _, n_outputs = infer_task(table.y, cfg.train.task)
     remote = ray.remote(num_cpus=1)(_refit_fit)
     metas, futures = {}, {}
-    for label, d in dirs.items():  # all submitted at once: as many run together as the cluster has CPUs
+    order = sorted(dirs, key=lambda l: -(cost or {}).get(l, 0.0))  # stable: candidate order among equals
+    for label in order:  # all submitted at once: as many run together as the cluster has CPUs
+        d = dirs[label]
         metas[label] = model_meta(_cfg_for(cfg, cands[label], d), table, task, n_outputs)
         futures[label] = remote.remote(metas[label], data_ref, train_idx, val_idx, cfg.run.seed)
     done: dict[str, dict] = {}
@@ -546,7 +552,7 @@ def _refit_single(cfg: Config, table, task: str, run_dir: str, label: str, cands
 
 
 def _refit_ensemble(cfg: Config, table, task: str, run_dir: str, weights: dict[str, float], cands: dict,
-                    runner: str | None = None) -> dict:
+                    runner: str | None = None, cost: dict[str, float] | None = None) -> dict:
     """Refit each member on the full training split into ``members/<name>`` (all at once as Ray tasks, or
     one after another through `raypipe train`'s path: :func:`refit_runner`), save them as one model, test it."""
     from raypipe.fusion.ensemble import EnsembleMethod, ensemble_meta, save_ensemble
@@ -555,7 +561,7 @@ def _refit_ensemble(cfg: Config, table, task: str, run_dir: str, weights: dict[s
     runner = runner or refit_runner(cfg)
     dirs = {label: os.path.join(run_dir, "members", _safe(label)) for label in weights}
     if runner == "tasks":
-        fits = _refit_tasks(cfg, table, task, dirs, cands)
+        fits = _refit_tasks(cfg, table, task, dirs, cands, cost)
         fit = max(f["fit_seconds"] for f in fits.values())  # they ran side by side
     else:
         fits, fit = {}, 0.0
