@@ -646,6 +646,7 @@ def leaderboard_html(run_dir: str) -> str:
             if skipped else "")
     return (f"<h2>Automatic method choice (train.method=auto)</h2><p>{html.escape(str(summary.get('folds', '?')))}"
             f"-fold cross-validation on the training split, metric <b>{html.escape(metric)}</b> (mean ± std over "
-            f"folds, ddof=1; paired t-test against the best); chosen and refitted: "
+            f"folds, ddof=1; paired t-test against the best); chosen (rule "
+            f"{html.escape(str(summary.get('select', 'best')))}, docs/tune.md) and refitted: "
             f"<b>{html.escape(str(summary.get('chosen', '?')))}</b>.</p>{note}"
             f"<table><tr>{head}</tr>{''.join(body)}</table>")
