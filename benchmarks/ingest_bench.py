@@ -20,6 +20,7 @@ streaming keeps it flat.
     python benchmarks/ingest_bench.py                     # 90 patients x 24 slices = 2160 slices (1x), 4x
     python benchmarks/ingest_bench.py --patients 30 --scales 1 --repeats 1
     python benchmarks/ingest_bench.py --patients 20 --scales 1 --repeats 1 --payload-dtype float32
+    python benchmarks/ingest_bench.py --scales 1 --set ingest.tensor_columns=false   # payload bytes layout
 """
 
 from __future__ import annotations
@@ -144,6 +145,8 @@ def main(argv=None):
     p.add_argument("--work", help="directory for cohorts and outputs (default: a temporary one)")
     p.add_argument("--payload-dtype", choices=["uint8", "float16", "float32"], default=None,
                    help="ingest.payload_dtype (default: the config's, uint8)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any further config override, e.g. ingest.tensor_columns=false (repeatable)")
     p.add_argument("--worker-niceness", type=int, default=0,
                    help="nice value of the local Ray's workers (Ray's default is 15: on a machine shared with "
                         "other work they would get less CPU than the plain loop at nice 0)")
@@ -172,7 +175,7 @@ def main(argv=None):
                                  *([f"ingest.items_per_task={args.items_per_task}"] if args.items_per_task else []),
                                  *([f"ingest.payload_dtype={args.payload_dtype}"] if args.payload_dtype else []),
                                  f"ingest.modalities={{ct: {{kind: volume, window: [-1000, 400], size: {args.size}, "
-                                 "slices: {policy: all}}}"])
+                                 "slices: {policy: all}}}", *args.overrides])
         if not ray_started:
             init_ray(cfg)
             ray_started = True
@@ -201,7 +204,9 @@ def main(argv=None):
     print(f"\ningest benchmark: {os.cpu_count()} CPUs on the machine (load average {load_start:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end), "
           f"Ray with {args.num_cpus} (worker niceness {os.environ['RAY_worker_niceness']}); CT DICOM "
-          f"{args.image_size}px -> {args.size}px, best of {args.repeats}; records {cfg.ingest.payload_dtype}")
+          f"{args.image_size}px -> {args.size}px, best of {args.repeats}; records {cfg.ingest.payload_dtype}"
+          f"{', tensor columns' if cfg.ingest.tensor_columns else ', payload bytes (ingest.tensor_columns=false)'}"
+          f"{'; --set ' + ' '.join(args.overrides) if args.overrides else ''}")
     print(f"{'scale':>5} {'slices':>7} {'(a) pydicom/s':>14} {'(a2) decoder/s':>15} {'(b) ray/s':>10} "
           f"{'(b)/(a)':>8} {'(b)/(a2)':>9} {'peak RSS (b)':>13} {'CPU ms/slice (a)':>17} {'(b)':>6} "
           f"{'CPU (b)/(a)':>12} {'KB/slice':>9}")

@@ -452,7 +452,6 @@ def build_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: s
         datasets=datasets,
     )
     return trainer
-    return trainer.fit()
 
 
 #: train settings that do not change what a run computes (left out of the run name's fingerprint)
