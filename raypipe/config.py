@@ -303,6 +303,11 @@ class AutoConfig(_Section):
     metric: str = "auto"
     #: greedy ensemble selection steps (Caruana et al. 2004, with replacement); 0 = no ensemble
     ensemble_size: int = Field(25, ge=0)
+    #: how the model to refit is chosen from the CV scores (raypipe.tune.auto.choose_model, docs/tune.md):
+    #: ensemble_1se = the ensemble unless the best single candidate's mean beats it by more than one
+    #: standard error of the per-fold paired differences; best = the highest mean; simplest_1se = the
+    #: fewest trainable parameters among single candidates within one SE of the best (Breiman's rule)
+    select: Literal["best", "ensemble_1se", "simplest_1se"] = "ensemble_1se"
     #: > 0: before the CV, a Ray Tune search of each candidate's hyper-parameters (tune.space,
     #: tune.scheduler; random draws seeded by run.seed) on the same folds, this many trials per
     #: candidate; each candidate is then cross-validated with its best trial's values. 0 = none
