@@ -108,6 +108,8 @@ class OmniFuse(FusionMethod):
             raise ValueError(f"cascade_init must be 'default' (paper) or 'zero', got {cascade_init!r}")
         if imp_warmup < 0:
             raise ValueError(f"imp_warmup must be >= 0, got {imp_warmup}")
+        # imp_warmup epochs count towards the loop's early-stopping patience (keep it <= patience - 2);
+        # it and cascade_passes act on the forward cascade only, so they do nothing with use_imp_forward off
         self.cascade_init, self.imp_warmup, self.imp_hide_one = cascade_init, int(imp_warmup), bool(imp_hide_one)
         self.warming_up = False  # set per epoch by on_epoch_start (imp_warmup)
         if cascade_passes < 0:
@@ -259,7 +261,15 @@ class OmniFuse(FusionMethod):
                     if self.training and self.imputed_trust == "reliability":
                         self._track_reliability(v_imp, v_full, dropped, full_mask)
                 if seen2 is not None:
-                    v2 = torch.cat(self.encode(x, seen2), dim=1)
+                    # the encoders in eval mode for this second pass (with gradient): their running
+                    # input statistics are updated once per step, from the batch's own mask, not again
+                    modes = [e.training for e in self.encoders.values()]
+                    self.encoders.eval()
+                    try:
+                        v2 = torch.cat(self.encode(x, seen2), dim=1)
+                    finally:
+                        for e, mode in zip(self.encoders.values(), modes):
+                            e.train(mode)
                     v2_imp, _ = self.cra_forward(v2.detach() if self.cascade_grad == "separate" or warm else v2)
                     counted2 = full_mask if self.imp_forward_on == "known" else full_mask & ~seen2
                     terms.append(self._squared_error(v2_imp - v_full, self._position_mask(counted2), batch_n))
