@@ -2,6 +2,8 @@
 
 (a)  plain loop: for every CT file, ``pydicom.dcmread`` + ``pixel_array`` + ``apply_modality_lut``
      + the same lung window + the same Lanczos resize (what one writes without raypipe);
+(a3) loop (a) that also writes what it decoded as (b) stores it (uint8 fixed-shape tensor column,
+     zstd, byte-stream split; pyarrow only): the like-for-like reference, printed beside the goal's ratio;
 (a') the same loop calling raypipe's decoder (``raypipe.ingest.dicom.decode_slice``: native fast
      path, functional-group rescale, checks), to separate decoder speed from parallelism;
 (b)  ``run_ingest``: header pass, grouping/ordering, decode pass, Parquet write, reconciliation,
@@ -111,6 +113,35 @@ def plain_pydicom_loop(files: list[str], size: int, window=(-1000.0, 400.0)) -> 
     return len(files)
 
 
+def plain_loop_writing_records(files: list[str], size: int, out_dir: str, per_file: int = 128,
+                               window=(-1000.0, 400.0)) -> int:
+    """(a3): loop (a) that also stores what it decoded, as (b) does: uint8 slices in a fixed-shape tensor
+    column, Parquet with zstd and byte-stream-split values, ``per_file`` slices a file (pyarrow only, no
+    raypipe code but the window and resize). The like-for-like reference for (b)'s CPU per slice."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    from raypipe.ingest.common import apply_window, resize_plane
+
+    os.makedirs(out_dir, exist_ok=True)
+    typ = pa.fixed_shape_tensor(pa.uint8(), [1, size, size])
+    for start in range(0, len(files), per_file):
+        chunk = files[start:start + per_file]
+        imgs = np.empty((len(chunk), size * size), np.uint8)
+        for i, f in enumerate(chunk):
+            ds = pydicom.dcmread(f)
+            img = np.clip(resize_plane(apply_window(apply_modality_lut(ds.pixel_array, ds), window), size), 0, 1)
+            imgs[i] = np.rint(img * 255).reshape(-1)
+        col = pa.ExtensionArray.from_storage(typ, pa.FixedSizeListArray.from_arrays(pa.array(imgs.reshape(-1)), size * size))
+        table = pa.table({"path": chunk, "tensor": col})
+        pq.write_table(table, os.path.join(out_dir, f"part-{start // per_file:05d}.parquet"), compression="zstd",
+                       use_dictionary=False, use_byte_stream_split=["tensor.list.element"])
+    return len(files)
+
+
 def raypipe_decoder_loop(files: list[str], size: int) -> int:
     """(a'): the same loop with raypipe's decoder."""
     from raypipe.ingest.dicom import decode_slice
@@ -183,6 +214,8 @@ def main(argv=None):
         t_plain = min(_timed(plain_pydicom_loop, files, args.size) for _ in range(args.repeats))
         t_dec = min(_timed(raypipe_decoder_loop, files, args.size) for _ in range(args.repeats))
         cpu_plain = _cpu(plain_pydicom_loop, files, args.size)
+        plain_loop_writing_records(files[:8], args.size, os.path.join(work, "plain_warmup"))  # imports, as (b)'s warm-up
+        cpu_plain_rec = _cpu(plain_loop_writing_records, files, args.size, os.path.join(work, f"plain_records{scale}"))
         t_ray, peaks, cpu_ray, roles = [], [], [], []
         for _ in range(args.repeats):  # timed without the memory sampler (its CPU would count against (b))
             c0, t0 = tree_cpu_by_role(), time.perf_counter()
@@ -198,7 +231,7 @@ def main(argv=None):
         disk = sum(os.path.getsize(f) for f in glob.glob(os.path.join(cfg.records_dir, "records", "*.parquet")))
         rows.append((scale, len(files), len(files) / t_plain, len(files) / t_dec, len(files) / min(t_ray),
                      statistics.median(peaks), cpu_plain / len(files), min(cpu_ray) / len(files),
-                     disk / len(files)))
+                     disk / len(files), cpu_plain_rec / len(files)))
         best = roles[cpu_ray.index(min(cpu_ray))]
         role_rows.append((scale, {k: v / len(files) for k, v in best.items()}))
     print(f"\ningest benchmark: {os.cpu_count()} CPUs on the machine (load average {load_start:.1f} at the start, "
@@ -210,13 +243,15 @@ def main(argv=None):
     print(f"{'scale':>5} {'slices':>7} {'(a) pydicom/s':>14} {'(a2) decoder/s':>15} {'(b) ray/s':>10} "
           f"{'(b)/(a)':>8} {'(b)/(a2)':>9} {'peak RSS (b)':>13} {'CPU ms/slice (a)':>17} {'(b)':>6} "
           f"{'CPU (b)/(a)':>12} {'KB/slice':>9}")
-    for scale, n, a, a2, b, mb, ca, cb, kb in rows:
+    for scale, n, a, a2, b, mb, ca, cb, kb, _ in rows:
         print(f"{scale:>5} {n:>7} {a:>14.1f} {a2:>15.1f} {b:>10.1f} {b / a:>8.2f} {b / a2:>9.2f} "
               f"{mb / 2**20:>11.0f}MB {ca * 1e3:>17.2f} {cb * 1e3:>6.2f} {cb / ca:>12.2f} {kb / 1e3:>9.1f}")
     print(f"records on disk: {rows[0][8] / 1e3:.1f} KB per {args.size}x{args.size} slice ({cfg.ingest.payload_dtype}, "
           f"zstd; goal <= 60 KB at 224x224; float32 uncompressed was {4 * args.size ** 2 / 1e3:.1f} KB)")
     print(f"CPU-seconds per slice, Ray path / plain loop: {rows[0][7] / rows[0][6]:.2f} (goal <= 1.2), wall-clock "
           f"ratio (b)/(a) {rows[0][4] / rows[0][2]:.2f}")
+    print(f"like for like: (a3) = (a) + the same uint8 records written by pyarrow alone: CPU {rows[0][9] * 1e3:.2f} "
+          f"ms/slice; (b)/(a3) {rows[0][7] / rows[0][9]:.2f}")
     for scale, r in role_rows:
         print(f"(b) CPU ms/slice by process, {scale}x: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in r.items()))
     if len(rows) > 1:
