@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
+from sklearn.metrics import roc_auc_score
 
 from raypipe.config import load_config
 from raypipe.fusion.ensemble import EnsembleMethod, combine, greedy_ensemble
@@ -102,6 +104,22 @@ def test_choose_model_rules_hand_worked():
     assert choose_model(low, False, "best") == "a" and choose_model(low, False, "ensemble_1se") == "ensemble"
     with pytest.raises(ValueError, match="select rule"):
         choose_model(low, False, "nope")
+
+
+def test_refit_runner_follows_the_chosen_candidates_own_settings():
+    from raypipe.tune.auto import Candidate, candidates, refit_runner
+
+    cfg = load_config(None, ["train.auto.candidates=[concat, {method: late, num_workers: 2}, "
+                             "{method: sum, use_gpu: true}]"])
+    cands = {c.label: c for c in candidates(cfg, "binary")}
+    two, gpu = cands["late[num_workers=2]"], cands["sum[use_gpu=True]"]
+    assert cfg.train.num_workers == 1 and not cfg.train.use_gpu  # the base settings alone would say tasks
+    assert refit_runner([cands["concat"]]) == "tasks"
+    assert refit_runner([two]) == "ray_train" and refit_runner([cands["concat"], two]) == "ray_train"
+    assert refit_runner([cands["concat"], gpu]) == "ray_train"
+    # a hand-made candidate: only its own train settings count
+    assert refit_runner([Candidate("x", "concat", {"num_workers": 2, "use_gpu": False})]) == "ray_train"
+    assert refit_runner([Candidate("x", "concat", {"num_workers": 1, "use_gpu": False})]) == "tasks"
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -258,15 +276,20 @@ def test_refit_is_deterministic_and_independent_of_the_process(ray_session, user
     single = torch.load(tmp_path / "single" / "model.pt", weights_only=True)
     member = torch.load(tmp_path / "a" / "members" / "concat" / "model.pt", weights_only=True)
     assert all(torch.equal(single[k], member[k]) for k in member)
+    # its config.yaml holds the candidate's settings, not the auto config that chose it
+    written = yaml.safe_load((tmp_path / "single" / "config.yaml").read_text())
+    assert written["train"]["method"] == "concat" and written["train"]["lr"] == cands["concat"].train_cfg["lr"]
     # and the Ray task's fit equals the same function run here, in the test's own process
     split = assign_splits(table, cfg)
     rows = split != "test"
     threads = torch.get_num_threads()
-    meta = model_meta(_cfg_for(cfg, cands["concat"], str(tmp_path / "x")), table, task, n_out)
-    here = _refit_fit(meta, ({m: v[rows] for m, v in table.x.items()}, table.mask[rows], table.y[rows]),
-                      np.flatnonzero(split[rows] == "train"), np.flatnonzero(split[rows] == "val"), cfg.run.seed)
+    try:
+        meta = model_meta(_cfg_for(cfg, cands["concat"], str(tmp_path / "x")), table, task, n_out)
+        here = _refit_fit(meta, ({m: v[rows] for m, v in table.x.items()}, table.mask[rows], table.y[rows]),
+                          np.flatnonzero(split[rows] == "train"), np.flatnonzero(split[rows] == "val"), cfg.run.seed)
+    finally:
+        torch.set_num_threads(threads)
     assert all(torch.equal(here["state"][k], member[k]) for k in member)
-    torch.set_num_threads(threads)
 
 
 @ray
@@ -284,7 +307,12 @@ def test_infer_and_report_with_an_ensemble_model(ray_session, user_table, tmp_pa
     run_dir = str(tmp_path / "train" / "auto")
     cands = {c.label: c for c in candidates(cfg, task)}
     res = _refit_ensemble(cfg, table, task, run_dir, {"concat": 0.25, "late": 0.75}, cands, runner=runner)
-    assert res["ok"] and 0 <= res["test_auroc"] <= 1
+    assert res["ok"]
+    # the reported test AUROC is that of the saved test predictions (macro one-vs-rest, computed here by sklearn)
+    saved = pd.read_parquet(os.path.join(run_dir, "predictions_test.parquet"))
+    assert res["test_auroc"] == pytest.approx(
+        roc_auc_score(saved["label"], np.stack(saved["probabilities"].to_numpy()), multi_class="ovr",
+                      average="macro"), abs=1e-6)
     meta = json.loads(open(os.path.join(run_dir, "model_meta.json")).read())
     assert meta["method"] == "ensemble" and [m["name"] for m in meta["members"]] == ["concat", "late"]
     out = run_infer(cfg.model_copy(update={"infer": cfg.infer.model_copy(update={

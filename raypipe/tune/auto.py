@@ -22,11 +22,15 @@
 4. ``<run dir>/leaderboard.csv`` (metric mean ± std over folds, fit seconds, paired t-test
    against the best, searched params), ``auto_summary.json``, ``folds.parquet`` and, with a
    search, ``search.csv``.
-5. The winner is refitted on the full training split (its train part; early stopping on its val
-   part, as `raypipe train`) into the run directory (default ``<out_dir>/train/auto``): with
-   1-worker CPU training as 1-CPU Ray tasks running the CV fits' own loop, an ensemble's members
-   all at once (:func:`refit_runner`); with ``train.num_workers`` > 1 or a GPU through `raypipe
-   train`'s path (Ray Train V2), one after another. An ensemble's members go each into
+5. The winner is refitted on the full training split (its train part, split by the candidate's own
+   ``val_fraction``; early stopping on its val part) into the run directory (default
+   ``<out_dir>/train/auto``), the runner chosen from the chosen candidates' own train settings
+   (:func:`refit_runner`): where every one trains on 1 CPU worker, as 1-CPU Ray tasks repeating
+   the CV fits' own loop (:func:`raypipe.train.loop.fit`: constant learning rate, no cosine
+   schedule, what the CV scores measured; an ensemble's members all at once); where any needs
+   ``num_workers`` > 1 or a GPU, through `raypipe train`'s path (Ray Train V2, with its cosine
+   learning-rate schedule), one after another. The two runners therefore give different models
+   from the same candidate. An ensemble's members go each into
    ``members/<name>`` and are saved together as one model (``model.pt`` + ``model_meta.json``)
    that `raypipe infer` and `raypipe report` use.
 
@@ -403,12 +407,13 @@ def run_auto(cfg: Config, refit: bool = True) -> dict:
     result["run_dir"] = os.path.abspath(run_dir)
     if refit:
         t0 = time.perf_counter()
-        summary["refit_runner"] = refit_runner(cfg)
+        chosen = list(summary["ensemble_weights"]) if summary["chosen"] == "ensemble" else [summary["chosen"]]
+        summary["refit_runner"] = runner = refit_runner([cands[label] for label in chosen])
         if summary["chosen"] == "ensemble":
-            final = _refit_ensemble(cfg, table, task, run_dir, summary["ensemble_weights"], cands,
+            final = _refit_ensemble(cfg, table, task, run_dir, summary["ensemble_weights"], cands, runner=runner,
                                     cost=summary["fit_cpu_seconds"])
         else:
-            final = _refit_single(cfg, table, task, run_dir, summary["chosen"], cands)
+            final = _refit_single(cfg, table, task, run_dir, summary["chosen"], cands, runner=runner)
         summary["refit_seconds"] = round(time.perf_counter() - t0, 1)
         main = [k for k in final if k.startswith("test_")]
         result.update({k: final[k] for k in main})
@@ -444,16 +449,37 @@ def _annotate_metrics(run_dir: str, summary: dict) -> None:
         doc = json.load(fh)
     doc["auto"] = {k: summary[k] for k in ("metric", "best", "chosen", "select", "ensemble_weights", "skipped",
                                            "folds")}
-    with open(path + ".tmp", "w") as fh:
-        json.dump(doc, fh, indent=2, default=float)
-    os.replace(path + ".tmp", path)
+    _write_text(path, json.dumps(doc, indent=2, default=float))
 
 
-def refit_runner(cfg: Config) -> str:
-    """How the winner is refitted: ``"tasks"`` (1-CPU Ray tasks running the CV's own fit, every member of
-    an ensemble at once) for 1-worker CPU training, else ``"ray_train"`` (`raypipe train`'s TorchTrainer,
-    which DDP over ``train.num_workers`` workers or a GPU needs; members one after another)."""
-    return "tasks" if cfg.train.num_workers == 1 and not cfg.train.use_gpu else "ray_train"
+def refit_runner(members) -> str:
+    """How the chosen candidates (:class:`Candidate`, a single one or an ensemble's members) are refitted,
+    from their own train settings: ``"tasks"`` (1-CPU Ray tasks repeating the CV fits' own loop,
+    :func:`raypipe.train.loop.fit`, constant learning rate; every member at once) when each trains on 1
+    CPU worker, else ``"ray_train"`` (`raypipe train`'s TorchTrainer with its cosine learning-rate
+    schedule, which DDP over ``num_workers`` workers or a GPU needs; members one after another). The two
+    give different models from the same candidate."""
+    needs = [(int(m.train_cfg.get("num_workers", 1)), bool(m.train_cfg.get("use_gpu", False))) for m in members]
+    return "ray_train" if any(n > 1 or gpu for n, gpu in needs) else "tasks"
+
+
+def _write_replacing(path: str, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then renamed over it (atomic on one file system)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+    _write_replacing(path, write)
 
 
 def _safe(label: str) -> str:
@@ -462,7 +488,8 @@ def _safe(label: str) -> str:
 
 def _refit_fit(meta: dict, data, train_idx: np.ndarray, val_idx: np.ndarray, seed: int) -> dict:
     """One refit as a Ray task: the model of ``meta`` (built as `raypipe infer` rebuilds it) trained by
-    :func:`raypipe.train.loop.fit` (the CV fits' loop) on ``train_idx``, early-stopped on ``val_idx``,
+    :func:`raypipe.train.loop.fit` (the CV fits' loop: constant learning rate, no cosine schedule; for
+    regression var_y from the train part's labels) on ``train_idx``, early-stopped on ``val_idx``,
     1 torch thread; returns the best epoch's state dict, the history, wall and CPU seconds."""
     import torch
 
@@ -470,7 +497,7 @@ def _refit_fit(meta: dict, data, train_idx: np.ndarray, val_idx: np.ndarray, see
     from raypipe.train.trainer import build_from_meta
 
     c0 = time.process_time()
-    torch.set_num_threads(1)  # what the task was given; also what makes a refit the same on any machine
+    torch.set_num_threads(1)  # what the task was given; also what makes a refit repeatable (same machine, torch build)
     x, mask, y = data
     tc = meta["train_config"]
     torch.manual_seed(seed)
@@ -491,11 +518,12 @@ def _refit_fit(meta: dict, data, train_idx: np.ndarray, val_idx: np.ndarray, see
 def _refit_tasks(cfg: Config, table, task: str, dirs: dict[str, str], cands: dict,
                  cost: dict[str, float] | None = None) -> dict[str, dict]:
     """Refit each of ``dirs``' candidates (label -> run dir) on the training split as parallel 1-CPU Ray
-    tasks (:func:`_refit_fit`; the split's train part, early stopping on its val part, as `raypipe train`)
-    and write each run dir's model (``model.pt``, ``model_meta.json``: the format `raypipe infer` loads),
-    ``history.json`` and ``split.parquet``. ``cost`` (e.g. the CV's CPU seconds per candidate): the
-    costliest are submitted first, so the longest fit does not start last (the results do not depend on
-    the order). Returns per label the fit's seconds, CPU seconds and epochs."""
+    tasks (:func:`_refit_fit`, the CV fits' loop; the train part of the candidate's own split, early
+    stopping on its val part) and write each run dir's model (``model.pt``, ``model_meta.json``: the
+    format `raypipe infer` loads), ``history.json`` and ``split.parquet``. ``cost`` (e.g. the CV's CPU
+    seconds per candidate): the costliest are submitted first, so the longest fit does not start last
+    (the results do not depend on the order). If one fit fails, the others are cancelled before the error
+    is raised. Returns per label the fit's seconds, CPU seconds and epochs."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -506,10 +534,9 @@ def _refit_tasks(cfg: Config, table, task: str, dirs: dict[str, str], cands: dic
     from raypipe.train.trainer import META_FILE, MODEL_FILE, assign_splits, model_meta
 
     init_ray(cfg)
-    split = assign_splits(table, cfg)
-    rows = split != "test"
-    part = split[rows]
-    train_idx, val_idx = np.flatnonzero(part == "train"), np.flatnonzero(part == "val")
+    # each candidate's own split (its val_fraction); the test rows depend on ingest and the seed only
+    splits = {label: assign_splits(table, _cfg_for(cfg, cands[label], d)) for label, d in dirs.items()}
+    rows = splits[next(iter(dirs))] != "test"
     data_ref = ray.put(({m: v[rows] for m, v in table.x.items()}, table.mask[rows], table.y[rows]))
     _, n_outputs = infer_task(table.y, cfg.train.task)
     remote = ray.remote(num_cpus=1)(_refit_fit)
@@ -517,37 +544,45 @@ def _refit_tasks(cfg: Config, table, task: str, dirs: dict[str, str], cands: dic
     order = sorted(dirs, key=lambda l: -(cost or {}).get(l, 0.0))  # stable: candidate order among equals
     for label in order:  # all submitted at once: as many run together as the cluster has CPUs
         d = dirs[label]
+        part = splits[label][rows]
         metas[label] = model_meta(_cfg_for(cfg, cands[label], d), table, task, n_outputs)
-        futures[label] = remote.remote(metas[label], data_ref, train_idx, val_idx, cfg.run.seed)
+        futures[label] = remote.remote(metas[label], data_ref, np.flatnonzero(part == "train"),
+                                       np.flatnonzero(part == "val"), cfg.run.seed)
     done: dict[str, dict] = {}
-    for label, d in dirs.items():
-        r = ray.get(futures[label])
-        os.makedirs(d, exist_ok=True)
-        torch.save(r["state"], os.path.join(d, MODEL_FILE) + ".tmp")
-        os.replace(os.path.join(d, MODEL_FILE) + ".tmp", os.path.join(d, MODEL_FILE))
-        for name, doc in ((META_FILE, {**metas[label], "epoch": r["epoch"], "val": r["val"]}),
-                          ("history.json", r["history"])):
-            with open(os.path.join(d, name) + ".tmp", "w") as fh:
-                json.dump(doc, fh, indent=2, default=float)
-            os.replace(os.path.join(d, name) + ".tmp", os.path.join(d, name))
-        pq.write_table(pa.table({"sample_id": table.sample_id, "split": split}), os.path.join(d, "split.parquet"))
-        done[label] = {"fit_seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"], "epochs": len(r["history"])}
+    try:
+        for label, d in dirs.items():
+            r = ray.get(futures[label])
+            os.makedirs(d, exist_ok=True)
+            _write_replacing(os.path.join(d, MODEL_FILE), lambda tmp: torch.save(r["state"], tmp))
+            for name, doc in ((META_FILE, {**metas[label], "epoch": r["epoch"], "val": r["val"]}),
+                              ("history.json", r["history"])):
+                _write_text(os.path.join(d, name), json.dumps(doc, indent=2, default=float))
+            split_table = pa.table({"sample_id": table.sample_id, "split": splits[label]})
+            _write_replacing(os.path.join(d, "split.parquet"), lambda tmp: pq.write_table(split_table, tmp))
+            done[label] = {"fit_seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"],
+                           "epochs": len(r["history"])}
+    except BaseException:  # one refit failed (or we were interrupted): the others are not left running
+        for f in futures.values():
+            ray.cancel(f)
+        raise
     return done
 
 
 def _refit_single(cfg: Config, table, task: str, run_dir: str, label: str, cands: dict,
                   runner: str | None = None) -> dict:
-    """Refit the chosen single candidate into ``run_dir`` (:func:`refit_runner`'s way), evaluate it on the test split."""
-    runner = runner or refit_runner(cfg)
+    """Refit the chosen single candidate into ``run_dir`` (:func:`refit_runner`'s way), evaluate it on the test
+    split; ``config.yaml`` holds the candidate's own settings (searched values included)."""
+    runner = runner or refit_runner([cands[label]])
+    own = _cfg_for(cfg, cands[label], run_dir)
     if runner == "ray_train":
         from raypipe.train.trainer import run_train
 
-        return run_train(_cfg_for(cfg, cands[label], run_dir))
+        return run_train(own)
     from raypipe.train.trainer import load_trained
 
     fit = _refit_tasks(cfg, table, task, {label: run_dir}, cands)[label]
     method, _ = load_trained(run_dir)
-    return _evaluate_and_write(cfg, table, task, run_dir, method, cands[label].method,
+    return _evaluate_and_write(own, table, task, run_dir, method, cands[label].method,
                                fit["fit_seconds"], {"refit": {label: fit}})
 
 
@@ -558,7 +593,7 @@ def _refit_ensemble(cfg: Config, table, task: str, run_dir: str, weights: dict[s
     from raypipe.fusion.ensemble import EnsembleMethod, ensemble_meta, save_ensemble
     from raypipe.train.trainer import load_trained, run_train
 
-    runner = runner or refit_runner(cfg)
+    runner = runner or refit_runner([cands[label] for label in weights])
     dirs = {label: os.path.join(run_dir, "members", _safe(label)) for label in weights}
     if runner == "tasks":
         fits = _refit_tasks(cfg, table, task, dirs, cands, cost)
@@ -579,7 +614,8 @@ def _refit_ensemble(cfg: Config, table, task: str, run_dir: str, weights: dict[s
     save_ensemble(run_dir, ens, ensemble_meta(metas, ws, names))
     for f in ("split.parquet", "history.json"):
         if os.path.isfile(os.path.join(dirs[names[ens.top]], f)):
-            shutil.copy(os.path.join(dirs[names[ens.top]], f), os.path.join(run_dir, f))
+            _write_replacing(os.path.join(run_dir, f),
+                             lambda tmp: shutil.copyfile(os.path.join(dirs[names[ens.top]], f), tmp))
     return _evaluate_and_write(cfg, table, task, run_dir, ens, "ensemble", fit,
                                {"members": {n: float(w) for n, w in zip(names, ens.weights.tolist())},
                                 "refit": fits})
@@ -605,14 +641,13 @@ def _evaluate_and_write(cfg: Config, table, task: str, run_dir: str, model, meth
     doc = {"method": method_name, "task": task, "modalities": table.modalities, "main_metric": main,
            "n": {s: int((split == s).sum()) for s in ("train", "val", "test")}, "fit_seconds": fit_seconds,
            **extra, "test": test_metrics}
-    with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
-        json.dump(doc, fh, indent=2, default=float)
-    _write_test_predictions(os.path.join(run_dir, "predictions_test.parquet"), test, natural)
+    _write_text(os.path.join(run_dir, "metrics.json"), json.dumps(doc, indent=2, default=float))
+    _write_replacing(os.path.join(run_dir, "predictions_test.parquet"),
+                     lambda tmp: _write_test_predictions(tmp, test, natural))
     proj = imputation_projection(getattr(model, "top_member", model), test)
     if proj is not None:
-        proj.to_parquet(os.path.join(run_dir, "projection.parquet"), index=False)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
-        fh.write(dump_config(cfg))
+        _write_replacing(os.path.join(run_dir, "projection.parquet"), lambda tmp: proj.to_parquet(tmp, index=False))
+    _write_text(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
     return {"ok": True, f"test_{main}": test_metrics["natural"].get(main), "fit_seconds": round(fit_seconds, 1)}
 
 
