@@ -293,6 +293,33 @@ def test_refit_is_deterministic_and_independent_of_the_process(ray_session, user
 
 
 @ray
+def test_a_failed_refit_task_cancels_the_others(ray_session, user_table, tmp_path):
+    import time
+
+    import ray as ray_mod
+
+    from raypipe.train.tables import infer_task, read_embeddings
+    from raypipe.tune.auto import Candidate, _refit_tasks, candidates
+
+    cfg = _auto_cfg(tmp_path, user_table, "train.auto.candidates=[{method: late, epochs: 1000000, patience: 1000000}]")
+    table = read_embeddings(user_table)
+    task, _ = infer_task(table.y)
+    (endless,) = candidates(cfg, task)
+    bad = Candidate("bad", "nope", {**endless.train_cfg, "method": "nope"})  # fails when the task builds it
+    dirs = {endless.label: str(tmp_path / "endless"), "bad": str(tmp_path / "bad")}  # the endless one collected first
+    with pytest.raises(Exception, match="unknown fusion method"):
+        _refit_tasks(cfg, table, task, dirs, {endless.label: endless, "bad": bad})
+    # the endless fit (1 CPU) was cancelled: the cluster's CPUs all come back (it would never end by itself)
+    total = ray_mod.cluster_resources()["CPU"]
+    for _ in range(120):
+        if ray_mod.available_resources().get("CPU", 0) == total:
+            break
+        time.sleep(0.5)
+    assert ray_mod.available_resources().get("CPU", 0) == total
+    assert not os.path.exists(tmp_path / "endless" / "model.pt")
+
+
+@ray
 @pytest.mark.parametrize("runner", ["tasks", "ray_train"])
 def test_infer_and_report_with_an_ensemble_model(ray_session, user_table, tmp_path, runner):
     from raypipe.infer.pipeline import run_infer

@@ -549,9 +549,14 @@ def _refit_tasks(cfg: Config, table, task: str, dirs: dict[str, str], cands: dic
         futures[label] = remote.remote(metas[label], data_ref, np.flatnonzero(part == "train"),
                                        np.flatnonzero(part == "val"), cfg.run.seed)
     done: dict[str, dict] = {}
+    label_of = {ref: label for label, ref in futures.items()}
+    pending = list(futures.values())
     try:
-        for label, d in dirs.items():
-            r = ray.get(futures[label])
+        while pending:  # in the order they finish, so a failure is seen while the others still run
+            ready, pending = ray.wait(pending, num_returns=1)
+            label = label_of[ready[0]]
+            d = dirs[label]
+            r = ray.get(ready[0])
             os.makedirs(d, exist_ok=True)
             _write_replacing(os.path.join(d, MODEL_FILE), lambda tmp: torch.save(r["state"], tmp))
             for name, doc in ((META_FILE, {**metas[label], "epoch": r["epoch"], "val": r["val"]}),
@@ -562,10 +567,10 @@ def _refit_tasks(cfg: Config, table, task: str, dirs: dict[str, str], cands: dic
             done[label] = {"fit_seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"],
                            "epochs": len(r["history"])}
     except BaseException:  # one refit failed (or we were interrupted): the others are not left running
-        for f in futures.values():
+        for f in pending:
             ray.cancel(f)
         raise
-    return done
+    return {label: done[label] for label in dirs}
 
 
 def _refit_single(cfg: Config, table, task: str, run_dir: str, label: str, cands: dict,
