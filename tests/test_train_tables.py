@@ -82,3 +82,18 @@ def test_train_run_name_changes_with_the_config_not_with_a_rerun():
     assert a.startswith(f"{cfg.run.name}-omnifuse-")
     assert a != train_run_name(cfg, {**meta, "train_config": {"hidden_dim": 32}}, ids)  # new config: new run
     assert a != train_run_name(cfg, meta, {"train": {"a"}, "val": {"b", "c"}})  # new split: new run
+
+
+def test_regression_label_variance_comes_from_the_fit_rows_only(tmp_path):
+    """model_meta's var_y (regression confidence scale) must not see test labels: hand-worked,
+    labels (1, 3) on the fit rows have population variance 1; with the far test labels it is ~4,000."""
+    from raypipe.config import load_config
+    from raypipe.train.trainer import model_meta
+
+    _write(tmp_path, n=4)
+    t = read_embeddings(str(tmp_path))
+    t.y[:] = np.array([[1.0], [3.0], [100.0], [200.0]]).reshape(t.y.shape)
+    fit = np.array([True, True, False, False])
+    cfg = load_config(None)
+    assert model_meta(cfg, t, "regression", 1, fit_rows=fit)["var_y"] == pytest.approx(1.0)
+    assert model_meta(cfg, t, "regression", 1)["var_y"] > 1000  # without fit_rows: every row

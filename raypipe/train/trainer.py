@@ -64,7 +64,11 @@ def arrays_to_torch(arrays: dict[str, np.ndarray], modalities: list[str], task: 
     return {"x": x, "mask": torch.as_tensor(arrays["mask"], dtype=torch.bool, device=device), "y": y_t}
 
 
-def model_meta(cfg: Config, table: EmbeddingTable, task: str, n_outputs: int) -> dict:
+def model_meta(cfg: Config, table: EmbeddingTable, task: str, n_outputs: int,
+               fit_rows: np.ndarray | None = None) -> dict:
+    """What ``model_meta.json`` holds. ``fit_rows`` (boolean, per table row) are the rows the model may
+    learn from: the regression label variance (``var_y``) comes from them only, never from test labels."""
+    y_fit = table.y if fit_rows is None else table.y[np.asarray(fit_rows, dtype=bool)]
     return {
         "method": cfg.train.method,
         "modalities": table.modalities,
@@ -77,7 +81,7 @@ def model_meta(cfg: Config, table: EmbeddingTable, task: str, n_outputs: int) ->
         "ehr_normalisation": table.normalisation.get("ehr"),
         "train_config": cfg.train.model_dump(mode="json"),
         "seed": cfg.run.seed,
-        "var_y": float(np.nanvar(table.y)) if task == "regression" else 1.0,
+        "var_y": (float(np.nanvar(y_fit)) or 1.0) if task == "regression" and len(y_fit) else 1.0,
     }
 
 
@@ -487,7 +491,7 @@ def run_train(cfg: Config) -> dict:
     split = assign_splits(table, cfg)
     run_dir = cfg.train_dir()
     os.makedirs(run_dir, exist_ok=True)
-    meta = model_meta(cfg, table, task, n_outputs)
+    meta = model_meta(cfg, table, task, n_outputs, fit_rows=split == "train")
     pa_split = pa.table({"sample_id": table.sample_id, "split": split})
     import pyarrow.parquet as pq
 

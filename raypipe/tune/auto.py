@@ -545,7 +545,8 @@ def _refit_tasks(cfg: Config, table, task: str, dirs: dict[str, str], cands: dic
     for label in order:  # all submitted at once: as many run together as the cluster has CPUs
         d = dirs[label]
         part = splits[label][rows]
-        metas[label] = model_meta(_cfg_for(cfg, cands[label], d), table, task, n_outputs)
+        metas[label] = model_meta(_cfg_for(cfg, cands[label], d), table, task, n_outputs,
+                                  fit_rows=splits[label] == "train")
         futures[label] = remote.remote(metas[label], data_ref, np.flatnonzero(part == "train"),
                                        np.flatnonzero(part == "val"), cfg.run.seed)
     done: dict[str, dict] = {}

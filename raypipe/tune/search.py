@@ -266,7 +266,7 @@ def run_tune(cfg: Config, train_final: bool = True) -> dict:
     out_dir = cfg.tune.out or cfg.path("tune")
     os.makedirs(out_dir, exist_ok=True)
     write_folds(os.path.join(out_dir, "folds.parquet"), ids, folds)
-    meta = model_meta(cfg, table, task, n_outputs)
+    meta = model_meta(cfg, table, task, n_outputs, fit_rows=portion)  # var_y never from the test split
     main = M.main_metric_name(task)
     meta["main_metric"] = main
     meta["select_metric"] = metric
