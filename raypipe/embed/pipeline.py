@@ -529,7 +529,13 @@ def _family_dataset(cfg: Config, family: str, records_path: str, mods: list[str]
     columns = ([*KEY_COLUMNS, "payload", "dtype", "shape", *_tensor_columns(records_path, mods)]
                if family == "image" else [*KEY_COLUMNS, "text"])
     ds = ray.data.read_parquet(records_path).select_columns(columns).filter(expr=pred)
-    pool = dict(compute=ray.data.ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
+    # Start-up: the pool starts with one actor and grows to its size as batches queue up. On a host
+    # with few cores, two actors importing torch + transformers at once share the cores with the
+    # reads, so the first result came later than when one actor loads alone and the second follows.
+    size = int(plan["size"])
+    strategy = (ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=1) if size > 1
+                else ray.data.ActorPoolStrategy(size=size))
+    pool = dict(compute=strategy, num_cpus=plan["num_cpus"],
                 num_gpus=plan["num_gpus"], batch_size=plan["batch_size"])
     common = {"seed": cfg.run.seed, "precision": cfg.embed.precision, "threads": plan["threads"]}
     # One block per model batch (streaming, no shuffle): a few large files would otherwise reach the
