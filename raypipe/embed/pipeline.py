@@ -529,12 +529,14 @@ def _family_dataset(cfg: Config, family: str, records_path: str, mods: list[str]
     columns = ([*KEY_COLUMNS, "payload", "dtype", "shape", *_tensor_columns(records_path, mods)]
                if family == "image" else [*KEY_COLUMNS, "text"])
     ds = ray.data.read_parquet(records_path).select_columns(columns).filter(expr=pred)
-    # Start-up: the pool starts with one actor and grows to its size as batches queue up. On a host
-    # with few cores, two actors importing torch + transformers at once share the cores with the
-    # reads, so the first result came later than when one actor loads alone and the second follows.
+    # Start-up: a CPU pool (one actor per CPU) starts one actor short and Ray Data adds the last one
+    # as batches queue up. With every actor importing torch + transformers at once, the listing and
+    # read tasks had no core of their own and the first result came later (2 cores, i.e. one actor
+    # first and the second after it: 10.6-11.6 -> 8.7-10.0 s). GPU pools start whole: their host has
+    # CPUs to spare, and a GPU without its actor idles.
     size = int(plan["size"])
-    strategy = (ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=1) if size > 1
-                else ray.data.ActorPoolStrategy(size=size))
+    strategy = (ray.data.ActorPoolStrategy(min_size=size - 1, max_size=size, initial_size=size - 1)
+                if size > 1 and not plan["num_gpus"] else ray.data.ActorPoolStrategy(size=size))
     pool = dict(compute=strategy, num_cpus=plan["num_cpus"],
                 num_gpus=plan["num_gpus"], batch_size=plan["batch_size"])
     common = {"seed": cfg.run.seed, "precision": cfg.embed.precision, "threads": plan["threads"]}
