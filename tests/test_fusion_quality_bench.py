@@ -164,11 +164,12 @@ def test_auto_choice_is_the_inner_cv_best_and_a_tie_goes_to_the_single_method(be
     inner = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     perfect = np.stack([1 - y, y], 1) * 0.8 + 0.1
     inverted = perfect[:, ::-1].copy()
-    chosen, means, weights = auto.choose("binary", y, inner, {"a": inverted, "b": perfect})
+    chosen, means, weights, per_fold = auto.choose("binary", y, inner, {"a": inverted, "b": perfect})
     # b ranks every positive above every negative in both inner folds (AUROC 1), a in none (0); the ensemble
     # picks b at each step (adding a lowers the score), so it scores 1 too and the tie goes to b itself
     assert means == {"a": 0.0, "b": 1.0, "ensemble": 1.0}
     assert chosen == "b" and weights == {"a": 0.0, "b": 1.0}
+    assert per_fold == {"a": [0.0, 0.0], "b": [1.0, 1.0], "ensemble": [1.0, 1.0]}
 
 
 def _auto_module():
