@@ -24,6 +24,8 @@ Hooks (no-ops by default; a method overrides what it needs):
 
 from __future__ import annotations
 
+import contextlib
+
 import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -169,17 +171,24 @@ class FusionMethod(nn.Module):
                 hs.append(enc(xi * keep, present))
         return hs
 
+    @contextlib.contextmanager
+    def encoders_in_eval(self):
+        """The encoders in eval mode inside the block (no dropout noise, no update of their running
+        input statistics), each back in its own mode after it."""
+        modes = [e.training for e in self.encoders.values()]
+        self.encoders.eval()
+        try:
+            yield
+        finally:
+            for e, mode in zip(self.encoders.values(), modes):
+                e.train(mode)
+
     @torch.no_grad()
     def encode_reference(self, x: dict[str, torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
         """h_m as a fixed target: encoders in eval mode (no dropout noise in the target, no update
         of the running input statistics from a second pass over the same batch), detached."""
-        modes = [e.training for e in self.encoders.values()]
-        self.encoders.eval()
-        try:
+        with self.encoders_in_eval():
             return self.encode(x, mask)
-        finally:
-            for e, mode in zip(self.encoders.values(), modes):
-                e.train(mode)
 
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return per_sample_loss(logits, y, self.task).mean()

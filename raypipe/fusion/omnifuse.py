@@ -263,13 +263,8 @@ class OmniFuse(FusionMethod):
                 if seen2 is not None:
                     # the encoders in eval mode for this second pass (with gradient): their running
                     # input statistics are updated once per step, from the batch's own mask, not again
-                    modes = [e.training for e in self.encoders.values()]
-                    self.encoders.eval()
-                    try:
+                    with self.encoders_in_eval():
                         v2 = torch.cat(self.encode(x, seen2), dim=1)
-                    finally:
-                        for e, mode in zip(self.encoders.values(), modes):
-                            e.train(mode)
                     v2_imp, _ = self.cra_forward(v2.detach() if self.cascade_grad == "separate" or warm else v2)
                     counted2 = full_mask if self.imp_forward_on == "known" else full_mask & ~seen2
                     terms.append(self._squared_error(v2_imp - v_full, self._position_mask(counted2), batch_n))
@@ -374,10 +369,8 @@ class OmniFuse(FusionMethod):
             params += list(self.cra_backward.parameters())
         if self._cascade_opt is None:
             self._cascade_opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-        modes = [e.training for e in self.encoders.values()]
-        self.encoders.eval()
         total, n = 0.0, 0
-        try:
+        with self.encoders_in_eval():
             for batch in batches:
                 x_all, full_all = batch["x"], batch["mask"]
                 for start in range(0, int(full_all.shape[0]), batch_size):
@@ -400,9 +393,6 @@ class OmniFuse(FusionMethod):
                     torch.nn.utils.clip_grad_norm_(params, 5.0)
                     self._cascade_opt.step()
                     total, n = total + float(loss.detach()) * b, n + b
-        finally:
-            for e, mode in zip(self.encoders.values(), modes):
-                e.train(mode)
         return total / max(n, 1)
 
     def on_epoch_end(self, ctx) -> dict[str, Any] | None:
