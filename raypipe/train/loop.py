@@ -80,6 +80,22 @@ class _Precision:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
 
 
+def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)``, the same numbers: the total
+    norm, then the gradients times min(1, max_norm / (norm + 1e-6)). On CPU the multiplication is skipped
+    when that factor is 1 (an exact no-op; most steps: OmniFuse's 1.5 M gradients cost ~0.6 ms a step to
+    multiply); on an accelerator it always runs, as torch does, so that no step waits for the device."""
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.nn.utils.get_total_norm(grads, 2.0, False, foreach=True)
+    if total.device.type == "cpu" and bool(max_norm / (total + 1e-6) >= 1.0):
+        return total
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
+
+
 def train_epoch(model, batches: Iterable[dict], optimizer, ctx: HookContext, epoch: int | None = None,
                 grad_clip: float = 5.0, precision: str = "auto") -> dict[str, Any]:
     """One epoch: missing-pattern simulation, forward (through DDP if wrapped), backward, hooks, step.
@@ -112,8 +128,7 @@ def train_epoch(model, batches: Iterable[dict], optimizer, ctx: HookContext, epo
             out["loss"].backward()
         method.on_after_backward(ctx)
         if grad_clip:
-            # foreach: one fused kernel per dtype/device instead of a Python loop over the parameters
-            torch.nn.utils.clip_grad_norm_(method.parameters(), grad_clip, foreach=True)
+            clip_gradients(method.parameters(), grad_clip)
         if amp.scaler is not None:
             amp.scaler.step(optimizer)
             amp.scaler.update()
