@@ -16,6 +16,10 @@ For each outer fold f of fusion_quality.py (same folds, masks, seeds and trainin
    its table row: same call, same seed) and predicts the outer test fold; ``auto``'s score on fold f is
    the chosen candidate's (or the ensemble's), ``auto ensemble``'s is the ensemble's with weights fitted
    on all the inner out-of-fold predictions, whichever auto chose.
+   With ``--refit bag`` (``train.auto.refit: bag``) nothing is refitted: a candidate's outer test
+   prediction is the mean of its inner fold models' (the inner fits of step 1, made again with the same
+   seeds so that they also predict the outer test fold; cached as ``*_bag.npz``), and the ensemble's is
+   the weighted average of those bags.
 
 Nothing of the outer test fold is used for a choice. The candidate list is small on purpose (each
 candidate costs inner-folds + 1 fits per outer fold); the default is the four methods issue 18 names as
@@ -85,14 +89,56 @@ def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in label).strip("_")
 
 
+def _cache_key(args, inner_k: int) -> str:
+    return json.dumps({k: v for k, v in sorted(vars(args).items()) if k in (
+        "dataset", "n", "folds", "epochs", "patience", "hidden", "depth", "lr", "batch_size", "p_drop", "seed")},
+        sort_keys=True) + f"|inner={inner_k}"
+
+
+def bag_fold(bench, data, mask, folds, f, label, name, omni, args, inner_k: int, cache: str | None,
+             got: dict) -> dict:
+    """``train.auto.refit: bag`` for one candidate on outer fold f: the inner fold models' probabilities on the
+    outer test fold, ``bag_test`` (inner_k, n_test, K); their mean is the bagged prediction (no refit).
+
+    The inner fits are fusion_quality.py's ``run_one`` with the very arguments and seeds of
+    :func:`candidate_fold`'s inner fits, predicting the held-out inner fold and the outer test fold in one
+    call (eval mode, row by row independent), so they are the same models: ``oof_max_diff`` is the largest
+    difference of their inner out-of-fold probabilities from ``got["oof"]`` (the cached ones; 0 on the same
+    machine and torch build). Cached as ``<...>_f<f>_bag.npz``."""
+    tr, te = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
+    key = _cache_key(args, inner_k)
+    path = None
+    if cache:
+        path = os.path.join(cache, f"{data.name}_{args.dropout}_{_slug(label)}_f{f}_bag.npz")
+        if os.path.exists(path):
+            z = np.load(path, allow_pickle=False)
+            if str(z["key"]) == key:
+                return {"bag_test": z["bag_test"], "oof_max_diff": float(z["oof_max_diff"]),
+                        "seconds": float(z["seconds"])}
+    t0 = time.perf_counter()
+    inner = got["inner"]
+    bag, diff = [], 0.0
+    for g in range(inner_k):
+        itr, ite = tr[inner != g], tr[inner == g]
+        r = bench.run_one(name, omni, data, mask, itr, np.concatenate([ite, te]), args,
+                          args.seed + 1000 + 10 * f + g, return_probabilities=True)
+        prob = np.asarray(r["probabilities"], float)
+        diff = max(diff, float(np.abs(prob[:len(ite)] - got["oof"][inner == g]).max()))
+        bag.append(prob[len(ite):])
+    out = {"bag_test": np.stack(bag), "oof_max_diff": diff, "seconds": time.perf_counter() - t0}
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(path + ".tmp.npz", key=key, **out)
+        os.replace(path + ".tmp.npz", path)
+    return out
+
+
 def candidate_fold(bench, data, mask, folds, f, label, name, omni, args, inner_k: int, cache: str | None) -> dict:
     """Inner out-of-fold probabilities on outer fold f's training part and the outer test probabilities of one
     candidate (from the cache when present)."""
     tr, te = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
     path = None
-    key = json.dumps({k: v for k, v in sorted(vars(args).items()) if k in (
-        "dataset", "n", "folds", "epochs", "patience", "hidden", "depth", "lr", "batch_size", "p_drop", "seed")},
-        sort_keys=True) + f"|inner={inner_k}"
+    key = _cache_key(args, inner_k)
     if cache:
         rate = args.dropout
         path = os.path.join(cache, f"{data.name}_{rate}_{_slug(label)}_f{f}.npz")
@@ -175,6 +221,10 @@ def main(argv=None) -> dict:
     p.add_argument("--fit-only", action="store_true", help="compute the candidates' fits into the cache, no rows")
     p.add_argument("--select", default=None, help="auto's rule for the choice (raypipe.tune.auto.SELECT_RULES): "
                                                   "best, ensemble_1se or simplest_1se; default auto's own")
+    p.add_argument("--refit", default="full", choices=("full", "bag"),
+                   help="train.auto.refit: full = the chosen model fitted on the whole outer training part (the "
+                        "cached outer fits); bag = no refit, the mean of the inner fold models' predictions "
+                        "(new inner fits that also predict the outer test fold, cached as *_bag.npz)")
     own, rest = p.parse_known_args(argv)
     if own.select is None:
         from raypipe.tune.auto import DEFAULT_SELECT
@@ -204,6 +254,14 @@ def main(argv=None) -> dict:
                                         own.cache or None)
             print(f"[{time.perf_counter() - t0:6.0f}s] {data.name} {cond} fold {f} {label}: "
                   f"{got[label]['seconds']:.0f} s", file=sys.stderr, flush=True)
+            if own.refit == "bag":
+                b = bag_fold(bench, data, mask, folds, f, label, name, omni, args, own.inner_folds, own.cache or None,
+                             got[label])
+                got[label]["full_test"], got[label]["test"] = got[label]["test"], b["bag_test"].mean(axis=0)
+                got[label]["oof_max_diff"] = b["oof_max_diff"]
+                print(f"[{time.perf_counter() - t0:6.0f}s] {data.name} {cond} fold {f} {label} bag: "
+                      f"{b['seconds']:.0f} s (inner oof vs cache: max diff {b['oof_max_diff']:.2g})",
+                      file=sys.stderr, flush=True)
         if own.fit_only:
             continue
         tr, te = folds != f, folds == f
@@ -227,6 +285,10 @@ def main(argv=None) -> dict:
         detail.append({"fold": f, "chosen": chosen, "inner_means": means, "inner_folds": inner_scores,
                        "weights": weights,
                        "outer": {l: test[l]["auroc"] for l in labels}})
+        if own.refit == "bag":  # the refitted (full) models' outer scores beside the bags' ones
+            detail[-1]["outer_full"] = {l: compute_metrics(data.task, yt, g["full_test"])["auroc"]
+                                        for l, g in got.items()}
+            detail[-1]["oof_max_diff"] = {l: g["oof_max_diff"] for l, g in got.items()}
     if own.fit_only:
         return {}
     elapsed = time.perf_counter() - t0
@@ -242,7 +304,7 @@ def main(argv=None) -> dict:
             json.dump({"args": vars(args), "dataset": data.name, "scores": scores, "seconds": elapsed,
                        "command": command, "context": started,
                        "auto": {"candidates": [r[0] for r in runs], "inner_folds": own.inner_folds,
-                                "select": own.select, "complexity": complexity,
+                                "select": own.select, "refit": own.refit, "complexity": complexity,
                                 "folds": detail}}, fh, indent=2)
     return scores
 

@@ -376,3 +376,122 @@ def test_fast_selection_scores_equal_the_reported_metrics(task, metric):
         y = rng.standard_normal(n)
         p = (y + rng.standard_normal(n))[:, None]
     assert _metric_fn(task, metric)(y, p) == pytest.approx(compute_metrics(task, y, p)[metric], abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- train.auto.refit: bag
+def test_fold_task_state_flag_is_off_by_default_and_changes_no_result():
+    """compare and tune call fold_task without the flag: no fold model in their rows; with the flag the same fit."""
+    from raypipe.train.splits import kfold_assignments
+    from raypipe.tune.folds import fold_task
+
+    rng = np.random.default_rng(0)
+    n = 40
+    y = (np.arange(n) % 2).astype(float)
+    x = {"a": (y[:, None] + rng.standard_normal((n, 3))).astype(np.float32),
+         "b": rng.standard_normal((n, 2)).astype(np.float32)}
+    mask = np.ones((n, 2), bool)
+    ids = np.array([f"r{i}" for i in range(n)])
+    data = (x, mask, y, ids, {"a": [3], "b": [2]})
+    folds = kfold_assignments(ids, y, k=2, seed=0)
+    tc = load_config(None, ["train.epochs=2", "train.hidden_dim=8", "train.batch_size=8"]).train.model_dump(mode="json")
+    threads = torch.get_num_threads()
+    try:
+        plain = fold_task("concat", {}, tc, data, 0, folds, "binary", ["a", "b"], 0, patterns=False,
+                          return_predictions=True)
+        with_state = fold_task("concat", {}, tc, data, 0, folds, "binary", ["a", "b"], 0, patterns=False,
+                               return_predictions=True, return_state=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert "fold_model" not in plain
+    fm = with_state.pop("fold_model")
+    assert set(fm) == {"state", "best_epoch", "epochs"} and 1 <= fm["best_epoch"] <= fm["epochs"] <= 2
+    np.testing.assert_array_equal(plain.pop("oof"), with_state.pop("oof"))
+    plain.pop("seconds"), with_state.pop("seconds")
+    assert plain == with_state
+    assert load_config(None, []).train.auto.refit == "full"  # the default: refit, no fold models kept
+
+
+def _hand_bag(run_dir, table, cfg, weights, task):
+    """The bagged prediction computed here, one fold model at a time: each chosen candidate's k fold models
+    fitted again by fold_task in this process (the CV's folds read from folds.parquet), each predicting every
+    row of ``table``; per candidate their plain mean, then weighted by the candidate's ensemble weight."""
+    from raypipe.train.trainer import assign_splits, build_from_meta
+    from raypipe.tune.auto import candidates
+    from raypipe.tune.folds import fold_task
+
+    meta = json.loads(open(os.path.join(run_dir, "model_meta.json")).read())
+    folds_df = pd.read_parquet(os.path.join(run_dir, "folds.parquet"))
+    rows = assign_splits(table, cfg) != "test"
+    sub = table.take(rows)
+    assert folds_df["sample_id"].tolist() == [str(s) for s in sub.sample_id]
+    folds = folds_df["fold"].to_numpy()
+    data = (sub.x, sub.mask, sub.y, sub.sample_id, {m: list(s) for m, s in sub.shapes.items()})
+    cands = {c.label: c for c in candidates(cfg, task)}
+    threads = torch.get_num_threads()
+    total, states = 0.0, {}
+    try:
+        for label, w in weights.items():
+            per_fold = []
+            for f in range(int(folds.max()) + 1):
+                r = fold_task(cands[label].method, {}, cands[label].train_cfg, data, f, folds, task, sub.modalities,
+                              cfg.run.seed, patterns=False, n_outputs=meta["n_outputs"], return_state=True)
+                model = build_from_meta(next(m["meta"] for m in meta["members"] if m["name"] == f"{label}/fold{f}"))
+                model.load_state_dict(r["fold_model"]["state"])
+                model.eval()
+                states[f"{label}/fold{f}"] = r["fold_model"]["state"]
+                with torch.no_grad():
+                    per_fold.append(np.concatenate([
+                        model.predict_with_trace({m: torch.as_tensor(v[i:i + 1]) for m, v in table.x.items()},
+                                                 torch.as_tensor(table.mask[i:i + 1]))["probabilities"].numpy()
+                        for i in range(len(table))]))
+            total = total + w * np.mean(per_fold, axis=0)
+    finally:
+        torch.set_num_threads(threads)
+    return total, states
+
+
+@ray
+def test_bag_predicts_the_mean_of_its_fold_models_in_train_infer_and_report(ray_session, user_table, tmp_path):
+    from raypipe.infer.pipeline import run_infer
+    from raypipe.report.html import write_report
+    from raypipe.train.tables import infer_task, read_embeddings
+    from raypipe.tune.auto import run_auto
+
+    table = read_embeddings(user_table)
+    task, _ = infer_task(table.y)
+    saved, docs = [], []
+    for run in ("a", "b"):  # determinism: same config and seed, the same bag bit for bit, the same test scores
+        cfg = _auto_cfg(tmp_path / run, user_table, "train.auto.candidates=[concat, late]", "train.auto.refit=bag",
+                        "train.auto.metric=accuracy")
+        res = run_auto(cfg)
+        run_dir = res["run_dir"]
+        saved.append(torch.load(os.path.join(run_dir, "model.pt"), weights_only=True))
+        docs.append(json.loads(open(os.path.join(run_dir, "metrics.json")).read()))
+    assert saved[0].keys() == saved[1].keys() and all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+    assert docs[0]["test"] == docs[1]["test"]
+    summary = json.loads(open(os.path.join(run_dir, "auto_summary.json")).read())
+    assert summary["refit"] == "bag" and docs[1]["refit"] == "bag" and docs[1]["auto"]["refit"] == "bag"
+    assert summary["chosen"] == "ensemble" and len(summary["ensemble_weights"]) == 2  # an ensemble of two bags
+    weights = summary["ensemble_weights"]
+    meta = json.loads(open(os.path.join(run_dir, "model_meta.json")).read())
+    assert meta["method"] == "ensemble" and meta["refit"] == "bag"
+    # weight w_c / k on each of the k = 2 fold models of member c
+    assert {m["name"]: m["weight"] for m in meta["members"]} == pytest.approx(
+        {f"{c}/fold{f}": w / 2 for c, w in weights.items() for f in (0, 1)})
+    assert not os.path.exists(os.path.join(run_dir, "members"))  # nothing refitted
+    expected, states = _hand_bag(run_dir, table, cfg, weights, task)
+    # the saved members are the CV's fold models (fold_task in this process gives the same weights)
+    for i, m in enumerate(meta["members"]):
+        for k, v in states[m["name"]].items():
+            assert torch.equal(saved[1][f"members.{i}.{k}"], v), (m["name"], k)
+    # the test predictions written by train, and raypipe infer's over every row, are the hand-made bag's
+    test_pred = pd.read_parquet(os.path.join(run_dir, "predictions_test.parquet"))
+    by_id = dict(zip(table.sample_id.tolist(), range(len(table))))
+    np.testing.assert_allclose(np.stack(test_pred.probabilities.to_numpy()),
+                               expected[[by_id[s] for s in test_pred.sample_id]], atol=1e-5)
+    out = run_infer(cfg.model_copy(update={"infer": cfg.infer.model_copy(update={
+        "checkpoint": run_dir, "input": user_table, "out": str(tmp_path / "pred")})}))
+    pred = pd.read_parquet(out["predictions"]).set_index("sample_id").loc[table.sample_id]
+    np.testing.assert_allclose(np.stack(pred.probabilities.to_numpy()), expected, atol=1e-5)
+    assert write_report(run_dir)["ok"]
+    assert "bagged" in open(os.path.join(run_dir, "report.html")).read()

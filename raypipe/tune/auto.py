@@ -264,13 +264,18 @@ def cross_validate(cfg: Config, table, task: str, metric: str, higher: bool, out
              len(sub), metric, f", time limit {ac.time_limit:g} s" if ac.time_limit else "")
     t0 = time.perf_counter()
     prepare_seconds = t0 - t_start - search_seconds
+    bag = refit_mode(cfg) == "bag"
     results, unfinished, errors = run_fits(jobs, data_ref, folds, task, sub.modalities, cfg.run.seed,
                                            patterns=False, return_predictions=True, deadline=deadline,
-                                           progress_bars=cfg.ray.progress_bars, desc="auto", n_outputs=n_out)
+                                           progress_bars=cfg.ray.progress_bars, desc="auto", n_outputs=n_out,
+                                           return_states=bag)
     seconds = time.perf_counter() - t0
     by_label: dict[str, dict[int, dict]] = {}
+    fold_models: dict[str, dict[int, Any]] = {}  # bag: object refs of the fold models, fetched only if chosen
     for r in results:
         by_label.setdefault(r["method"], {})[r["fold"]] = r
+        if "fold_model_ref" in r:
+            fold_models.setdefault(r["method"], {})[r["fold"]] = r.pop("fold_model_ref")
     cut = {j.label for j in unfinished}
     complete, skipped = [], {}
     for c in cands:
@@ -359,8 +364,27 @@ def cross_validate(cfg: Config, table, task: str, metric: str, higher: bool, out
                "search": {l: {k: v for k, v in d.items()} for l, d in searched.items()},
                "mean": {l: means[l] for l in order},
                "leaderboard": os.path.abspath(os.path.join(out_dir, LEADERBOARD_FILE))}
+    summary["refit"] = refit_mode(cfg)
     summary["_candidates"] = {c.label: c for c in complete}
+    if bag:  # only the chosen models' fold models are kept; the others' objects are freed with their refs
+        keep = list(weights) if chosen == "ensemble" else [chosen]
+        summary["_fold_models"] = {l: [fold_models[l][f] for f in range(ac.folds)] for l in keep}
     return summary
+
+
+#: what is done with the chosen model (``train.auto.refit``): ``full`` = refitted on the full training split;
+#: ``bag`` = no refit, the k CV fold models predict together (AutoGluon-style bagging)
+REFIT_MODES = ("full", "bag")
+#: where ``train.auto.refit`` is not set
+DEFAULT_REFIT = "full"
+
+
+def refit_mode(cfg: Config) -> str:
+    """``train.auto.refit`` (:data:`REFIT_MODES`), else :data:`DEFAULT_REFIT`."""
+    mode = getattr(cfg.train.auto, "refit", None) or DEFAULT_REFIT
+    if mode not in REFIT_MODES:
+        raise ValueError(f"train.auto.refit {mode!r}: one of {', '.join(REFIT_MODES)}")
+    return mode
 
 
 def select_rule(cfg: Config) -> str:
@@ -400,6 +424,7 @@ def run_auto(cfg: Config, refit: bool = True) -> dict:
     run_dir = cfg.train_dir("auto")
     summary = cross_validate(cfg, table, task, metric, higher, run_dir)
     cands = summary.pop("_candidates")
+    fold_models = summary.pop("_fold_models", None)
     result = {k: summary[k] for k in ("ok", "task", "metric", "best", "chosen", "skipped", "cv_seconds",
                                       "leaderboard")}
     if summary["tune_trials"]:
@@ -408,12 +433,18 @@ def run_auto(cfg: Config, refit: bool = True) -> dict:
     if refit:
         t0 = time.perf_counter()
         chosen = list(summary["ensemble_weights"]) if summary["chosen"] == "ensemble" else [summary["chosen"]]
-        summary["refit_runner"] = runner = refit_runner([cands[label] for label in chosen])
-        if summary["chosen"] == "ensemble":
-            final = _refit_ensemble(cfg, table, task, run_dir, summary["ensemble_weights"], cands, runner=runner,
-                                    cost=summary["fit_cpu_seconds"])
+        if summary["refit"] == "bag":  # no refit: the chosen candidates' CV fold models, saved as one model
+            weights = summary["ensemble_weights"] if summary["chosen"] == "ensemble" else {summary["chosen"]: 1.0}
+            final = _save_bag(cfg, table, task, run_dir, weights, cands, fold_models, summary["folds"],
+                              summary["chosen"])
+            del fold_models
         else:
-            final = _refit_single(cfg, table, task, run_dir, summary["chosen"], cands, runner=runner)
+            summary["refit_runner"] = runner = refit_runner([cands[label] for label in chosen])
+            if summary["chosen"] == "ensemble":
+                final = _refit_ensemble(cfg, table, task, run_dir, summary["ensemble_weights"], cands,
+                                        runner=runner, cost=summary["fit_cpu_seconds"])
+            else:
+                final = _refit_single(cfg, table, task, run_dir, summary["chosen"], cands, runner=runner)
         summary["refit_seconds"] = round(time.perf_counter() - t0, 1)
         main = [k for k in final if k.startswith("test_")]
         result.update({k: final[k] for k in main})
@@ -448,7 +479,7 @@ def _annotate_metrics(run_dir: str, summary: dict) -> None:
     with open(path) as fh:
         doc = json.load(fh)
     doc["auto"] = {k: summary[k] for k in ("metric", "best", "chosen", "select", "ensemble_weights", "skipped",
-                                           "folds")}
+                                           "folds", "refit")}
     _write_text(path, json.dumps(doc, indent=2, default=float))
 
 
@@ -627,6 +658,59 @@ def _refit_ensemble(cfg: Config, table, task: str, run_dir: str, weights: dict[s
                                 "refit": fits})
 
 
+def _save_bag(cfg: Config, table, task: str, run_dir: str, weights: dict[str, float], cands: dict,
+              fold_models: dict[str, list], n_folds: int, chosen: str) -> dict:
+    """``train.auto.refit: bag``: no refit. Each chosen candidate's k CV fold models (each fitted on the other
+    k-1 folds, fetched from their object refs) become members of one :class:`EnsembleMethod` with weight
+    w_c / k each (w_c = the candidate's ensemble weight, 1 for a single candidate): its prediction is the
+    weighted average of the candidates' bags, a bag being the plain mean of its fold models' probabilities
+    (regression: values). Saved as one model (``model.pt`` + ``model_meta.json``, ``"refit": "bag"``) that
+    `raypipe infer` and `raypipe report` load like any ensemble; per-modality reliability and imputation
+    outputs are the top member's (the first fold model of the candidate with the largest weight). Then the
+    test evaluation and outputs of the refit path (:func:`_evaluate_and_write`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from raypipe.fusion.ensemble import EnsembleMethod, ensemble_meta, save_ensemble
+    from raypipe.train.tables import infer_task
+    from raypipe.train.trainer import assign_splits, build_from_meta, model_meta
+
+    t0 = time.perf_counter()
+    _, n_outputs = infer_task(table.y, cfg.train.task)
+    split = assign_splits(table, cfg)
+    members, metas, names, ws = [], [], [], []
+    for label, w in weights.items():
+        refs = fold_models[label]
+        if len(refs) != n_folds:
+            raise RuntimeError(f"bag of {label}: {len(refs)} fold models for {n_folds} folds")
+        meta = model_meta(_cfg_for(cfg, cands[label], run_dir), table, task, n_outputs, fit_rows=split != "test")
+        for f, ref in enumerate(refs):
+            got = ray.get(ref)
+            member = build_from_meta(meta)
+            member.load_state_dict(got["state"])
+            member.eval()
+            members.append(member)
+            # var_y: the buffer the fold model trained with (its own fit rows' label variance; 1 unless regression)
+            var_y = float(got["state"]["var_y"]) if "var_y" in got["state"] else meta["var_y"]
+            metas.append({**meta, "var_y": var_y, "fold": f, "epoch": got["best_epoch"], "epochs": got["epochs"]})
+            names.append(f"{label}/fold{f}")
+            ws.append(float(w) / n_folds)
+    ens = EnsembleMethod(members, ws, names)
+    meta = ensemble_meta(metas, ws, names)
+    meta.update(refit="bag", bag={label: n_folds for label in weights})
+    save_ensemble(run_dir, ens, meta)
+    split_table = pa.table({"sample_id": table.sample_id, "split": np.where(split == "test", "test", "train")})
+    _write_replacing(os.path.join(run_dir, "split.parquet"), lambda tmp: pq.write_table(split_table, tmp))
+    assemble = time.perf_counter() - t0
+    own = cfg if chosen == "ensemble" else _cfg_for(cfg, cands[chosen], run_dir)
+    name = "ensemble" if chosen == "ensemble" else cands[chosen].method
+    return _evaluate_and_write(own, table, task, run_dir, ens, name,
+                               0.0, {"refit": "bag", "members": {l: float(w) for l, w in weights.items()},
+                                     "bag": {"folds": n_folds, "fold_models": len(members),
+                                             "assemble_seconds": round(assemble, 2)}})
+
+
 def _evaluate_and_write(cfg: Config, table, task: str, run_dir: str, model, method_name: str, fit_seconds: float,
                         extra: dict) -> dict:
     """What `raypipe train` writes after its fit: test metrics (``metrics.json``), ``predictions_test.parquet``,
@@ -688,6 +772,8 @@ def leaderboard_html(run_dir: str) -> str:
     return (f"<h2>Automatic method choice (train.method=auto)</h2><p>{html.escape(str(summary.get('folds', '?')))}"
             f"-fold cross-validation on the training split, metric <b>{html.escape(metric)}</b> (mean ± std over "
             f"folds, ddof=1; paired t-test against the best); chosen (rule "
-            f"{html.escape(str(summary.get('select', 'best')))}, docs/tune.md) and refitted: "
-            f"<b>{html.escape(str(summary.get('chosen', '?')))}</b>.</p>{note}"
+            f"{html.escape(str(summary.get('select', 'best')))}, docs/tune.md) and "
+            + ("bagged (its cross-validation fold models predict together, no refit)"
+               if summary.get("refit") == "bag" else "refitted")
+            + f": <b>{html.escape(str(summary.get('chosen', '?')))}</b>.</p>{note}"
             f"<table><tr>{head}</tr>{''.join(body)}</table>")

@@ -71,13 +71,16 @@ def n_outputs_for(task: str, y: np.ndarray) -> int:
 
 def fold_task(method: str, omni: dict, train_cfg: dict, data_ref, fold: int, folds: np.ndarray, task: str,
               modalities: list[str], seed: int, patterns: bool = True, return_predictions: bool = False,
-              n_outputs: int | None = None) -> dict[str, Any]:
+              n_outputs: int | None = None, return_state: bool = False) -> dict[str, Any]:
     """Train ``method`` on folds != fold (minus a 20 % validation part for early stopping), test on fold.
 
     Returns the fold's metrics (natural missingness; with ``patterns`` also the main metric per
     modality pattern), ``seconds`` of fitting and, with ``return_predictions``, the held-out
     rows' probabilities (``oof``: out-of-fold predictions for ensemble selection).
     ``train_cfg`` is a TrainConfig dict (its ``p_drop`` simulates missing modalities in training).
+    With ``return_state`` (``train.auto.refit: bag``; off for compare and tune) also ``fold_model``:
+    the trained model's state dict (CPU tensors, the best epoch's weights as ``loop.fit`` leaves them),
+    ``best_epoch`` and ``epochs`` run, so the fold model can predict later without a refit.
     """
     import torch
 
@@ -100,8 +103,9 @@ def fold_task(method: str, omni: dict, train_cfg: dict, data_ref, fold: int, fol
     val = holdout_mask(ids[tr_all], y[tr_all], fraction=0.2, seed=seed + fold)
     part = lambda idx: ({m: x[m][idx] for m in modalities}, mask[idx], y[idx])  # noqa: E731
     t0 = time.perf_counter()
-    loop.fit(model, part(tr_all[~val]), part(tr_all[val]), task, epochs=tc.epochs, batch_size=tc.batch_size,
-             lr=tc.lr, weight_decay=tc.weight_decay, p_drop=tc.p_drop, patience=tc.patience, seed=seed + fold)
+    fitted = loop.fit(model, part(tr_all[~val]), part(tr_all[val]), task, epochs=tc.epochs,
+                      batch_size=tc.batch_size, lr=tc.lr, weight_decay=tc.weight_decay, p_drop=tc.p_drop,
+                      patience=tc.patience, seed=seed + fold)
     seconds = time.perf_counter() - t0
     predict = loop.make_predict_fn(model, task)
     xt, mt, yt = part(te)
@@ -119,6 +123,9 @@ def fold_task(method: str, omni: dict, train_cfg: dict, data_ref, fold: int, fol
                     task, yt[rows], out["probabilities"]).get(main)
     if return_predictions:
         row["oof"] = np.asarray(probs, np.float32)
+    if return_state:
+        row["fold_model"] = {"state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                             "best_epoch": fitted.get("best_epoch"), "epochs": len(fitted.get("history", []))}
     return row
 
 
@@ -165,15 +172,25 @@ def _fit_job(*args) -> dict[str, Any]:
     return row
 
 
+def _fit_job_with_state(*args) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`_fit_job` with ``return_state``, as a task of two returns: (the row, the fold model): the
+    driver gets the row and only an object reference to the fold model, which stays in the object store."""
+    row = _fit_job(*args)
+    return row, row.pop("fold_model")
+
+
 def run_fits(jobs: Sequence[FitJob], data_ref, folds: np.ndarray, task: str, modalities: list[str], seed: int,
              *, patterns: bool = True, return_predictions: bool = False, deadline: float | None = None,
              progress_bars: bool = True, desc: str = "folds", n_outputs: int | None = None,
-             ) -> tuple[list[dict], list[FitJob], dict[str, str]]:
+             return_states: bool = False) -> tuple[list[dict], list[FitJob], dict[str, str]]:
     """Run every job as a 1-CPU Ray task; returns (finished rows, unfinished jobs, errors per label).
 
     Jobs are submitted in the given order (Ray starts them in that order as CPUs free up).
     ``deadline`` (a ``time.monotonic()`` value): jobs not finished by then are cancelled and
     returned as unfinished. A job that raises is recorded in ``errors`` (its label's message).
+    ``return_states`` (``train.auto.refit: bag``; default off, so compare and tune are unchanged): each
+    row also has ``fold_model_ref``, an object reference to the fold model (:func:`fold_task`'s
+    ``fold_model``: state dict, best epoch), which stays in the object store until it is fetched or dropped.
 
     Why tasks and not a pool of long-lived actors (tried and measured, benchmarks/RESULTS.md): Ray
     keeps a task's worker process for the next task, so torch and raypipe are imported once per
@@ -184,9 +201,18 @@ def run_fits(jobs: Sequence[FitJob], data_ref, folds: np.ndarray, task: str, mod
     """
     import ray
 
-    remote = ray.remote(num_cpus=1)(_fit_job)
-    futures = {remote.remote(j.method, j.omni, j.train_cfg, data_ref, j.fold, folds, task, modalities, seed,
-                             patterns, return_predictions, n_outputs): j for j in jobs}
+    states: dict = {}
+    if return_states:
+        remote = ray.remote(num_cpus=1, num_returns=2)(_fit_job_with_state)
+        futures = {}
+        for j in jobs:
+            row_ref, state_ref = remote.remote(j.method, j.omni, j.train_cfg, data_ref, j.fold, folds, task,
+                                               modalities, seed, patterns, return_predictions, n_outputs, True)
+            futures[row_ref], states[row_ref] = j, state_ref
+    else:
+        remote = ray.remote(num_cpus=1)(_fit_job)
+        futures = {remote.remote(j.method, j.omni, j.train_cfg, data_ref, j.fold, folds, task, modalities, seed,
+                                 patterns, return_predictions, n_outputs): j for j in jobs}
     rows: list[dict] = []
     errors: dict[str, str] = {}
     pending = list(futures)
@@ -206,6 +232,8 @@ def run_fits(jobs: Sequence[FitJob], data_ref, folds: np.ndarray, task: str, mod
                     log.warning("%s fold %d failed: %s", job.label, job.fold, errors[job.label])
                 else:
                     r["method"] = job.label
+                    if return_states:
+                        r["fold_model_ref"] = states[done[0]]
                     rows.append(r)
                 bar.update(1)
     except KeyboardInterrupt:
