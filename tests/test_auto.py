@@ -495,3 +495,20 @@ def test_bag_predicts_the_mean_of_its_fold_models_in_train_infer_and_report(ray_
     np.testing.assert_allclose(np.stack(pred.probabilities.to_numpy()), expected, atol=1e-5)
     assert write_report(run_dir)["ok"]
     assert "bagged" in open(os.path.join(run_dir, "report.html")).read()
+    # the test metrics (the 2 x 2 fold models predicted in parallel Ray tasks) equal the saved model's evaluated
+    # here one member after another (EnsembleMethod.predict_with_trace)
+    from raypipe.fusion.ensemble import load_model
+    from raypipe.train import loop
+    from raypipe.train.evaluate import evaluate_test
+    from raypipe.train.trainer import assign_splits
+
+    model, _ = load_model(run_dir)
+    test = table.take(assign_splits(table, cfg) == "test")
+    here, _ = evaluate_test(loop.make_predict_fn(model, task), test.x, test.mask, test.y, task, table.modalities,
+                            seed=cfg.run.seed)
+    written = docs[1]["test"]
+    assert [p["pattern"] for p in written["patterns"]] == [p["pattern"] for p in here["patterns"]]
+    for a, b in [(written["natural"], here["natural"]), *zip(written["patterns"], here["patterns"]),
+                 *zip(written["missing_rate_curve"], here["missing_rate_curve"])]:
+        assert {k: v for k, v in a.items() if k != "pattern"} == pytest.approx(
+            {k: v for k, v in b.items() if k != "pattern"}, abs=1e-6, nan_ok=True)

@@ -85,29 +85,57 @@ def subgroup_metrics(task: str, y: np.ndarray, probs: np.ndarray, groups: dict[s
     return out
 
 
-def evaluate_test(predict_fn: PredictFn, x: dict[str, np.ndarray], mask: np.ndarray, y: np.ndarray, task: str,
-                  modalities: Sequence[str], groups: dict[str, np.ndarray] | None = None, seed: int = 0,
-                  rates: Sequence[float] = tuple(r / 10 for r in range(10)), gap_threshold: float = 0.05) -> tuple[dict, dict]:
-    """Return (metrics dict for metrics.json["test"], natural-pattern prediction arrays)."""
-    natural = _predict(predict_fn, x, mask)
-    result: dict = {"natural": {"n": int(len(y)), **M.compute_metrics(task, y, natural["probabilities"])}}
-    patterns = []
+DEFAULT_RATES = tuple(r / 10 for r in range(10))
+
+
+def evaluation_inputs(mask: np.ndarray, modalities: Sequence[str], seed: int = 0,
+                      rates: Sequence[float] = DEFAULT_RATES) -> list[dict]:
+    """Every prediction :func:`evaluate_test` makes, in its order: ``{"kind": "natural" | "pattern" | "rate",
+    "name": pattern name or rate, "rows": row indices (None = every row), "mask": the mask to predict with}``.
+    So the predictions can be made elsewhere (e.g. an ensemble's members in parallel) and handed back."""
+    passes: list[dict] = [{"kind": "natural", "name": "natural", "rows": None, "mask": mask}]
     for pat in all_patterns(len(modalities)):
         want = np.array(pat)
         rows = np.all(mask[:, want], axis=1)  # samples that really have every modality of the pattern
         if rows.sum() < 2:
             continue
-        pmask = np.broadcast_to(want, (int(rows.sum()), len(modalities))).copy()
-        sub = {m: v[rows] for m, v in x.items()}
-        out = _predict(predict_fn, sub, pmask)
-        patterns.append({"pattern": pattern_name(modalities, pat), "n": int(rows.sum()),
-                         **M.compute_metrics(task, y[rows], out["probabilities"])})
-    result["patterns"] = patterns
-    curve = []
+        passes.append({"kind": "pattern", "name": pattern_name(modalities, pat), "rows": np.flatnonzero(rows),
+                       "mask": np.broadcast_to(want, (int(rows.sum()), len(modalities))).copy()})
     for r in rates:
-        cm = simulate_missing(mask, r, seed + int(round(r * 100)))
-        out = _predict(predict_fn, x, cm)
-        curve.append({"rate": float(r), **M.compute_metrics(task, y, out["probabilities"])})
+        passes.append({"kind": "rate", "name": float(r), "rows": None,
+                       "mask": simulate_missing(mask, r, seed + int(round(r * 100)))})
+    return passes
+
+
+def predict_inputs(predict_fn: PredictFn, x: dict[str, np.ndarray], passes: Sequence[dict]) -> list[dict]:
+    """``predict_fn``'s outputs for each of :func:`evaluation_inputs`' passes."""
+    return [_predict(predict_fn, x if p["rows"] is None else {m: v[p["rows"]] for m, v in x.items()}, p["mask"])
+            for p in passes]
+
+
+def evaluate_test(predict_fn: PredictFn | None, x: dict[str, np.ndarray], mask: np.ndarray, y: np.ndarray, task: str,
+                  modalities: Sequence[str], groups: dict[str, np.ndarray] | None = None, seed: int = 0,
+                  rates: Sequence[float] = DEFAULT_RATES, gap_threshold: float = 0.05,
+                  predictions: Sequence[dict] | None = None) -> tuple[dict, dict]:
+    """Return (metrics dict for metrics.json["test"], natural-pattern prediction arrays).
+
+    ``predictions``: the outputs for :func:`evaluation_inputs` ``(mask, modalities, seed, rates)``, in its
+    order, made elsewhere; by default they are made here with ``predict_fn``."""
+    passes = evaluation_inputs(mask, modalities, seed, rates)
+    if predictions is None:
+        predictions = predict_inputs(predict_fn, x, passes)
+    if len(predictions) != len(passes):
+        raise ValueError(f"{len(predictions)} predictions for {len(passes)} evaluation passes")
+    natural = predictions[0]
+    result: dict = {"natural": {"n": int(len(y)), **M.compute_metrics(task, y, natural["probabilities"])}}
+    patterns, curve = [], []
+    for p, out in zip(passes[1:], predictions[1:]):
+        if p["kind"] == "pattern":
+            patterns.append({"pattern": p["name"], "n": int(len(p["rows"])),
+                             **M.compute_metrics(task, y[p["rows"]], out["probabilities"])})
+        else:
+            curve.append({"rate": p["name"], **M.compute_metrics(task, y, out["probabilities"])})
+    result["patterns"] = patterns
     result["missing_rate_curve"] = curve
     weights = {k[len("weight_"):]: v for k, v in natural.items() if k.startswith("weight_")}
     if weights:

@@ -711,22 +711,87 @@ def _save_bag(cfg: Config, table, task: str, run_dir: str, weights: dict[str, fl
                                              "assemble_seconds": round(assemble, 2)}})
 
 
+def _predict_members(members: list, weights: list[float], task: str, x: dict, passes: list[dict],
+                     top: int | None) -> list[dict]:
+    """Ray task of :func:`_ensemble_predictions`: for each evaluation pass, sum_i w_i p_i over ``members`` (in
+    float64, members with weight 0 skipped, as :class:`~raypipe.fusion.ensemble.EnsembleMethod` does) and, from
+    member ``top`` (if in this group), its per-modality outputs. 1 torch thread: what the task was given."""
+    import torch
+
+    from raypipe.train import loop
+    from raypipe.train.evaluate import predict_inputs
+
+    torch.set_num_threads(1)
+    out = [{"probabilities": None} for _ in passes]
+    for i, (member, w) in enumerate(zip(members, weights)):
+        if w <= 0:
+            continue
+        for o, got in zip(out, predict_inputs(loop.make_predict_fn(member, task), x, passes)):
+            p = got["probabilities"].astype(np.float64) * w
+            o["probabilities"] = p if o["probabilities"] is None else o["probabilities"] + p
+            if i == top:
+                o.update({k: v for k, v in got.items() if k != "probabilities"})
+    return out
+
+
+def _ensemble_predictions(model, task: str, x: dict, passes: list[dict]) -> list[dict] | None:
+    """An ensemble's test-evaluation predictions (:func:`raypipe.train.evaluate.evaluation_inputs`), its members
+    split round-robin over as many 1-CPU Ray tasks as the cluster has CPUs (at most one per member): the same
+    values as ``EnsembleMethod.predict_with_trace`` (probabilities: the weighted sum in float64, then float32;
+    only the summation order differs), where the driver would predict every member one after another with
+    torch's default threads (a bag has k x members; on the 2-core VM two torch threads beside other work ran a
+    pass 2.4x slower than one). None without Ray or for a single member."""
+    import ray
+
+    from raypipe.fusion.ensemble import EnsembleMethod
+
+    if not isinstance(model, EnsembleMethod) or len(model.members) < 2 or not ray.is_initialized():
+        return None
+    weights = model.weights.tolist()
+    n_tasks = max(1, min(len(model.members), int(ray.cluster_resources().get("CPU", 1))))
+    groups = [list(range(g, len(model.members), n_tasks)) for g in range(n_tasks)]
+    remote = ray.remote(num_cpus=1)(_predict_members)
+    x_ref, passes_ref = ray.put(x), ray.put(passes)
+    refs = [remote.remote([model.members[i] for i in idx], [weights[i] for i in idx], task, x_ref, passes_ref,
+                          idx.index(model.top) if model.top in idx else None) for idx in groups]
+    try:
+        parts = ray.get(refs)
+    except BaseException:
+        for r in refs:
+            ray.cancel(r)
+        raise
+    out = []
+    for j in range(len(passes)):
+        total, traces = None, {}
+        for idx, part in zip(groups, parts):
+            p = part[j]["probabilities"]
+            if p is not None:
+                total = p if total is None else total + p
+            if model.top in idx:
+                traces = {k: v for k, v in part[j].items() if k != "probabilities"}
+        out.append({**traces, "probabilities": total.astype(np.float32)})
+    return out
+
+
 def _evaluate_and_write(cfg: Config, table, task: str, run_dir: str, model, method_name: str, fit_seconds: float,
                         extra: dict) -> dict:
     """What `raypipe train` writes after its fit: test metrics (``metrics.json``), ``predictions_test.parquet``,
     the imputation ``projection.parquet`` (an ensemble's: its top member's) and ``config.yaml``."""
     from raypipe.config import dump_config
     from raypipe.train import loop
-    from raypipe.train.evaluate import evaluate_test
+    from raypipe.train.evaluate import evaluate_test, evaluation_inputs
     from raypipe.train.metrics import main_metric_name
     from raypipe.train.trainer import _write_test_predictions, assign_splits, imputation_projection
 
     split = assign_splits(table, cfg)
     test = table.take(split == "test")
     groups = {k: v for k, v in test.groups.items() if k in cfg.ingest.group_columns}
+    # an ensemble's (a bag's) members predict in parallel Ray tasks; else the driver predicts
+    predictions = _ensemble_predictions(model, task, test.x, evaluation_inputs(test.mask, table.modalities,
+                                                                               cfg.run.seed))
     test_metrics, natural = evaluate_test(loop.make_predict_fn(model, task), test.x, test.mask, test.y, task,
                                           table.modalities, groups, seed=cfg.run.seed,
-                                          gap_threshold=cfg.report.subgroup_gap_threshold)
+                                          gap_threshold=cfg.report.subgroup_gap_threshold, predictions=predictions)
     main = main_metric_name(task)
     doc = {"method": method_name, "task": task, "modalities": table.modalities, "main_metric": main,
            "n": {s: int((split == s).sum()) for s in ("train", "val", "test")}, "fit_seconds": fit_seconds,
