@@ -33,6 +33,9 @@
    from the same candidate. An ensemble's members go each into
    ``members/<name>`` and are saved together as one model (``model.pt`` + ``model_meta.json``)
    that `raypipe infer` and `raypipe report` use.
+   With ``train.auto.refit: bag`` (:func:`refit_mode`) there is no refit: the CV's fold models of the chosen
+   candidates (kept in the object store by :func:`raypipe.tune.folds.run_fits`) are saved as one ensemble,
+   weight w_c / k on each of candidate c's k fold models (:func:`_save_bag`).
 
 Deterministic: same config and seed, same folds, search trials, fits, leaderboard and choice
 (the time limit aside: what finishes in time depends on the machine).
