@@ -46,7 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROWS_PER_FILE = 1024
 
 
-def _write_part(root: str, part: int, n: int, size: int, per_sample: int, seed: int, records: str = "uint8") -> None:
+def _write_part(root: str, part: int, n: int, size: int, per_sample: int, seed: int, records: str = "uint8",
+                rows_per_file: int = ROWS_PER_FILE) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -56,7 +57,7 @@ def _write_part(root: str, part: int, n: int, size: int, per_sample: int, seed: 
     dtype = "float32" if records == "v1" else records.replace("-bytes", "")
     rows = [{"sample_id": f"s{i // per_sample:07d}", "modality": "ct", "source_key": "k", "position": i % per_sample,
              **array_to_payload(stored_slice(i, size, seed, dtype)), "text": None, "meta": "{}"}
-            for i in range(part * ROWS_PER_FILE, min(n, (part + 1) * ROWS_PER_FILE))]
+            for i in range(part * rows_per_file, min(n, (part + 1) * rows_per_file))]
     path = os.path.join(root, "records", f"part-{part:05d}.parquet")
     table = pa.Table.from_pylist(rows, schema=RECORDS_SCHEMA)
     if records == "v1":  # records schema 1: float32 bytes in payload, uncompressed
@@ -67,11 +68,12 @@ def _write_part(root: str, part: int, n: int, size: int, per_sample: int, seed: 
 
 
 def write_records(root: str, n: int, size: int, per_sample: int, seed: int = 0, workers: int | None = None,
-                  records: str = "uint8") -> None:
+                  records: str = "uint8", rows_per_file: int = ROWS_PER_FILE) -> None:
     """``n`` single-channel slices of ``size``^2 as records (``per_sample`` per sample), plus samples.parquet.
 
-    Files of 1,024 rows sorted by id across files, as ingest writes them; written by ``workers``
-    processes (default: every core) so that 100,000 slices take seconds, not minutes.
+    Files of ``rows_per_file`` rows (default 1,024; ingest writes ~``ingest.items_per_task`` = 128 slices a
+    file) sorted by id across files, written with ingest's ``write_records``; by ``workers`` processes
+    (default: every core) so that 100,000 slices take seconds, not minutes.
     """
     from concurrent.futures import ProcessPoolExecutor
 
@@ -81,14 +83,15 @@ def write_records(root: str, n: int, size: int, per_sample: int, seed: int = 0, 
     from raypipe.schema import samples_schema
 
     os.makedirs(os.path.join(root, "records"), exist_ok=True)
-    parts = range(-(-n // ROWS_PER_FILE))
+    parts = range(-(-n // rows_per_file))
     workers = min(workers or os.cpu_count() or 1, len(parts))
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_part, *zip(*[(root, p, n, size, per_sample, seed, records) for p in parts])))
+            list(pool.map(_write_part, *zip(*[(root, p, n, size, per_sample, seed, records, rows_per_file)
+                                              for p in parts])))
     else:
         for p in parts:
-            _write_part(root, p, n, size, per_sample, seed, records)
+            _write_part(root, p, n, size, per_sample, seed, records, rows_per_file)
     ids = [f"s{j:07d}" for j in range(-(-n // per_sample))]
     pq.write_table(pa.table({"sample_id": ids, "label": [float(j % 2) for j in range(len(ids))],
                              "split": ["train"] * len(ids)}, schema=samples_schema(["label"], ["split"])),
@@ -125,7 +128,7 @@ def cpu_by_process() -> dict[tuple[int, str], float]:
     return out
 
 
-def startup_split(before: dict, after: dict) -> dict[str, float]:
+def startup_split(before: dict, after: dict, digits: int = 1) -> dict[str, float]:
     """CPU seconds between two :func:`cpu_by_process` snapshots, by role: the driver, the model actors,
     Ray Data's helper actors, the other Ray workers (file listing, read + decode tasks, idle workers
     that exited are not counted) and Ray's own processes (raylet, GCS, dashboard, agents)."""
@@ -138,7 +141,7 @@ def startup_split(before: dict, after: dict) -> dict[str, float]:
                 else "Ray Data helper actors" if title.startswith("ray::_") else
                 "read/decode workers" if title.startswith("ray::") and "Agent" not in title else "Ray system processes")
         out[role] += d
-    return {k: round(v, 1) for k, v in out.items()}
+    return {k: round(v, digits) for k, v in out.items()}
 
 
 def tree_cpu() -> float:
@@ -238,11 +241,14 @@ def main(argv=None) -> dict:
                    help="time only the CPU feed (records -> read + decode tasks -> model-ready batches on the driver, "
                         "no model): how many slices/s this host can hand to GPU actors. Uses --num-cpus CPUs")
     p.add_argument("--feed-dtype", choices=["float32", "float16"], default="float32",
-                   help="--feed-only: pixel dtype of the batches (float16 = what GPU actors under autocast get)")
+                   help="--feed-only: pixel dtype of the batches of float records (float16 = what GPU actors under "
+                        "autocast get); uint8 records at the model's size travel as uint8 whatever this says")
     p.add_argument("--records", choices=["uint8", "float16", "float32", "uint8-bytes", "v1"], default="uint8",
                    help="records layout: schema 2 with this image dtype in the tensor column (uint8 = ingest's "
                         "default); uint8-bytes = schema 2's uint8 values as raw bytes in payload (no tensor column), "
                         "zstd; v1 = schema 1 (float32 payload bytes, uncompressed)")
+    p.add_argument("--rows-per-file", type=int, default=ROWS_PER_FILE,
+                   help="records per Parquet file (ingest writes ~ingest.items_per_task = 128 slices a file)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--keep", action="store_true", help="keep the temporary records/embeddings")
     args = p.parse_args(argv)
@@ -258,7 +264,7 @@ def main(argv=None) -> dict:
 
     work = tempfile.mkdtemp(prefix="rp-embed-bench-")
     t0 = time.perf_counter()
-    write_records(work, args.n, args.input_size, args.per_sample, records=args.records)
+    write_records(work, args.n, args.input_size, args.per_sample, records=args.records, rows_per_file=args.rows_per_file)
     t_write = time.perf_counter() - t0
 
     overrides = [f"run.out_dir={work}/run", f"embed.input={work}", f"embed.out={work}/embeddings",
@@ -431,12 +437,15 @@ def feed_throughput(cfg, work: str, plan: dict, args) -> dict:
     for _ in range(2):
         ds = ep._family_dataset(cfg, "image", os.path.join(work, "records"), ["ct"], None, feed_plan,
                                 model_stage=False)
-        c0, t0, first, n = tree_cpu(), time.perf_counter(), None, 0
+        by0 = cpu_by_process()
+        c0, t0, first, n, dtypes = tree_cpu(), time.perf_counter(), None, 0, set()
         for b in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
             n += len(b["error"])
+            dtypes.add(str(b["pixels"].dtype))
             first = first or time.perf_counter()
         dt = time.perf_counter() - t0
         cpu_all = tree_cpu() - c0
+        split = startup_split(by0, cpu_by_process(), digits=4)  # by role (processes alive at the end)
         stats = ds.stats()
         m = re.search(r"MapBatches\(decode_image_blocks\).*?Remote cpu time: .*?([0-9.]+)(us|ms|s) total", stats,
                       re.S)
@@ -445,18 +454,41 @@ def feed_throughput(cfg, work: str, plan: dict, args) -> dict:
                      "slices_per_s_after_first": round((n - plan["batch_size"]) / (t0 + dt - first), 1),
                      "decode_cpu_us_per_slice": round(1e6 * cpu / max(n, 1), 1),
                      "cpu_us_per_slice": round(1e6 * cpu_all / max(n, 1), 1),
-                     "slices_per_cpu_second": round(n / max(cpu_all, 1e-9), 1)})
+                     "slices_per_cpu_second": round(n / max(cpu_all, 1e-9), 1), "pixel_dtype": ",".join(sorted(dtypes)),
+                     "cpu_us_per_slice_by_role": {k: round(1e6 * v / max(n, 1)) for k, v in split.items() if v}})
+    # uint8 batches (uint8 records at the model's size) are scaled to float by the model stage: on the GPU
+    # for a GPU pool; a CPU pool's actor spends this much CPU on it (in-process, same operation)
+    scale_us = None
+    if runs[-1]["pixel_dtype"] == "uint8":
+        from raypipe.embed.image import UINT8_SCALE
+
+        u8 = np.random.default_rng(0).integers(0, 256, (plan["batch_size"], 1, args.input_size, args.input_size),
+                                               dtype=np.uint8)
+        best = float("inf")
+        for _ in range(20):
+            c0 = time.process_time()
+            np.multiply(u8, UINT8_SCALE, dtype=np.float32)
+            best = min(best, time.process_time() - c0)
+        scale_us = 1e6 * best / len(u8)
+        for r in runs:
+            r["slices_per_cpu_second_with_scaling"] = round(1e6 / (r["cpu_us_per_slice"] + scale_us), 1)
     res = {"machine": machine(), "mode": "feed-only", "n": args.n, "input_size": args.input_size,
-           "pixel_dtype": args.feed_dtype, "batch_size": plan["batch_size"], "ray_cpus": cluster_resources()["CPU"],
-           "records": args.records, "load_average": os.getloadavg()[0], "runs": runs}
+           "pixel_dtype": runs[-1]["pixel_dtype"], "batch_size": plan["batch_size"], "ray_cpus": cluster_resources()["CPU"],
+           "records": args.records, "rows_per_file": args.rows_per_file, "load_average": os.getloadavg()[0], "runs": runs,
+           "uint8_scaling_cpu_us_per_slice": scale_us}
     print(f"\nfeed benchmark (no model): {args.n} slices {args.input_size}x{args.input_size} ({args.records} records) "
-          f"-> {args.feed_dtype} batches of {plan['batch_size']}, {res['ray_cpus']:g} Ray CPUs; machine "
+          f"-> {res['pixel_dtype']} batches of {plan['batch_size']}, {res['ray_cpus']:g} Ray CPUs; machine "
           f"{res['machine']['cpu']}, load average {res['load_average']:.1f}")
     for i, r in enumerate(runs):
         print(f"pass {i + 1}: {r['slices_per_s']:9.1f} slices/s ({r['slices_per_s_after_first']:.1f} after the first "
               f"batch) = {r['slices_per_s'] / res['ray_cpus']:.1f} per Ray CPU wall-clock; "
               f"{r['slices_per_cpu_second']:.0f} slices per CPU-second (driver + Ray + workers, {r['cpu_us_per_slice']:.0f}"
               f" us/slice; decode stage {r['decode_cpu_us_per_slice']:.0f} us/slice)")
+        print("        CPU us/slice by process: " + ", ".join(f"{k} {v}" for k, v in r["cpu_us_per_slice_by_role"].items()))
+    if scale_us is not None:
+        print(f"uint8 batches: a CPU pool's actor scales them to float32 at {scale_us:.0f} us/slice (a GPU pool on the "
+              f"GPU); with that added back: " + " / ".join(f"{r['slices_per_cpu_second_with_scaling']:.0f}" for r in runs)
+              + " slices per CPU-second")
     print("slices/s per CPU core (goal >= 1000): the CPU-second figure; the wall-clock one also counts time the "
           "cores spent on other work")
     if args.json:
