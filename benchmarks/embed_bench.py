@@ -128,7 +128,7 @@ def cpu_by_process() -> dict[tuple[int, str], float]:
     return out
 
 
-def startup_split(before: dict, after: dict, digits: int = 1) -> dict[str, float]:
+def startup_split(before: dict, after: dict) -> dict[str, float]:
     """CPU seconds between two :func:`cpu_by_process` snapshots, by role: the driver, the model actors,
     Ray Data's helper actors, the other Ray workers (file listing, read + decode tasks, idle workers
     that exited are not counted) and Ray's own processes (raylet, GCS, dashboard, agents)."""
@@ -141,7 +141,7 @@ def startup_split(before: dict, after: dict, digits: int = 1) -> dict[str, float
                 else "Ray Data helper actors" if title.startswith("ray::_") else
                 "read/decode workers" if title.startswith("ray::") and "Agent" not in title else "Ray system processes")
         out[role] += d
-    return {k: round(v, digits) for k, v in out.items()}
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def tree_cpu() -> float:
@@ -429,6 +429,9 @@ def feed_throughput(cfg, work: str, plan: dict, args) -> dict:
     """
     import re
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from ingest_bench import TreeCPU
+
     from raypipe.embed import pipeline as ep
     from raypipe.runtime import cluster_resources
 
@@ -437,15 +440,14 @@ def feed_throughput(cfg, work: str, plan: dict, args) -> dict:
     for _ in range(2):
         ds = ep._family_dataset(cfg, "image", os.path.join(work, "records"), ["ct"], None, feed_plan,
                                 model_stage=False)
-        by0 = cpu_by_process()
-        c0, t0, first, n, dtypes = tree_cpu(), time.perf_counter(), None, 0, set()
-        for b in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
-            n += len(b["error"])
-            dtypes.add(str(b["pixels"].dtype))
-            first = first or time.perf_counter()
-        dt = time.perf_counter() - t0
-        cpu_all = tree_cpu() - c0
-        split = startup_split(by0, cpu_by_process(), digits=4)  # by role (processes alive at the end)
+        with TreeCPU() as meter:
+            t0, first, n, dtypes = time.perf_counter(), None, 0, set()
+            for b in ds.iter_batches(batch_format="numpy", batch_size=None, prefetch_batches=0):
+                n += len(b["error"])
+                dtypes.add(str(b["pixels"].dtype))
+                first = first or time.perf_counter()
+            dt = time.perf_counter() - t0
+        cpu_all, split = meter.seconds, meter.by_role()
         stats = ds.stats()
         m = re.search(r"MapBatches\(decode_image_blocks\).*?Remote cpu time: .*?([0-9.]+)(us|ms|s) total", stats,
                       re.S)
@@ -455,27 +457,10 @@ def feed_throughput(cfg, work: str, plan: dict, args) -> dict:
                      "decode_cpu_us_per_slice": round(1e6 * cpu / max(n, 1), 1),
                      "cpu_us_per_slice": round(1e6 * cpu_all / max(n, 1), 1),
                      "slices_per_cpu_second": round(n / max(cpu_all, 1e-9), 1), "pixel_dtype": ",".join(sorted(dtypes)),
-                     "cpu_us_per_slice_by_role": {k: round(1e6 * v / max(n, 1)) for k, v in split.items() if v}})
-    # uint8 batches (uint8 records at the model's size) are scaled to float by the model stage: on the GPU
-    # for a GPU pool; a CPU pool's actor spends this much CPU on it (in-process, same operation)
-    scale_us = None
-    if runs[-1]["pixel_dtype"] == "uint8":
-        from raypipe.embed.image import UINT8_SCALE
-
-        u8 = np.random.default_rng(0).integers(0, 256, (plan["batch_size"], 1, args.input_size, args.input_size),
-                                               dtype=np.uint8)
-        best = float("inf")
-        for _ in range(20):
-            c0 = time.process_time()
-            np.multiply(u8, UINT8_SCALE, dtype=np.float32)
-            best = min(best, time.process_time() - c0)
-        scale_us = 1e6 * best / len(u8)
-        for r in runs:
-            r["slices_per_cpu_second_with_scaling"] = round(1e6 / (r["cpu_us_per_slice"] + scale_us), 1)
+                     "cpu_us_per_slice_by_role": {k: round(1e6 * v / max(n, 1)) for k, v in split.items()}})
     res = {"machine": machine(), "mode": "feed-only", "n": args.n, "input_size": args.input_size,
            "pixel_dtype": runs[-1]["pixel_dtype"], "batch_size": plan["batch_size"], "ray_cpus": cluster_resources()["CPU"],
-           "records": args.records, "rows_per_file": args.rows_per_file, "load_average": os.getloadavg()[0], "runs": runs,
-           "uint8_scaling_cpu_us_per_slice": scale_us}
+           "records": args.records, "rows_per_file": args.rows_per_file, "load_average": os.getloadavg()[0], "runs": runs}
     print(f"\nfeed benchmark (no model): {args.n} slices {args.input_size}x{args.input_size} ({args.records} records) "
           f"-> {res['pixel_dtype']} batches of {plan['batch_size']}, {res['ray_cpus']:g} Ray CPUs; machine "
           f"{res['machine']['cpu']}, load average {res['load_average']:.1f}")
@@ -485,10 +470,6 @@ def feed_throughput(cfg, work: str, plan: dict, args) -> dict:
               f"{r['slices_per_cpu_second']:.0f} slices per CPU-second (driver + Ray + workers, {r['cpu_us_per_slice']:.0f}"
               f" us/slice; decode stage {r['decode_cpu_us_per_slice']:.0f} us/slice)")
         print("        CPU us/slice by process: " + ", ".join(f"{k} {v}" for k, v in r["cpu_us_per_slice_by_role"].items()))
-    if scale_us is not None:
-        print(f"uint8 batches: a CPU pool's actor scales them to float32 at {scale_us:.0f} us/slice (a GPU pool on the "
-              f"GPU); with that added back: " + " / ".join(f"{r['slices_per_cpu_second_with_scaling']:.0f}" for r in runs)
-              + " slices per CPU-second")
     print("slices/s per CPU core (goal >= 1000): the CPU-second figure; the wall-clock one also counts time the "
           "cores spent on other work")
     if args.json:

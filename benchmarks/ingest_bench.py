@@ -74,7 +74,8 @@ class PeakRSS:
 
 def tree_cpu_by_role() -> dict[str, float]:
     """User + system CPU seconds of this process and its live descendants, by role: ``driver`` (this
-    process), ``workers`` (Ray worker processes: the decode tasks) and ``ray`` (raylet, GCS, dashboard...)."""
+    process), ``workers`` (Ray worker processes: the decode tasks) and ``ray`` (raylet, GCS, dashboard...).
+    Live processes only: to measure an interval use :class:`TreeCPU`."""
     import ray  # noqa: F401 - Ray ships psutil in its vendored packages
     import psutil
 
@@ -90,6 +91,82 @@ def tree_cpu_by_role() -> dict[str, float]:
             and "DashboardAgent" not in name and "RuntimeEnv" not in name else "ray"
         out[role] += t.user + t.system
     return out
+
+
+def _tree_snapshot() -> dict[int, tuple[str, float]]:
+    """{pid: (role, user + system CPU seconds)} of this process and its live descendants (zombies included)."""
+    import ray  # noqa: F401 - Ray ships psutil in its vendored packages
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        try:
+            name = " ".join(p.cmdline()[:1])
+        except psutil.Error:  # exited, not reaped yet
+            name = "exited"
+        role = "driver" if p.pid == me.pid else "workers" if name.startswith("ray::") and "Actor" not in name \
+            and "DashboardAgent" not in name and "RuntimeEnv" not in name else "ray"
+        out[p.pid] = (role, t.user + t.system)
+    return out
+
+
+class TreeCPU:
+    """CPU seconds this process tree spends inside the ``with`` block, by role (driver / workers / ray).
+
+    Per process: its CPU at the last sample minus its CPU on entry (0 for a process started inside).
+    A thread samples the tree every ``interval`` s, so a process that exits inside the block counts
+    its CPU up to its last sample. (A difference of two :func:`tree_cpu_seconds` calls subtracts the
+    whole lifetime CPU of every process that exited in between -- Ray ends idle workers a few seconds
+    after a pass -- and understated the Ray paths' CPU, by up to half in a short pass.) The sampler's
+    own CPU (~1 ms a sample) counts in the driver's.
+    """
+
+    def __init__(self, interval: float = 0.25):
+        import threading
+
+        self.interval, self._stop, self._thread = interval, threading.Event(), None
+        self.first: dict[int, tuple[str, float]] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+
+    def _sample(self) -> None:
+        self.last.update(_tree_snapshot())
+
+    def __enter__(self) -> "TreeCPU":
+        import threading
+
+        self.first = _tree_snapshot()
+        self.last = dict(self.first)
+
+        def run():
+            while not self._stop.wait(self.interval):
+                self._sample()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def by_pid(self) -> dict[int, tuple[str, float]]:
+        return {pid: (role, c - self.first.get(pid, (role, 0.0))[1]) for pid, (role, c) in self.last.items()}
+
+    def by_role(self) -> dict[str, float]:
+        out = {"driver": 0.0, "workers": 0.0, "ray": 0.0}
+        for role, c in self.by_pid().values():
+            out[role] += c
+        return out
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.by_role().values())
 
 
 def tree_cpu_seconds() -> float:
@@ -158,9 +235,9 @@ def _timed(fn, *args):
 
 
 def _cpu(fn, *args):
-    c0 = tree_cpu_seconds()
-    fn(*args)
-    return tree_cpu_seconds() - c0
+    with TreeCPU() as meter:
+        fn(*args)
+    return meter.seconds
 
 
 def main(argv=None):
@@ -218,11 +295,11 @@ def main(argv=None):
         cpu_plain_rec = _cpu(plain_loop_writing_records, files, args.size, os.path.join(work, f"plain_records{scale}"))
         t_ray, peaks, cpu_ray, roles = [], [], [], []
         for _ in range(args.repeats):  # timed without the memory sampler (its CPU would count against (b))
-            c0, t0 = tree_cpu_by_role(), time.perf_counter()
-            summary = run_ingest(cfg)
-            t_ray.append(time.perf_counter() - t0)
-            c1 = tree_cpu_by_role()
-            roles.append({k: c1[k] - c0.get(k, 0.0) for k in c1})
+            with TreeCPU() as meter:
+                t0 = time.perf_counter()
+                summary = run_ingest(cfg)
+                t_ray.append(time.perf_counter() - t0)
+            roles.append(meter.by_role())
             cpu_ray.append(sum(roles[-1].values()))
             assert summary["records"] == len(files) and summary["reconciled"], summary
         with PeakRSS() as mem:  # one more run for the peak memory
