@@ -364,3 +364,70 @@ def test_cascade_passes_train_only_the_cascades_and_learn_the_redundancy():
     assert nmse_b() < 0.7
     with pytest.raises(ValueError):
         _model(cascade_passes=-1)
+
+
+# ------------------------------------------------------------------ imp_patience (issue 14 item 4)
+def test_validation_imputation_nmse_hand_worked():
+    """With a zero-initialised cascade (the identity) a hidden slot is imputed by the encoder's absent
+    fill, so the NMSE is sum ||fill - h||^2 / sum ||h - mean_known h||^2 over the hidden slots, computed
+    here directly (two passes, per-modality means) from the same seeded masks."""
+    import numpy as np
+
+    from raypipe.train.data import simulate_missing
+
+    model = _model(cascade_init="zero")
+    x, y = _batch(30)
+    full = torch.ones(30, 3, dtype=torch.bool)
+    full[:6, 2] = False
+    got = model.validation_imputation_nmse([{"x": x, "mask": full, "y": y}], p_drop=0.6, seed=4)
+    seen = simulate_missing(full, 0.6, np.random.default_rng([4, 13]))
+    model.eval()
+    with torch.no_grad():
+        h = torch.stack(model.encode(x, full), 1).double()
+        fill = torch.stack(model.encode(x, seen), 1).double()
+    num = den = 0.0
+    for m in range(3):
+        hid = (full[:, m] & ~seen[:, m])
+        mu = h[full[:, m], m].mean(0)
+        num += float(((fill[hid, m] - h[hid, m]) ** 2).sum())
+        den += float(((h[hid, m] - mu) ** 2).sum())
+    assert int((full & ~seen).sum()) > 0
+    assert got == pytest.approx(num / den, rel=1e-6)
+    # no hidden slot at all: NaN, not a number that could count as an improvement
+    assert model.validation_imputation_nmse([{"x": x, "mask": full, "y": y}], p_drop=0.0, seed=4) != \
+        model.validation_imputation_nmse([{"x": x, "mask": full, "y": y}], p_drop=0.0, seed=4)
+
+
+def test_imp_patience_holds_early_stopping_while_the_cascade_improves(monkeypatch):
+    from raypipe.train.loop import HookContext
+
+    model = _model(imp_patience=2, use_tla=False)
+    assert _model().early_stop_hold() is False  # off by default: the paper's single early stopping
+    values = iter([1.0, 0.9, 0.95, 0.8999, 0.9, float("nan")])  # improve, improve, -, < 0.1 %, -, NaN
+    monkeypatch.setattr(model, "validation_imputation_nmse", lambda *a, **k: next(values))
+    ctx = HookContext(val_batches=lambda: [], train_batches=lambda: [])
+    holds = [model.on_epoch_end(ctx)["imp_hold"] for _ in range(6)]
+    assert holds == [True, True, True, False, False, False]
+    with pytest.raises(ValueError):
+        _model(imp_patience=-1)
+
+
+def test_the_loop_runs_past_patience_while_the_method_holds():
+    import numpy as np
+
+    from raypipe.train.loop import fit
+
+    rng = np.random.default_rng(0)
+    x = {s.name: rng.normal(size=(40, *s.shape)).astype(np.float32) for s in SPECS}
+    y = rng.integers(0, 2, 40).astype(float)
+    mask = np.ones((40, 3), bool)
+    runs = []
+    for hold_epochs in (0, 6):
+        model = _model(use_tla=False)
+        model.early_stop_hold = lambda m=model, k=hold_epochs: len(runs_epochs) < k
+        runs_epochs = []
+        orig = model.on_epoch_end
+        model.on_epoch_end = lambda ctx, f=orig: (runs_epochs.append(ctx.epoch), f(ctx))[1]
+        res = fit(model, (x, mask, y), (x, mask, y), "binary", epochs=8, patience=1, lr=0.0)  # lr 0: never improves
+        runs.append(len(res["history"]))
+    assert runs == [2, 6]

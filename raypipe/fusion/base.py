@@ -20,6 +20,9 @@ Hooks (no-ops by default; a method overrides what it needs):
     callables that iterate the worker's training / validation batches.
 ``extra_state() / load_extra_state(state)``
     Non-parameter state that must survive a checkpoint (the lazy subset, blend weights).
+``early_stop_hold() -> bool``
+    True while the method asks the loop not to stop early yet (a part of it still converging, e.g.
+    OmniFuse's ``imp_patience``); False by default. Honoured by ``loop.fit_batches``.
 """
 
 from __future__ import annotations
@@ -210,6 +213,9 @@ class FusionMethod(nn.Module):
 
     def on_epoch_end(self, ctx) -> dict[str, Any] | None:
         return None
+
+    def early_stop_hold(self) -> bool:
+        return False
 
     def extra_state(self) -> dict[str, Any]:
         return {}

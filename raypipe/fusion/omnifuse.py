@@ -104,7 +104,7 @@ class OmniFuse(FusionMethod):
                  absent_fill: str = "mean", imp_forward_on: str = "known", mine_every: int = 1,
                  joint_skip: bool = False, imputed_trust: str = "same", cascade_grad: str = "all",
                  cascade_init: str = "default", imp_warmup: int = 0, imp_hide_one: bool = False,
-                 cascade_passes: int = 0):
+                 cascade_passes: int = 0, imp_patience: int = 0):
         super().__init__(specs, task, n_outputs, hidden_dim)
         if cascade_init not in ("default", "zero"):
             raise ValueError(f"cascade_init must be 'default' (paper) or 'zero', got {cascade_init!r}")
@@ -117,6 +117,12 @@ class OmniFuse(FusionMethod):
         if cascade_passes < 0:
             raise ValueError(f"cascade_passes must be >= 0, got {cascade_passes}")
         self.cascade_passes = int(cascade_passes)
+        if imp_patience < 0:
+            raise ValueError(f"imp_patience must be >= 0, got {imp_patience}")
+        # imp_patience: the loop may not stop early while the cascade's validation NMSE improved within
+        # the last imp_patience epochs (0: off, the paper's single early stopping on the classifier)
+        self.imp_patience = int(imp_patience)
+        self._imp_best, self._imp_since = float("inf"), 0
         self._cascade_opt: torch.optim.Optimizer | None = None  # cascade_passes' own AdamW (lr 1e-3)
         if imputed_trust not in ("same", "reliability"):
             raise ValueError(f"imputed_trust must be 'same' (paper) or 'reliability', got {imputed_trust!r}")
@@ -434,6 +440,55 @@ class OmniFuse(FusionMethod):
                     total, n = total + float(loss.detach()) * b, n + b
         return total / max(n, 1)
 
+    @torch.no_grad()
+    def validation_imputation_nmse(self, batches, p_drop: float, seed: int, all_reduce=None) -> float:
+        """The forward cascade's error on slots hidden by the simulation (the same masks for the same
+        ``seed``), pooled over modalities: sum ||v'_m - h_m||^2 / sum ||h_m - mu_m||^2 over the hidden
+        slots, mu_m the mean of h_m over the rows where m is known; 1.0 = predicting that mean. NaN when
+        nothing is hidden. Eval mode; the sums are all-reduced across workers before the ratio."""
+        from raypipe.train.data import simulate_missing
+
+        rng = np.random.default_rng([seed, 13])
+        m, d = len(self.modalities), self.hidden_dim
+        # per modality: n_known, n_hidden, sum ||h||^2 hidden, sum err hidden | sum h known (D), sum h hidden (D)
+        acc = torch.zeros(m, 4 + 2 * d, dtype=torch.float64)
+        with self.encoders_in_eval():
+            for batch in batches:
+                x, full = batch["x"], batch["mask"]
+                seen = simulate_missing(full, p_drop, rng) if p_drop > 0 else full
+                ref = torch.stack(self.encode(x, full), dim=1).double().cpu()  # (B, M, D)
+                imp = self.cra_forward(torch.cat(self.encode(x, seen), dim=1))[0].double().cpu().reshape(ref.shape)
+                known = full.to(torch.float64).cpu()
+                hid = (full & ~seen).to(torch.float64).cpu()
+                acc[:, 0] += known.sum(0)
+                acc[:, 1] += hid.sum(0)
+                acc[:, 2] += ((ref ** 2).sum(2) * hid).sum(0)
+                acc[:, 3] += (((imp - ref) ** 2).sum(2) * hid).sum(0)
+                acc[:, 4:4 + d] += (ref * known.unsqueeze(2)).sum(0)
+                acc[:, 4 + d:] += (ref * hid.unsqueeze(2)).sum(0)
+        if all_reduce is not None:
+            acc = all_reduce(acc)
+        n_known, n_hid, sq_hid, err = acc[:, 0], acc[:, 1], acc[:, 2], acc[:, 3]
+        mu = acc[:, 4:4 + d] / n_known.clamp_min(1).unsqueeze(1)
+        var = sq_hid - 2 * (mu * acc[:, 4 + d:]).sum(1) + n_hid * (mu ** 2).sum(1)
+        use = (n_hid > 0) & (n_known >= 2)
+        if not bool(use.any()):
+            return float("nan")
+        return float(err[use].sum() / var[use].sum().clamp_min(1e-12))
+
+    def early_stop_hold(self) -> bool:
+        """``imp_patience``: hold the loop's early stopping while the cascade's validation NMSE still
+        improves (it improved within the last ``imp_patience`` epochs)."""
+        return self.imp_patience > 0 and self.use_imp_forward and self._imp_since < self.imp_patience
+
+    def _track_validation_imputation(self, ctx) -> dict[str, Any]:
+        nmse = self.validation_imputation_nmse(ctx.val_batches(), ctx.p_drop, ctx.seed, ctx.all_reduce)
+        if nmse == nmse and nmse < self._imp_best * (1 - 1e-3):  # not NaN, improved by > 0.1 %
+            self._imp_best, self._imp_since = nmse, 0
+        else:
+            self._imp_since += 1
+        return {"val_imp_nmse": nmse, "imp_hold": self.early_stop_hold()}
+
     def on_epoch_end(self, ctx) -> dict[str, Any] | None:
         self.warming_up = False  # validation and prediction are never a warm-up pass
         if self.cascade_passes and self.use_imp_forward and ctx.train_batches is not None:
@@ -444,15 +499,18 @@ class OmniFuse(FusionMethod):
             with torch.enable_grad():
                 for _ in range(self.cascade_passes):
                     self.train_cascades_alone(ctx.train_batches(), ctx.p_drop, rng)
+        out: dict[str, Any] = {}
+        if self.imp_patience > 0 and self.use_imp_forward and ctx.val_batches is not None:
+            out.update(self._track_validation_imputation(ctx))
         if not self.use_tla:
-            return None
+            return out or None
         if self.lazy_subset is not None and ctx.epoch % self.mine_every != 0:
-            return {"tla": self.last_trace}  # option: mine every k epochs (the paper mines every epoch)
+            return {**out, "tla": self.last_trace}  # option: mine every k epochs (the paper mines every epoch)
         d = self.subset_losses(ctx.train_batches(), ctx.all_reduce)
         self.lazy_subset = max(d, key=lambda s: (d[s], -len(s)))  # argmax (ties: the smaller subset)
         name = lambda s: "+".join(self.modalities[i] for i in s)  # noqa: E731
         self.last_trace = {"lazy": name(self.lazy_subset), "d": {name(s): v for s, v in d.items()}}
-        return {"tla": self.last_trace}
+        return {**out, "tla": self.last_trace}
 
     def extra_state(self) -> dict[str, Any]:
         return {"lazy_subset": list(self.lazy_subset) if self.lazy_subset is not None else None}

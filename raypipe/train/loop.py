@@ -241,7 +241,7 @@ def fit_batches(method, train_batches: Callable[[int | None], Iterable[dict]],
             best_state = (copy.deepcopy(method.state_dict()), copy.deepcopy(method.extra_state()))
         else:
             since += 1
-            if since >= patience:
+            if since >= patience and not method.early_stop_hold():
                 log.info("early stop after epoch %d (best %s %.4f at epoch %d)", epoch + 1, main, best, best_epoch)
                 break
     if best_state is not None:
