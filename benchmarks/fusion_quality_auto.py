@@ -224,7 +224,8 @@ def main(argv=None) -> dict:
     p.add_argument("--refit", default="full", choices=("full", "bag"),
                    help="train.auto.refit: full = the chosen model fitted on the whole outer training part (the "
                         "cached outer fits); bag = no refit, the mean of the inner fold models' predictions "
-                        "(new inner fits that also predict the outer test fold, cached as *_bag.npz)")
+                        "(new inner fits that also predict the outer test fold, cached as *_bag.npz). Default "
+                        "full (the cached rows' mode), although train.auto.refit defaults to bag")
     own, rest = p.parse_known_args(argv)
     if own.select is None:
         from raypipe.tune.auto import DEFAULT_SELECT

@@ -408,7 +408,7 @@ def test_fold_task_state_flag_is_off_by_default_and_changes_no_result():
     np.testing.assert_array_equal(plain.pop("oof"), with_state.pop("oof"))
     plain.pop("seconds"), with_state.pop("seconds")
     assert plain == with_state
-    assert load_config(None, []).train.auto.refit == "full"  # the default: refit, no fold models kept
+    assert load_config(None, []).train.auto.refit == "bag"  # auto's default keeps the fold models (flag on there)
 
 
 def _hand_bag(run_dir, table, cfg, weights, task):
