@@ -512,3 +512,19 @@ def test_bag_predicts_the_mean_of_its_fold_models_in_train_infer_and_report(ray_
                  *zip(written["missing_rate_curve"], here["missing_rate_curve"])]:
         assert {k: v for k, v in a.items() if k != "pattern"} == pytest.approx(
             {k: v for k, v in b.items() if k != "pattern"}, abs=1e-6, nan_ok=True)
+
+
+@ray
+def test_refit_full_keeps_no_fold_models_and_refits_one_model(ray_session, user_table, tmp_path):
+    from raypipe.train.tables import infer_task, read_embeddings
+    from raypipe.tune.auto import cross_validate, run_auto
+
+    cfg = _auto_cfg(tmp_path, user_table, "train.auto.candidates=[concat]", "train.auto.refit=full")
+    table = read_embeddings(user_table)
+    task, _ = infer_task(table.y)
+    assert "_fold_models" not in cross_validate(cfg, table, task, "accuracy", True, str(tmp_path / "cv"))
+    res = run_auto(cfg)
+    meta = json.loads(open(os.path.join(res["run_dir"], "model_meta.json")).read())
+    summary = json.loads(open(os.path.join(res["run_dir"], "auto_summary.json")).read())
+    assert meta["method"] == "concat" and "refit" not in meta  # the refitted single method, not a bag
+    assert summary["refit"] == "full" and summary["refit_runner"] == "tasks" and summary["chosen"] == "concat"
