@@ -24,7 +24,10 @@ Eq. 7; ``dropped``: only the simulated-missing ones); ``absent_fill`` is documen
 ``cascade_init``, ``imp_warmup``, ``imp_hide_one`` and ``cascade_passes`` (constructor options, paper
 behaviour by default) were the root-cause trials of issue 14: the cascade is starved of optimisation
 steps before early stopping; none improved AUROC (docs/fusion.md, "Why the cascade does not learn
-what a ridge finds"). Measurements behind the defaults: docs/fusion.md and ``benchmarks/omnifuse_diagnose.py``.
+what a ridge finds"). ``imp_patience`` (off by default) holds the loop's early stopping while the cascade's
+validation NMSE improves; measured, it returns the same weights (docs/fusion.md). Speed: TLA mining runs under
+inference mode in chunks of ``mining_chunk`` rows; ``subset_losses_reference`` is its straightforward check.
+Measurements behind the defaults: docs/fusion.md and ``benchmarks/omnifuse_diagnose.py``.
 """
 
 from __future__ import annotations
