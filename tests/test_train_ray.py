@@ -127,6 +127,17 @@ def test_running_an_early_stopped_run_again_trains_nothing_more(ray_session, tru
     assert [h["epoch"] for h in _history(again)] == [1, 2]  # resumed from epoch 2 and stopped, no third epoch
 
 
+def test_the_worker_honours_a_methods_early_stop_hold(ray_session, truth_embeddings, tmp_path):
+    from raypipe.train.trainer import fit_torch_trainer
+
+    # lr ~ 0: without a hold, patience 1 stops after epoch 2 (the test above); OmniFuse's imp_patience 100
+    # holds early stopping for 100 epochs after the cascade's last improvement, so all 4 epochs run
+    cfg, meta, ids = _setup(tmp_path, truth_embeddings, "train.patience=1", "train.lr=1e-12",
+                            "train.method_args.imp_patience=100")
+    result = fit_torch_trainer(cfg, meta, ids["train"], ids["val"], "hold", str(tmp_path / "results"))
+    assert [h["epoch"] for h in _history(result)] == [1, 2, 3, 4]
+
+
 def test_epoch_lines_replace_ray_trains_per_report_dump():
     """raypipe prints one short line per epoch; Ray Train V2's per-report INFO dump follows its level."""
     import logging

@@ -22,7 +22,7 @@ Hooks (no-ops by default; a method overrides what it needs):
     Non-parameter state that must survive a checkpoint (the lazy subset, blend weights).
 ``early_stop_hold() -> bool``
     True while the method asks the loop not to stop early yet (a part of it still converging, e.g.
-    OmniFuse's ``imp_patience``); False by default. Honoured by ``loop.fit_batches``.
+    OmniFuse's ``imp_patience``); False by default. Honoured by ``loop.fit_batches`` and the Ray Train worker.
 """
 
 from __future__ import annotations

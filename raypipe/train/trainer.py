@@ -305,7 +305,10 @@ def train_loop_per_worker(config: dict) -> None:
         # the run hands out) and at the last epoch (final or early-stopped); the same decision on
         # every worker (the metric was all-gathered). Only persisted epochs are reported: the
         # others are in history.json, and every report costs a controller poll.
-        last = epoch + 1 == tc["epochs"] or since_best >= tc["patience"]
+        # early stop: the classifier's patience ran out and the method does not hold it (OmniFuse's
+        # imp_patience: the cascade still improves; its NMSE was all-reduced, so every worker agrees)
+        stop = since_best >= tc["patience"] and not method.early_stop_hold()
+        last = epoch + 1 == tc["epochs"] or stop
         if improved or last or (epoch + 1) % every == 0:
             checkpoint = None
             if rank == 0:
@@ -330,7 +333,7 @@ def train_loop_per_worker(config: dict) -> None:
             if persisted:  # die after the controller registered the last persisted checkpoint: a known resume point
                 _wait_registered(persisted)
             os.kill(os.getpid(), 9)  # SIGKILL, as a crashed node would
-        if since_best >= tc["patience"]:  # same decision on every worker: the metric was all-gathered
+        if stop:  # same decision on every worker: the metric was all-gathered
             break
 
 
