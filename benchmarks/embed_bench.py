@@ -449,7 +449,7 @@ def feed_throughput(cfg, work: str, plan: dict, args) -> dict:
             dt = time.perf_counter() - t0
         cpu_all, split = meter.seconds, meter.by_role()
         stats = ds.stats()
-        m = re.search(r"MapBatches\(decode_image_blocks\).*?Remote cpu time: .*?([0-9.]+)(us|ms|s) total", stats,
+        m = re.search(r"MapBatches\((?:decode_image_blocks|read_image_files)\).*?Remote cpu time: .*?([0-9.]+)(us|ms|s) total", stats,
                       re.S)
         cpu = float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)] if m else float("nan")
         runs.append({"slices": n, "seconds": round(dt, 2), "slices_per_s": round(n / dt, 1),

@@ -310,3 +310,34 @@ def test_pool_plan_never_takes_every_cpu():
     assert grows["size"] == 8 and grows["num_gpus"] == 0.5 and grows["batch_size"] == 256
     with pytest.raises(ValueError, match="need 4 GPUs, the cluster has 0"):
         pool_plan(cold, {"CPU": 0, "GPU": 0})
+
+
+def test_read_image_files_gives_the_filtered_records(tmp_path):
+    """The image feed's own reader: the records of the asked modalities and samples, every one once,
+    across row groups (pruned by statistics) and batches, whatever the batch size."""
+    from raypipe.embed.pipeline import read_image_files
+    from raypipe.ingest.pipeline import records_table
+
+    rng = np.random.default_rng(0)
+    rows = [{"sample_id": f"s{i // 4:02d}", "modality": m, "source_key": f"k{i}", "position": i % 4,
+             **array_to_payload((rng.random((1, 8, 8)) * 255).astype(np.uint8)), "text": None, "meta": "{}"}
+            for i in range(40) for m in ("ct", "pet")]
+    rows.sort(key=lambda r: (r["sample_id"], r["modality"], r["source_key"]))
+    table = records_table(pa.Table.from_pylist(rows, schema=RECORDS_SCHEMA),
+                          {"ct": ("uint8", [1, 8, 8]), "pet": ("uint8", [1, 8, 8])})
+    path = str(tmp_path / "part-00000.parquet")
+    pq.write_table(table, path, row_group_size=12, write_statistics=["sample_id", "modality"])
+    assert pq.ParquetFile(path).metadata.num_row_groups == 7
+    paths = pa.table({"path": [path]})
+    cols = ["sample_id", "modality", "source_key", "position", "payload", "dtype", "shape", "tensor_ct"]
+    want_ids = ["s02", "s07", "s08"]
+    for rows_per_batch in (1, 5, 32):
+        got = [(s, k) for b in read_image_files(paths, cols, ["ct"], want_ids, rows_per_batch, input_size=8)
+               for s, k, e in zip(b["sample_id"], b["source_key"], b["error"]) if not e]
+        expect = [(r["sample_id"], r["source_key"]) for r in rows if r["modality"] == "ct" and r["sample_id"] in want_ids]
+        assert got == expect
+    every = [k for b in read_image_files(paths, cols, ["ct"], None, 7, input_size=8) for k in b["source_key"]]
+    assert every == [r["source_key"] for r in rows if r["modality"] == "ct"]
+    pixels = np.concatenate([b["pixels"] for b in read_image_files(paths, cols, ["ct"], None, 7, input_size=8)])
+    stored = np.stack([np.frombuffer(r["payload"], np.uint8).reshape(1, 8, 8) for r in rows if r["modality"] == "ct"])
+    np.testing.assert_array_equal(pixels, stored * np.float32(1 / 255))

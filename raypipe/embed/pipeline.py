@@ -39,6 +39,7 @@ Guarantees
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -290,14 +291,57 @@ def decode_image_batch(batch: pa.Table, input_size: int, band_projection: str = 
     return out
 
 
-def decode_image_blocks(block: pa.Table, rows: int, **kwargs: Any) -> Iterable[dict[str, np.ndarray]]:
-    """Ray Data task over a whole read block: :func:`decode_image_batch` on ``rows`` records at a time.
+def _row_groups(md: Any, mods: Sequence[str], ids: Sequence[str] | None) -> list[int]:
+    """Row groups of a records file (Parquet metadata ``md``) that may hold records of ``mods`` (and of
+    ``ids``, sorted), from the key columns' min/max statistics; a group without statistics is kept."""
+    col = {md.schema.column(i).path: i for i in range(md.num_columns)}  # leaf paths: key columns are flat
+    keep = []
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
 
-    A generator, so memory stays at one small batch of decoded pixels however large
-    the block is (a 128 MB block of 224x224 slices would be ~400 MB decoded at once).
-    """
-    for start in range(0, block.num_rows, max(1, rows)):
-        yield decode_image_batch(block.slice(start, rows), **kwargs)
+        def overlaps(name: str, wanted: Sequence[str]) -> bool:
+            st = rg.column(col[name]).statistics if name in col else None
+            if st is None or not st.has_min_max or not isinstance(st.min, str) or not isinstance(st.max, str):
+                return True
+            j = bisect.bisect_left(wanted, st.min)
+            return j < len(wanted) and wanted[j] <= st.max
+
+        if overlaps("modality", sorted(mods)) and (ids is None or overlaps("sample_id", ids)):
+            keep.append(g)
+    return keep
+
+
+def read_image_files(paths: pa.Table, columns: Sequence[str], mods: Sequence[str], ids: Sequence[str] | None,
+                     rows: int, filesystem: Any = None, **kwargs: Any) -> Iterable[dict[str, np.ndarray]]:
+    """Ray Data task: records files -> :func:`decode_image_batch` output, ``rows`` records at a time.
+
+    Each file is read with ``pq.ParquetFile.iter_batches(batch_size=rows)``: Parquet's list reader then
+    holds one batch's levels and values at a time. (Arrow's dataset scanner, which ``read_parquet`` uses,
+    decodes a whole row group first: a tensor column's int32 values and two int16 level arrays per pixel,
+    8x the group's bytes in fresh memory; benchmarks/RESULTS.md, issue 17.) Row groups are pruned by the
+    key columns' statistics and the modality / sample-id filter is applied per batch, so the records read
+    are those ``read_parquet(...).filter(...)`` would give. ``ids``: sorted, or None for all."""
+    import pyarrow.parquet as pq
+
+    wanted_mods = pa.array(list(mods), pa.string())
+    wanted_ids = None if ids is None else set(ids)  # a Python set once per task, not a hash table per batch
+    for path in paths.column("path").to_pylist():
+        with pq.ParquetFile(path, filesystem=filesystem) as pf:
+            groups = _row_groups(pf.metadata, mods, ids)
+            cols = [c for c in columns if c in pf.schema_arrow.names]
+            batches = (pf.iter_batches(batch_size=max(1, rows), row_groups=groups, columns=cols, use_threads=False)
+                       if groups else [])
+            for rb in batches:
+                t = pa.Table.from_batches([rb])
+                mask = pc.is_in(t.column("modality"), value_set=wanted_mods)
+                if wanted_ids is not None:
+                    mask = pc.and_(mask, pa.array([v in wanted_ids for v in t.column("sample_id").to_pylist()]))
+                n = pc.sum(mask).as_py() or 0
+                if n == 0:
+                    continue
+                if n < t.num_rows:
+                    t = t.filter(mask)
+                yield decode_image_batch(t, **kwargs)
 
 
 # ----------------------------------------------------------------------------- actors
@@ -515,7 +559,7 @@ FAMILIES = {"image": IMAGE_KINDS, "text": TEXT_KINDS}
 
 def _family_dataset(cfg: Config, family: str, records_path: str, mods: list[str], ids: list[str] | None,
                     plan: Mapping[str, Any], model_stage: bool = True):
-    """read (+ filter pushed into Parquet) -> [CPU decode tasks] -> model actor pool, as one Ray Dataset.
+    """read (+ filter) -> [CPU decode, in the read tasks] -> model actor pool, as one Ray Dataset.
 
     ``model_stage=False`` stops before the actor pool: the CPU feed alone (``embed_bench.py --feed-only``
     measures how many slices per second the host can hand to the model actors).
@@ -523,12 +567,13 @@ def _family_dataset(cfg: Config, family: str, records_path: str, mods: list[str]
     import ray.data
     from ray.data.expressions import col
 
-    pred = col("modality").is_in(mods)
-    if ids is not None:
-        pred = pred & col("sample_id").is_in(ids)
     columns = ([*KEY_COLUMNS, "payload", "dtype", "shape", *_tensor_columns(records_path, mods)]
                if family == "image" else [*KEY_COLUMNS, "text"])
-    ds = ray.data.read_parquet(records_path).select_columns(columns).filter(expr=pred)
+    if family != "image":  # text records: no tensor columns, Ray's Parquet reader with the filter pushed down
+        pred = col("modality").is_in(mods)
+        if ids is not None:
+            pred = pred & col("sample_id").is_in(ids)
+        ds = ray.data.read_parquet(records_path).select_columns(columns).filter(expr=pred)
     # Start-up: a CPU pool (one actor per CPU) starts one actor short and Ray Data adds the last one
     # as batches queue up. With every actor importing torch + transformers at once, the listing and
     # read tasks had no core of their own and the first result came later (2 cores, i.e. one actor
@@ -551,9 +596,18 @@ def _family_dataset(cfg: Config, family: str, records_path: str, mods: list[str]
         # for 1 CPU like the read; should the actors ask for exactly that too, Ray Data would fuse the
         # task stage into the actors and serialise decode and model again, so then it asks for less.
         decode_cpus = 0.5 if (plan["num_cpus"] == 1.0 and not plan["num_gpus"]) else None
-        # whole blocks (batch_size=None keeps the stage fusable with the read), decoded batch by batch
-        ds = ds.map_batches(decode_image_blocks, batch_format="pyarrow", batch_size=None, num_cpus=decode_cpus,
-                            fn_kwargs={"rows": plan["batch_size"], "input_size": ic.input_size,
+        # One task per records file reads it batch by batch and decodes each batch (read_image_files):
+        # no Parquet footer actors or listing task per run, and a tensor column's row group is never
+        # decoded whole (see read_image_files).
+        import pyarrow.dataset as pads
+
+        src = pads.dataset(records_path, format="parquet")
+        files = sorted(src.files)
+        ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
+        ds = ds.map_batches(read_image_files, batch_format="pyarrow", batch_size=1, num_cpus=decode_cpus,
+                            fn_kwargs={"columns": columns, "mods": list(mods),
+                                       "ids": None if ids is None else sorted(ids), "rows": plan["batch_size"],
+                                       "filesystem": src.filesystem, "input_size": ic.input_size,
                                        "band_projection": ic.band_projection, "band_indices": ic.band_indices,
                                        "pixel_dtype": "float16" if half else "float32"})
         if not model_stage:
