@@ -431,3 +431,19 @@ def test_the_loop_runs_past_patience_while_the_method_holds():
         res = fit(model, (x, mask, y), (x, mask, y), "binary", epochs=8, patience=1, lr=0.0)  # lr 0: never improves
         runs.append(len(res["history"]))
     assert runs == [2, 6]
+
+
+def test_the_holds_counters_survive_a_checkpoint(monkeypatch):
+    """A resumed run must hold as the uninterrupted one would: the counters travel in extra_state."""
+    from raypipe.train.loop import HookContext
+
+    values = iter([1.0, 0.9, 0.95, 0.96])  # improve, improve, -, -: with imp_patience 2 the 4th releases
+    ctx = HookContext(val_batches=lambda: [], train_batches=lambda: [])
+    model = _model(imp_patience=2, use_tla=False)
+    monkeypatch.setattr(model, "validation_imputation_nmse", lambda *a, **k: next(values))
+    assert [model.on_epoch_end(ctx)["imp_hold"] for _ in range(3)] == [True, True, True]
+    resumed = _model(imp_patience=2, use_tla=False)
+    resumed.load_extra_state(model.extra_state())
+    monkeypatch.setattr(resumed, "validation_imputation_nmse", lambda *a, **k: next(values))
+    assert resumed.on_epoch_end(ctx)["imp_hold"] is False  # a fresh counter would still hold here
+    assert "imp_since" not in _model().extra_state()  # off: the checkpoint is unchanged

@@ -138,6 +138,23 @@ def test_the_worker_honours_a_methods_early_stop_hold(ray_session, truth_embeddi
     assert [h["epoch"] for h in _history(result)] == [1, 2, 3, 4]
 
 
+def test_a_run_killed_while_held_resumes_inside_the_hold(ray_session, truth_embeddings, tmp_path):
+    from raypipe.train.trainer import fit_torch_trainer
+
+    # lr ~ 0: the validation metric does not improve after epoch 1, so patience 1 has run out at epoch 2;
+    # imp_patience 100 holds early stopping through epoch 4 (the test above). Killed after epoch 2, the
+    # resumed worker must go on inside the hold (3, 4), not stop at once as an early-stopped run does.
+    cfg, meta, ids = _setup(tmp_path, truth_embeddings, "train.patience=1", "train.lr=1e-12",
+                            "train.method_args.imp_patience=100", "train.max_failures=1")
+    marker = str(tmp_path / "killed-once")
+    result = fit_torch_trainer(cfg, meta, ids["train"], ids["val"], "held", str(tmp_path / "results"),
+                               fault_injection={"epoch": 2, "marker": marker})
+    assert os.path.exists(marker)  # the worker really was killed
+    hist = _history(result)
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    assert {h["epoch"]: h["resumed_from_epoch"] for h in hist if "resumed_from_epoch" in h} == {3: 2}
+
+
 def test_epoch_lines_replace_ray_trains_per_report_dump():
     """raypipe prints one short line per epoch; Ray Train V2's per-report INFO dump follows its level."""
     import logging

@@ -516,11 +516,16 @@ class OmniFuse(FusionMethod):
         return {**out, "tla": self.last_trace}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"lazy_subset": list(self.lazy_subset) if self.lazy_subset is not None else None}
+        state: dict[str, Any] = {"lazy_subset": list(self.lazy_subset) if self.lazy_subset is not None else None}
+        if self.imp_patience > 0:  # the hold's counters: a resumed run holds as the uninterrupted one would
+            state["imp_best"], state["imp_since"] = self._imp_best, self._imp_since
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         lazy = state.get("lazy_subset")
         self.lazy_subset = tuple(lazy) if lazy is not None else None
+        if "imp_since" in state:
+            self._imp_best, self._imp_since = float(state["imp_best"]), int(state["imp_since"])
 
     # ------------------------------------------------------------------ traceability
     @torch.no_grad()

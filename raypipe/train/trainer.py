@@ -262,7 +262,7 @@ def train_loop_per_worker(config: dict) -> None:
     if task == "regression":
         method.set_label_variance(meta.get("var_y", 1.0))
     main = M.main_metric_name(task)
-    if start_epoch and since_best >= tc["patience"]:
+    if start_epoch and since_best >= tc["patience"] and not method.early_stop_hold():
         # the checkpoint is that of a run which had already stopped early: nothing left to train
         log.info("worker %d: the resumed run had stopped early at epoch %d", rank, start_epoch)
         return
