@@ -77,17 +77,29 @@ def test_mining_leaves_the_model_in_training_mode_and_its_sums_all_reducible():
     model = _model()
     model.train()
     x, mask, y = _data()
-    batches = list(tensor_batches(x, mask, y, "binary", 64))
-    seen = []
+    # two workers with different rows: worker A's all-reduce adds worker B's stacked sums and counts, so
+    # A's result must be the losses over the union of both workers' rows (the reference path on all rows)
+    n = len(y)
+    half = n // 2
+    part_a = list(tensor_batches({m: v[:half] for m, v in x.items()}, mask[:half], y[:half], "binary", 64))
+    part_b = list(tensor_batches({m: v[half:] for m, v in x.items()}, mask[half:], y[half:], "binary", 64))
+    from_b, seen = [], []
+
+    def capture(t):  # worker B's side: record what it would contribute
+        from_b.append(t.clone())
+        return t
 
     def all_reduce(t):  # an in-place collective, as torch.distributed's is
         seen.append(t.is_inference())
-        return t.mul_(2.0)  # two identical workers
+        return t.add_(from_b[0])
 
-    d1 = model.subset_losses(batches)
-    d2 = model.subset_losses(batches, all_reduce=all_reduce)
+    model.subset_losses(part_b, all_reduce=capture)
+    alone = model.subset_losses(part_a)
+    reduced = model.subset_losses(part_a, all_reduce=all_reduce)
+    union = model.subset_losses_reference(list(tensor_batches(x, mask, y, "binary", 64)))
     assert model.training and seen == [False]
-    assert all(d2[s] == pytest.approx(d1[s]) for s in d1)
+    assert all(reduced[s] == pytest.approx(union[s], rel=1e-5) for s in union)
+    assert any(alone[s] != pytest.approx(union[s], rel=1e-3) for s in union)  # the premise: B's rows matter
 
 
 def test_position_mask_equals_repeat_interleave():
