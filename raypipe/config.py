@@ -312,7 +312,7 @@ class AutoConfig(_Section):
     #: cross-validation fold models predict together (the mean of their probabilities; an ensemble: weight
     #: w/k on each fold model of each member; k x the inference compute); full = refitted on the full
     #: training split. bag by a rule stated before measuring (benchmarks/fusion_quality_auto.py's 9
-    #: conditions: criterion met 8/9 as full, mean held-out AUROC 0.9052 vs 0.9021; demo run 11.4 min)
+    #: conditions: criterion met 8/9 as full, mean held-out AUROC 0.9052 vs 0.9021; demo run 11.4-12.4 min)
     refit: Literal["full", "bag"] = "bag"
     #: > 0: before the CV, a Ray Tune search of each candidate's hyper-parameters (tune.space,
     #: tune.scheduler; random draws seeded by run.seed) on the same folds, this many trials per

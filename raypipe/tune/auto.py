@@ -380,7 +380,7 @@ def cross_validate(cfg: Config, table, task: str, metric: str, higher: bool, out
 REFIT_MODES = ("full", "bag")
 #: where ``train.auto.refit`` is not set: chosen by a rule stated before measuring (bag met issue 18's criterion in
 #: as many of the 9 conditions of benchmarks/fusion_quality_auto.py as full, 8, with a higher mean held-out AUROC,
-#: 0.9052 vs 0.9021, and the demo auto run stayed under 15 minutes, 11.4; benchmarks/RESULTS.md)
+#: 0.9052 vs 0.9021, and the demo auto run stayed under 15 minutes, 11.4-12.4; benchmarks/RESULTS.md)
 DEFAULT_REFIT = "bag"
 
 
