@@ -93,8 +93,9 @@ def tree_cpu_by_role() -> dict[str, float]:
     return out
 
 
-def _tree_snapshot() -> dict[int, tuple[str, float]]:
-    """{pid: (role, user + system CPU seconds)} of this process and its live descendants (zombies included)."""
+def _tree_snapshot() -> dict[tuple[int, float], tuple[str, float]]:
+    """{(pid, start time): (role, user + system CPU seconds)} of this process and its live descendants
+    (zombies included); keyed with the start time so that a pid the OS reuses is another process."""
     import ray  # noqa: F401 - Ray ships psutil in its vendored packages
     import psutil
 
@@ -102,7 +103,7 @@ def _tree_snapshot() -> dict[int, tuple[str, float]]:
     out = {}
     for p in [me, *me.children(recursive=True)]:
         try:
-            t = p.cpu_times()
+            t, born = p.cpu_times(), p.create_time()
         except psutil.Error:
             continue
         try:
@@ -111,7 +112,7 @@ def _tree_snapshot() -> dict[int, tuple[str, float]]:
             name = "exited"
         role = "driver" if p.pid == me.pid else "workers" if name.startswith("ray::") and "Actor" not in name \
             and "DashboardAgent" not in name and "RuntimeEnv" not in name else "ray"
-        out[p.pid] = (role, t.user + t.system)
+        out[(p.pid, born)] = (role, t.user + t.system)
     return out
 
 
@@ -130,8 +131,8 @@ class TreeCPU:
         import threading
 
         self.interval, self._stop, self._thread = interval, threading.Event(), None
-        self.first: dict[int, tuple[str, float]] = {}
-        self.last: dict[int, tuple[str, float]] = {}
+        self.first: dict[tuple[int, float], tuple[str, float]] = {}
+        self.last: dict[tuple[int, float], tuple[str, float]] = {}
 
     def _sample(self) -> None:
         self.last.update(_tree_snapshot())
@@ -155,8 +156,9 @@ class TreeCPU:
         self._thread.join()
         self._sample()
 
-    def by_pid(self) -> dict[int, tuple[str, float]]:
-        return {pid: (role, c - self.first.get(pid, (role, 0.0))[1]) for pid, (role, c) in self.last.items()}
+    def by_pid(self) -> dict[tuple[int, float], tuple[str, float]]:
+        """{(pid, start time): (role, CPU seconds inside the block)}."""
+        return {key: (role, c - self.first.get(key, (role, 0.0))[1]) for key, (role, c) in self.last.items()}
 
     def by_role(self) -> dict[str, float]:
         out = {"driver": 0.0, "workers": 0.0, "ray": 0.0}
