@@ -22,20 +22,21 @@
 4. ``<run dir>/leaderboard.csv`` (metric mean ± std over folds, fit seconds, paired t-test
    against the best, searched params), ``auto_summary.json``, ``folds.parquet`` and, with a
    search, ``search.csv``.
-5. The winner is refitted on the full training split (its train part, split by the candidate's own
-   ``val_fraction``; early stopping on its val part) into the run directory (default
-   ``<out_dir>/train/auto``), the runner chosen from the chosen candidates' own train settings
-   (:func:`refit_runner`): where every one trains on 1 CPU worker, as 1-CPU Ray tasks repeating
-   the CV fits' own loop (:func:`raypipe.train.loop.fit`: constant learning rate, no cosine
+5. What is saved is set by ``train.auto.refit`` (:func:`refit_mode`; default ``bag``, from
+   :class:`raypipe.config.AutoConfig`). ``bag``: no refit; the CV's fold models of the chosen
+   candidates (kept in the object store by :func:`raypipe.tune.folds.run_fits`) are saved as one
+   ensemble into the run directory (default ``<out_dir>/train/auto``), weight w_c / k on each of
+   candidate c's k fold models (:func:`_save_bag`). ``full``: the winner is refitted on the full
+   training split (its train part, split by the candidate's own ``val_fraction``; early stopping on
+   its val part) into the run directory, the runner chosen from the chosen candidates' own train
+   settings (:func:`refit_runner`): where every one trains on 1 CPU worker, as 1-CPU Ray tasks
+   repeating the CV fits' own loop (:func:`raypipe.train.loop.fit`: constant learning rate, no cosine
    schedule, what the CV scores measured; an ensemble's members all at once); where any needs
    ``num_workers`` > 1 or a GPU, through `raypipe train`'s path (Ray Train V2, with its cosine
    learning-rate schedule), one after another. The two runners therefore give different models
-   from the same candidate. An ensemble's members go each into
-   ``members/<name>`` and are saved together as one model (``model.pt`` + ``model_meta.json``)
-   that `raypipe infer` and `raypipe report` use.
-   With ``train.auto.refit: bag`` (:func:`refit_mode`) there is no refit: the CV's fold models of the chosen
-   candidates (kept in the object store by :func:`raypipe.tune.folds.run_fits`) are saved as one ensemble,
-   weight w_c / k on each of candidate c's k fold models (:func:`_save_bag`).
+   from the same candidate. A refitted ensemble's members go each into ``members/<name>``. Either
+   way the result is one model (``model.pt`` + ``model_meta.json``) that `raypipe infer` and
+   `raypipe report` use.
 
 Deterministic: same config and seed, same folds, search trials, fits, leaderboard and choice
 (the time limit aside: what finishes in time depends on the machine).
@@ -53,12 +54,13 @@ import logging
 import os
 import shutil
 import time
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from raypipe.config import Config, TrainConfig
+from raypipe.config import AutoConfig, Config, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +158,11 @@ def _metric_fn(task: str, metric: str):
 
 #: how the model is chosen from the CV scores (:func:`choose_model`)
 SELECT_RULES = ("best", "ensemble_1se", "simplest_1se")
-#: the rule where ``train.auto.select`` is not set: chosen by a rule stated before measuring (ensemble_1se met
-#: issue 18's criterion in as many of the 9 conditions of benchmarks/fusion_quality_auto.py as best, 8, with a
-#: mean held-out AUROC at least as high, 0.9021 vs 0.9005; benchmarks/RESULTS.md)
-DEFAULT_SELECT = "ensemble_1se"
+#: the rule where ``train.auto.select`` is not set (:class:`raypipe.config.AutoConfig`'s default, read from there):
+#: chosen by a rule stated before measuring (ensemble_1se met issue 18's criterion in as many of the 9 conditions
+#: of benchmarks/fusion_quality_auto.py as best, 8, with a mean held-out AUROC at least as high, 0.9021 vs 0.9005;
+#: benchmarks/RESULTS.md)
+DEFAULT_SELECT = AutoConfig.model_fields["select"].default
 
 
 def _within_one_se(a: np.ndarray, b: np.ndarray, sign: float) -> bool:
@@ -376,16 +379,14 @@ def cross_validate(cfg: Config, table, task: str, metric: str, higher: bool, out
 
 
 #: what is done with the chosen model (``train.auto.refit``): ``full`` = refitted on the full training split;
-#: ``bag`` = no refit, the k CV fold models predict together (AutoGluon-style bagging)
-REFIT_MODES = ("full", "bag")
-#: where ``train.auto.refit`` is not set: chosen by a rule stated before measuring (bag met issue 18's criterion in
-#: as many of the 9 conditions of benchmarks/fusion_quality_auto.py as full, 8, with a higher mean held-out AUROC,
-#: 0.9052 vs 0.9021, and the demo auto run stayed under 15 minutes, 11.4-12.4; benchmarks/RESULTS.md)
-DEFAULT_REFIT = "bag"
+#: ``bag`` = no refit, the k CV fold models predict together (AutoGluon-style bagging). The modes and the
+#: default (bag, and why) are :class:`raypipe.config.AutoConfig`'s, read from there so they live in one place.
+REFIT_MODES = typing.get_args(AutoConfig.model_fields["refit"].annotation)
+DEFAULT_REFIT = AutoConfig.model_fields["refit"].default
 
 
 def refit_mode(cfg: Config) -> str:
-    """``train.auto.refit`` (:data:`REFIT_MODES`), else :data:`DEFAULT_REFIT`."""
+    """``train.auto.refit`` (:data:`REFIT_MODES`; a config that lacks it: :data:`DEFAULT_REFIT`)."""
     mode = getattr(cfg.train.auto, "refit", None) or DEFAULT_REFIT
     if mode not in REFIT_MODES:
         raise ValueError(f"train.auto.refit {mode!r}: one of {', '.join(REFIT_MODES)}")
