@@ -300,13 +300,15 @@ def main(argv=None) -> dict:
             f"{l} {v:.3f}" for l, v in d["outer"].items()) + f"; auto {auto_rows[d['fold']]['auroc']:.3f}, "
             f"ensemble {ens_rows[d['fold']]['auroc']:.3f}")
     command = "python benchmarks/fusion_quality_auto.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.json:
-        with open(args.json, "w") as fh:
+    if args.json:  # written whole to a temporary name, then renamed: a crash leaves no half-written file
+        tmp = f"{args.json}.tmp-{os.getpid()}"
+        with open(tmp, "w") as fh:
             json.dump({"args": vars(args), "dataset": data.name, "scores": scores, "seconds": elapsed,
                        "command": command, "context": started,
                        "auto": {"candidates": [r[0] for r in runs], "inner_folds": own.inner_folds,
                                 "select": own.select, "refit": own.refit, "complexity": complexity,
                                 "folds": detail}}, fh, indent=2)
+        os.replace(tmp, args.json)
     return scores
 
 

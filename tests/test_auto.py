@@ -528,3 +528,27 @@ def test_refit_full_keeps_no_fold_models_and_refits_one_model(ray_session, user_
     summary = json.loads(open(os.path.join(res["run_dir"], "auto_summary.json")).read())
     assert meta["method"] == "concat" and "refit" not in meta  # the refitted single method, not a bag
     assert summary["refit"] == "full" and summary["refit_runner"] == "tasks" and summary["chosen"] == "concat"
+
+
+def test_save_ensemble_never_leaves_a_model_beside_another_models_meta(tmp_path, monkeypatch):
+    """model.pt and model_meta.json are written to temporary names first: a crash while writing the new pair
+    leaves the old pair as it was (or, between the renames, no meta), never the new model with the old meta."""
+    from raypipe.fusion import ensemble as E
+
+    old = EnsembleMethod([_Const([0.9, 0.1], 0.2)], [1], ["old"])
+    E.save_ensemble(str(tmp_path), old, {"method": "ensemble", "members": [{"name": "old"}]})
+    before = {f: (tmp_path / f).read_bytes() for f in ("model.pt", "model_meta.json")}
+    new = EnsembleMethod([_Const([0.1, 0.9], 0.7), _Const([0.5, 0.5], 0.1)], [1, 1], ["p", "q"])
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(E.json, "dump", crash)  # the meta's write fails after the model's
+    with pytest.raises(OSError, match="disk full"):
+        E.save_ensemble(str(tmp_path), new, {"method": "ensemble", "members": [{"name": "p"}, {"name": "q"}]})
+    assert {f: (tmp_path / f).read_bytes() for f in ("model.pt", "model_meta.json")} == before
+    assert sorted(os.listdir(tmp_path)) == ["model.pt", "model_meta.json"]  # no temporary file left
+    monkeypatch.undo()
+    E.save_ensemble(str(tmp_path), new, {"method": "ensemble", "members": [{"name": "p"}, {"name": "q"}]})
+    assert json.loads((tmp_path / "model_meta.json").read_text())["members"][1]["name"] == "q"
+    assert set(torch.load(tmp_path / "model.pt", weights_only=True)) == {"weights"}  # _Const has no parameters

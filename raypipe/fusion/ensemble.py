@@ -140,12 +140,26 @@ def build_ensemble_from_meta(meta: dict) -> EnsembleMethod:
 
 
 def save_ensemble(run_dir: str, ensemble: EnsembleMethod, meta: dict) -> None:
-    """Write ``model.pt`` (every member's weights in one state dict) and ``model_meta.json``."""
+    """Write ``model.pt`` (every member's weights in one state dict) and ``model_meta.json``.
+
+    Both are written in full to temporary names first; then the old meta is removed, ``model.pt``
+    renamed into place and the meta last. A crash part way leaves the old pair, or a ``model.pt``
+    without a meta (which fails to load, loudly), never a model beside another model's meta."""
     os.makedirs(run_dir, exist_ok=True)
-    torch.save(ensemble.state_dict(), os.path.join(run_dir, MODEL_FILE) + ".tmp")
-    os.replace(os.path.join(run_dir, MODEL_FILE) + ".tmp", os.path.join(run_dir, MODEL_FILE))
-    with open(os.path.join(run_dir, META_FILE), "w") as fh:
-        json.dump(meta, fh, indent=2, default=float)
+    model_path, meta_path = os.path.join(run_dir, MODEL_FILE), os.path.join(run_dir, META_FILE)
+    tmp_model, tmp_meta = f"{model_path}.tmp-{os.getpid()}", f"{meta_path}.tmp-{os.getpid()}"
+    try:
+        torch.save(ensemble.state_dict(), tmp_model)
+        with open(tmp_meta, "w") as fh:
+            json.dump(meta, fh, indent=2, default=float)
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        os.replace(tmp_model, model_path)
+        os.replace(tmp_meta, meta_path)
+    finally:
+        for tmp in (tmp_model, tmp_meta):
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def load_model(run_dir: str):

@@ -347,8 +347,7 @@ def cross_validate(cfg: Config, table, task: str, metric: str, higher: bool, out
                       "fit_seconds": np.nan, f"p_vs_{best}": np.nan, "status": f"skipped: {why}", "folds": "",
                       "members": "", "params": _params_text(searched.get(l))})
     df = pd.DataFrame(board)
-    df.to_csv(os.path.join(out_dir, LEADERBOARD_FILE) + ".tmp", index=False)
-    os.replace(os.path.join(out_dir, LEADERBOARD_FILE) + ".tmp", os.path.join(out_dir, LEADERBOARD_FILE))
+    _write_replacing(os.path.join(out_dir, LEADERBOARD_FILE), lambda tmp: df.to_csv(tmp, index=False))
     rule = select_rule(cfg)
     complexity = None
     if rule == "simplest_1se":
@@ -456,8 +455,7 @@ def run_auto(cfg: Config, refit: bool = True) -> dict:
         result.update({k: final[k] for k in main})
         _annotate_metrics(run_dir, summary)
         result["refit_seconds"] = summary["refit_seconds"]
-    with open(os.path.join(run_dir, SUMMARY_FILE), "w") as fh:
-        json.dump(summary, fh, indent=2, default=float)
+    _write_text(os.path.join(run_dir, SUMMARY_FILE), json.dumps(summary, indent=2, default=float))
     board = _printable(summary["leaderboard"], metric)
     if board:
         result["printed"] = board
