@@ -144,15 +144,6 @@ def startup_split(before: dict, after: dict) -> dict[str, float]:
     return {k: round(v, 1) for k, v in out.items()}
 
 
-def tree_cpu() -> float:
-    """CPU seconds (user + system) of this process and its live descendants (the local Ray's raylet,
-    GCS and workers): ``benchmarks/ingest_bench.py``'s measure."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from ingest_bench import tree_cpu_seconds
-
-    return tree_cpu_seconds()
-
-
 class GPUSampler:
     """Polls GPU utilisation (%) every ``interval`` s in a thread: nvidia-smi, else torch.cuda.utilization."""
 
@@ -302,13 +293,16 @@ def main(argv=None) -> dict:
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with GPUSampler(args.device == "cuda") as gpu_a:
-        c0, t0 = tree_cpu(), time.perf_counter()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from ingest_bench import TreeCPU
+
+    with GPUSampler(args.device == "cuda") as gpu_a, TreeCPU() as meter_a:
+        t0 = time.perf_counter()
         plain_out = [emb.embed_pixels(pixels[i:i + batch]) for i in range(0, plain_n, batch)]
         if args.device == "cuda":
             torch.cuda.synchronize()
         t_plain = time.perf_counter() - t0
-        cpu_plain = tree_cpu() - c0  # includes the idle local Ray's background CPU, as (b) does
+    cpu_plain = sum(meter_a.by_role().values())  # includes the idle local Ray's background CPU, as (b) does
     del pixels
     plain_rate = plain_n / t_plain
     image_peak_mib = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
@@ -332,24 +326,28 @@ def main(argv=None) -> dict:
                 if not first_batch:
                     first_batch.append(time.perf_counter())
                     first_batch.append(len(b["error"]))
-                    first_batch.append(tree_cpu())  # CPU-seconds spent until the first result: start-up work
+                    first_batch.append(meter_b[0].so_far())  # CPU-seconds spent until the first result: start-up work
                     first_batch.append(cpu_by_process())
                 yield b
             ray_stats.append(self.ds.stats())  # per-operator wall/CPU times: where the pipeline waits
 
     ep._family_dataset = lambda *a, **k: _Timed(real_dataset(*a, **k))
     load_b = os.getloadavg()[0]
+    meter_b: list = []
     with GPUSampler(args.device == "cuda") as gpu_b:
         procs0 = cpu_by_process()
-        c0, t0 = tree_cpu(), time.perf_counter()
-        summary = run_embed(cfg)
-        t_ray = time.perf_counter() - t0
-        cpu_ray = tree_cpu() - c0  # live processes only: a worker that exited is not counted
+        # per process, sampled: a worker that exits inside the run still counts (ingest_bench.TreeCPU)
+        with TreeCPU() as meter:
+            meter_b.append(meter)
+            t0 = time.perf_counter()
+            summary = run_embed(cfg)
+            t_ray = time.perf_counter() - t0
+        cpu_ray = sum(meter.by_role().values())
     ep._family_dataset = real_dataset
     ray_rate = args.n / t_ray
     startup = first_batch[0] - t0 if first_batch else float("nan")
     steady_rate = (args.n - first_batch[1]) / (t0 + t_ray - first_batch[0]) if first_batch else float("nan")
-    startup_cpu = first_batch[2] - c0 if first_batch else float("nan")
+    startup_cpu = first_batch[2] if first_batch else float("nan")
     split = startup_split(procs0, first_batch[3]) if first_batch else {}
 
     # sanity: the pipeline's first sample equals the plain loop's mean over its slices

@@ -160,6 +160,11 @@ class TreeCPU:
         """{(pid, start time): (role, CPU seconds inside the block)}."""
         return {key: (role, c - self.first.get(key, (role, 0.0))[1]) for key, (role, c) in self.last.items()}
 
+    def so_far(self) -> float:
+        """CPU seconds of the whole tree from entry until now (samples the tree once more)."""
+        self._sample()
+        return sum(c for _, c in self.by_pid().values())
+
     def by_role(self) -> dict[str, float]:
         out = {"driver": 0.0, "workers": 0.0, "ray": 0.0}
         for role, c in self.by_pid().values():
