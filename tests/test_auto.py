@@ -552,3 +552,38 @@ def test_save_ensemble_never_leaves_a_model_beside_another_models_meta(tmp_path,
     E.save_ensemble(str(tmp_path), new, {"method": "ensemble", "members": [{"name": "p"}, {"name": "q"}]})
     assert json.loads((tmp_path / "model_meta.json").read_text())["members"][1]["name"] == "q"
     assert set(torch.load(tmp_path / "model.pt", weights_only=True)) == {"weights"}  # _Const has no parameters
+
+
+def test_evaluate_test_refuses_predictions_made_for_other_passes():
+    """predictions made elsewhere carry each pass's identity: another seed or other rates of the same count
+    (so the same number of passes) are refused, not scored against the wrong masks."""
+    from raypipe.train.evaluate import evaluate_test, evaluation_inputs, predict_inputs
+
+    rng = np.random.default_rng(1)
+    n = 30
+    x = {"a": rng.standard_normal((n, 2)).astype(np.float32), "b": rng.standard_normal((n, 2)).astype(np.float32)}
+    mask = np.ones((n, 2), bool)
+    mask[::4, 1] = False
+    y = (np.arange(n) % 2).astype(float)
+
+    def predict(xx, m):  # depends on the mask, so other masks give other scores
+        p1 = 1 / (1 + np.exp(-(xx["a"][:, 0] * m[:, 0] + xx["b"][:, 0] * m[:, 1])))
+        return {"probabilities": np.c_[1 - p1, p1]}
+
+    args = (predict, x, mask, y, "binary", ["a", "b"])
+    rates = (0.1, 0.5)
+    own = predict_inputs(predict, x, evaluation_inputs(mask, ["a", "b"], seed=0, rates=rates))
+    got, _ = evaluate_test(*args, seed=0, rates=rates, predictions=own)
+    assert got == evaluate_test(*args, seed=0, rates=rates)[0]  # the right predictions: the same as made here
+    other_seed = predict_inputs(predict, x, evaluation_inputs(mask, ["a", "b"], seed=7, rates=rates))
+    assert len(other_seed) == len(own)
+    with pytest.raises(ValueError, match=r"prediction 0 was made for evaluation pass .*seed \(0\)"):
+        evaluate_test(*args, seed=0, rates=rates, predictions=other_seed)
+    other_rates = predict_inputs(predict, x, evaluation_inputs(mask, ["a", "b"], seed=0, rates=(0.2, 0.9)))
+    assert len(other_rates) == len(own)
+    with pytest.raises(ValueError, match=r"prediction 4 was made for evaluation pass \('rate', 0.2"):
+        evaluate_test(*args, seed=0, rates=rates, predictions=other_rates)
+    bare = [{k: v for k, v in o.items() if k != "pass"} for o in own]  # no identity at all: refused too
+    with pytest.raises(ValueError, match="was made for evaluation pass None"):
+        evaluate_test(*args, seed=0, rates=rates, predictions=bare)
+

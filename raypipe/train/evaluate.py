@@ -91,8 +91,13 @@ DEFAULT_RATES = tuple(r / 10 for r in range(10))
 def evaluation_inputs(mask: np.ndarray, modalities: Sequence[str], seed: int = 0,
                       rates: Sequence[float] = DEFAULT_RATES) -> list[dict]:
     """Every prediction :func:`evaluate_test` makes, in its order: ``{"kind": "natural" | "pattern" | "rate",
-    "name": pattern name or rate, "rows": row indices (None = every row), "mask": the mask to predict with}``.
-    So the predictions can be made elsewhere (e.g. an ensemble's members in parallel) and handed back."""
+    "name": pattern name or rate, "rows": row indices (None = every row), "mask": the mask to predict with,
+    "id": the pass's identity}``. So the predictions can be made elsewhere (e.g. an ensemble's members in
+    parallel) and handed back, each with its pass's ``id`` under ``"pass"`` (:func:`predict_inputs` adds it).
+
+    ``id`` = (kind, name, seed, number of rows): predictions made for another seed (other simulated masks),
+    other rates, other patterns or another test split do not carry the same identities."""
+    n = len(mask)
     passes: list[dict] = [{"kind": "natural", "name": "natural", "rows": None, "mask": mask}]
     for pat in all_patterns(len(modalities)):
         want = np.array(pat)
@@ -104,12 +109,16 @@ def evaluation_inputs(mask: np.ndarray, modalities: Sequence[str], seed: int = 0
     for r in rates:
         passes.append({"kind": "rate", "name": float(r), "rows": None,
                        "mask": simulate_missing(mask, r, seed + int(round(r * 100)))})
+    for p in passes:
+        p["id"] = (p["kind"], p["name"], int(seed), n if p["rows"] is None else int(len(p["rows"])))
     return passes
 
 
 def predict_inputs(predict_fn: PredictFn, x: dict[str, np.ndarray], passes: Sequence[dict]) -> list[dict]:
-    """``predict_fn``'s outputs for each of :func:`evaluation_inputs`' passes."""
-    return [_predict(predict_fn, x if p["rows"] is None else {m: v[p["rows"]] for m, v in x.items()}, p["mask"])
+    """``predict_fn``'s outputs for each of :func:`evaluation_inputs`' passes, each with the pass's identity
+    under ``"pass"``."""
+    return [{**_predict(predict_fn, x if p["rows"] is None else {m: v[p["rows"]] for m, v in x.items()},
+                        p["mask"]), "pass": p["id"]}
             for p in passes]
 
 
@@ -120,12 +129,20 @@ def evaluate_test(predict_fn: PredictFn | None, x: dict[str, np.ndarray], mask: 
     """Return (metrics dict for metrics.json["test"], natural-pattern prediction arrays).
 
     ``predictions``: the outputs for :func:`evaluation_inputs` ``(mask, modalities, seed, rates)``, in its
-    order, made elsewhere; by default they are made here with ``predict_fn``."""
+    order, made elsewhere, each carrying its pass's ``id`` under ``"pass"`` (as :func:`predict_inputs` gives
+    them); a prediction made for another pass (another seed, rates, pattern or test split) raises ValueError.
+    By default they are made here with ``predict_fn``."""
     passes = evaluation_inputs(mask, modalities, seed, rates)
     if predictions is None:
         predictions = predict_inputs(predict_fn, x, passes)
     if len(predictions) != len(passes):
         raise ValueError(f"{len(predictions)} predictions for {len(passes)} evaluation passes")
+    for i, (p, out) in enumerate(zip(passes, predictions)):
+        if out.get("pass") != p["id"]:
+            raise ValueError(f"prediction {i} was made for evaluation pass {out.get('pass')}, expected {p['id']} "
+                             f"(kind, name, seed, rows): make the predictions from evaluation_inputs with the same "
+                             f"test mask, modalities, seed ({seed}) and rates as evaluate_test")
+    predictions = [{k: v for k, v in out.items() if k != "pass"} for out in predictions]
     natural = predictions[0]
     result: dict = {"natural": {"n": int(len(y)), **M.compute_metrics(task, y, natural["probabilities"])}}
     patterns, curve = [], []

@@ -726,7 +726,7 @@ def _predict_members(members: list, weights: list[float], task: str, x: dict, pa
     from raypipe.train.evaluate import predict_inputs
 
     torch.set_num_threads(1)
-    out = [{"probabilities": None} for _ in passes]
+    out = [{"probabilities": None, "pass": p["id"]} for p in passes]
     for i, (member, w) in enumerate(zip(members, weights)):
         if w <= 0:
             continue
@@ -734,7 +734,7 @@ def _predict_members(members: list, weights: list[float], task: str, x: dict, pa
             p = got["probabilities"].astype(np.float64) * w
             o["probabilities"] = p if o["probabilities"] is None else o["probabilities"] + p
             if i == top:
-                o.update({k: v for k, v in got.items() if k != "probabilities"})
+                o.update({k: v for k, v in got.items() if k not in ("probabilities", "pass")})
     return out
 
 
@@ -772,8 +772,8 @@ def _ensemble_predictions(model, task: str, x: dict, passes: list[dict]) -> list
             if p is not None:
                 total = p if total is None else total + p
             if model.top in idx:
-                traces = {k: v for k, v in part[j].items() if k != "probabilities"}
-        out.append({**traces, "probabilities": total.astype(np.float32)})
+                traces = {k: v for k, v in part[j].items() if k not in ("probabilities", "pass")}
+        out.append({**traces, "probabilities": total.astype(np.float32), "pass": parts[0][j]["pass"]})
     return out
 
 
