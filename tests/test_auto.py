@@ -587,3 +587,65 @@ def test_evaluate_test_refuses_predictions_made_for_other_passes():
     with pytest.raises(ValueError, match="was made for evaluation pass None"):
         evaluate_test(*args, seed=0, rates=rates, predictions=bare)
 
+
+def _fold_model_refs(table, cfg, task, labels):
+    """Each candidate's CV fold models made here by fold_task (return_state) on the folds auto would use,
+    put in the object store as run_fits leaves them; and each fold's out-of-fold predictions."""
+    import ray as ray_mod
+
+    from raypipe.train.splits import kfold_assignments
+    from raypipe.train.trainer import assign_splits
+    from raypipe.tune.auto import candidates
+    from raypipe.tune.folds import fold_task, n_outputs_for
+
+    sub = table.take(assign_splits(table, cfg) != "test")
+    k = cfg.train.auto.folds
+    folds = kfold_assignments(sub.sample_id, sub.y, k=k, seed=cfg.run.seed)
+    data = (sub.x, sub.mask, sub.y, sub.sample_id, {m: list(s) for m, s in sub.shapes.items()})
+    cands = {c.label: c for c in candidates(cfg, task)}
+    refs, rows = {}, {}
+    threads = torch.get_num_threads()
+    try:
+        for label in labels:
+            for f in range(k):
+                r = fold_task(cands[label].method, {}, cands[label].train_cfg, data, f, folds, task, sub.modalities,
+                              cfg.run.seed, patterns=False, return_predictions=True,
+                              n_outputs=n_outputs_for(task, table.y), return_state=True)
+                refs.setdefault(label, []).append(ray_mod.put(r.pop("fold_model")))
+                rows.setdefault(label, []).append(r)
+    finally:
+        torch.set_num_threads(threads)
+    return cands, refs, rows, sub, folds
+
+
+@ray
+def test_a_bag_saved_over_a_full_run_leaves_none_of_its_files(ray_session, user_table, tmp_path):
+    """A refitted ensemble (members/, history.json, omnifuse's projection.parquet) then a bag of concat (none of
+    those) in the same run directory: the report must not find the refit's curve, projection or members."""
+    from raypipe.report.html import write_report
+    from raypipe.train.tables import infer_task, read_embeddings
+    from raypipe.tune.auto import _refit_ensemble, _save_bag
+
+    cfg = _auto_cfg(tmp_path, user_table, "train.auto.candidates=[concat, omnifuse]")
+    table = read_embeddings(user_table)
+    task, _ = infer_task(table.y)
+    run_dir = tmp_path / "train" / "auto"
+    run_dir.mkdir(parents=True)
+    board = "rank,candidate,accuracy_mean,accuracy_std\n1,concat,0.5,0.1\n"  # the CV's own file: kept
+    (run_dir / "leaderboard.csv").write_text(board)
+    cands, refs, _, _, _ = _fold_model_refs(table, cfg, task, ["concat"])
+    _refit_ensemble(cfg, table, task, str(run_dir), {"omnifuse": 0.75, "concat": 0.25}, cands, runner="tasks")
+    write_report(str(run_dir))
+    full = set(os.listdir(run_dir))
+    assert {"members", "history.json", "projection.parquet", "report.html", "model.pt"} <= full  # what a refit leaves
+    page = (run_dir / "report.html").read_text()
+    assert "<h2>Training history</h2>" in page and "<h2>Observed vs. imputed embeddings</h2>" in page
+    _save_bag(cfg, table, task, str(run_dir), {"concat": 1.0}, cands, refs, 2, "concat")
+    # exactly what a bag writes, plus the CV's file; nothing of the refit (nor a leftover temporary folder)
+    assert set(os.listdir(run_dir)) == {"leaderboard.csv", "model.pt", "model_meta.json", "split.parquet",
+                                        "metrics.json", "predictions_test.parquet", "config.yaml"}
+    assert json.loads((run_dir / "model_meta.json").read_text())["refit"] == "bag"
+    assert (run_dir / "leaderboard.csv").read_text() == board
+    write_report(str(run_dir))
+    page = (run_dir / "report.html").read_text()
+    assert "<h2>Training history</h2>" not in page and "<h2>Observed vs. imputed embeddings</h2>" not in page

@@ -36,7 +36,9 @@
    learning-rate schedule), one after another. The two runners therefore give different models
    from the same candidate. A refitted ensemble's members go each into ``members/<name>``. Either
    way the result is one model (``model.pt`` + ``model_meta.json``) that `raypipe infer` and
-   `raypipe report` use.
+   `raypipe report` use. What an earlier model left in the run directory is removed first
+   (:func:`_clear_model_outputs`: a refitted ensemble's ``members/``, ``history.json``,
+   ``projection.parquet``, ...), so the report never shows another model's curve or projection.
 
 Deterministic: same config and seed, same folds, search trials, fits, leaderboard and choice
 (the time limit aside: what finishes in time depends on the machine).
@@ -498,6 +500,33 @@ def refit_runner(members) -> str:
     return "ray_train" if any(n > 1 or gpu for n, gpu in needs) else "tasks"
 
 
+#: what a saved model leaves in its run directory (the CV's leaderboard.csv, folds.parquet, search.csv and
+#: auto_summary.json aside): :func:`_clear_model_outputs` removes them before another model is saved there
+MODEL_OUTPUTS = ("metrics.json", "model_meta.json", "model.pt", "predictions_test.parquet", "projection.parquet",
+                 "history.json", "split.parquet", "config.yaml", "report.html", "members")
+
+
+def _clear_model_outputs(run_dir: str) -> None:
+    """Remove an earlier model's outputs (:data:`MODEL_OUTPUTS`) from ``run_dir`` before a new model is saved
+    there, so that none the new model does not write (a refitted ensemble's ``members/``, ``history.json``,
+    ``projection.parquet``) is left for `raypipe report` to show beside it. Each entry is first renamed into
+    one hidden folder (``metrics.json`` and ``model_meta.json`` first: from then on the directory is no loadable
+    run), which is then deleted: a crash part way leaves an incomplete run, never one model's files mixed
+    with another's."""
+    if not os.path.isdir(run_dir):
+        return
+    for name in os.listdir(run_dir):  # what an earlier interrupted clear left
+        if name.startswith(".stale-"):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+    trash = os.path.join(run_dir, f".stale-{os.getpid()}")
+    os.makedirs(trash, exist_ok=True)
+    for name in MODEL_OUTPUTS:
+        path = os.path.join(run_dir, name)
+        if os.path.lexists(path):
+            os.replace(path, os.path.join(trash, name))
+    shutil.rmtree(trash)
+
+
 def _write_replacing(path: str, write) -> None:
     """``write(tmp)`` into a temporary file beside ``path``, then renamed over it (atomic on one file system)."""
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -615,6 +644,7 @@ def _refit_single(cfg: Config, table, task: str, run_dir: str, label: str, cands
     split; ``config.yaml`` holds the candidate's own settings (searched values included)."""
     runner = runner or refit_runner([cands[label]])
     own = _cfg_for(cfg, cands[label], run_dir)
+    _clear_model_outputs(run_dir)
     if runner == "ray_train":
         from raypipe.train.trainer import run_train
 
@@ -635,6 +665,7 @@ def _refit_ensemble(cfg: Config, table, task: str, run_dir: str, weights: dict[s
     from raypipe.train.trainer import load_trained, run_train
 
     runner = runner or refit_runner([cands[label] for label in weights])
+    _clear_model_outputs(run_dir)
     dirs = {label: os.path.join(run_dir, "members", _safe(label)) for label in weights}
     if runner == "tasks":
         fits = _refit_tasks(cfg, table, task, dirs, cands, cost)
@@ -681,6 +712,7 @@ def _save_bag(cfg: Config, table, task: str, run_dir: str, weights: dict[str, fl
     from raypipe.train.trainer import assign_splits, build_from_meta, model_meta
 
     t0 = time.perf_counter()
+    _clear_model_outputs(run_dir)  # a bag writes no members/, history.json and maybe no projection.parquet
     _, n_outputs = infer_task(table.y, cfg.train.task)
     split = assign_splits(table, cfg)
     members, metas, names, ws = [], [], [], []
@@ -806,6 +838,8 @@ def _evaluate_and_write(cfg: Config, table, task: str, run_dir: str, model, meth
     proj = imputation_projection(getattr(model, "top_member", model), test)
     if proj is not None:
         _write_replacing(os.path.join(run_dir, "projection.parquet"), lambda tmp: proj.to_parquet(tmp, index=False))
+    elif os.path.exists(os.path.join(run_dir, "projection.parquet")):  # another model's: the report would show it
+        os.remove(os.path.join(run_dir, "projection.parquet"))
     _write_text(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
     return {"ok": True, f"test_{main}": test_metrics["natural"].get(main), "fit_seconds": round(fit_seconds, 1)}
 
