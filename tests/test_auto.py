@@ -428,13 +428,15 @@ def _hand_bag(run_dir, table, cfg, weights, task):
     data = (sub.x, sub.mask, sub.y, sub.sample_id, {m: list(s) for m, s in sub.shapes.items()})
     cands = {c.label: c for c in candidates(cfg, task)}
     threads = torch.get_num_threads()
-    total, states = 0.0, {}
+    total, states, oof = 0.0, {}, {}
     try:
         for label, w in weights.items():
             per_fold = []
             for f in range(int(folds.max()) + 1):
                 r = fold_task(cands[label].method, {}, cands[label].train_cfg, data, f, folds, task, sub.modalities,
-                              cfg.run.seed, patterns=False, n_outputs=meta["n_outputs"], return_state=True)
+                              cfg.run.seed, patterns=False, return_predictions=True, n_outputs=meta["n_outputs"],
+                              return_state=True)
+                oof[f"{label}/fold{f}"] = r["oof"]
                 model = build_from_meta(next(m["meta"] for m in meta["members"] if m["name"] == f"{label}/fold{f}"))
                 model.load_state_dict(r["fold_model"]["state"])
                 model.eval()
@@ -447,7 +449,22 @@ def _hand_bag(run_dir, table, cfg, weights, task):
             total = total + w * np.mean(per_fold, axis=0)
     finally:
         torch.set_num_threads(threads)
-    return total, states
+    return total, states, (oof, sub, folds)
+
+
+def _assert_saved_fold_models_predict_their_oof(run_dir, task, oof, sub, folds):
+    """Each saved member ``<c>/fold<f>``, as `raypipe infer` loads it (rebuilt from model_meta.json), predicts its
+    held-out fold as fold_task's own model did (its out-of-fold predictions): a constructor setting the meta gets
+    wrong (one the state dict does not carry) would change them."""
+    from raypipe.fusion.ensemble import load_model
+    from raypipe.train import loop
+
+    model, _ = load_model(run_dir)
+    assert sorted(model.names) == sorted(oof)
+    for name, member in zip(model.names, model.members):
+        held = folds == int(name.rsplit("/fold", 1)[1])
+        got = loop.make_predict_fn(member, task)({m: v[held] for m, v in sub.x.items()}, sub.mask[held])
+        np.testing.assert_allclose(got["probabilities"], oof[name], atol=1e-5, err_msg=name)
 
 
 @ray
@@ -471,15 +488,18 @@ def test_bag_predicts_the_mean_of_its_fold_models_in_train_infer_and_report(ray_
     assert docs[0]["test"] == docs[1]["test"]
     summary = json.loads(open(os.path.join(run_dir, "auto_summary.json")).read())
     assert summary["refit"] == "bag" and docs[1]["refit"] == "bag" and docs[1]["auto"]["refit"] == "bag"
-    assert summary["chosen"] == "ensemble" and len(summary["ensemble_weights"]) == 2  # an ensemble of two bags
-    weights = summary["ensemble_weights"]
+    # whichever the CV chose (an ensemble of bags or one bag: that depends on the data and the machine's torch),
+    # the bag holds the chosen candidates' fold models; a fixed ensemble of two bags: test_bag_of_two_candidates_*
+    weights = summary["ensemble_weights"] if summary["chosen"] == "ensemble" else {summary["chosen"]: 1.0}
+    assert set(weights) <= {"concat", "late"} and sum(weights.values()) == pytest.approx(1.0)
     meta = json.loads(open(os.path.join(run_dir, "model_meta.json")).read())
     assert meta["method"] == "ensemble" and meta["refit"] == "bag"
     # weight w_c / k on each of the k = 2 fold models of member c
     assert {m["name"]: m["weight"] for m in meta["members"]} == pytest.approx(
         {f"{c}/fold{f}": w / 2 for c, w in weights.items() for f in (0, 1)})
     assert not os.path.exists(os.path.join(run_dir, "members"))  # nothing refitted
-    expected, states = _hand_bag(run_dir, table, cfg, weights, task)
+    expected, states, (oof, sub, folds) = _hand_bag(run_dir, table, cfg, weights, task)
+    _assert_saved_fold_models_predict_their_oof(run_dir, task, oof, sub, folds)
     # the saved members are the CV's fold models (fold_task in this process gives the same weights)
     for i, m in enumerate(meta["members"]):
         for k, v in states[m["name"]].items():
@@ -649,3 +669,77 @@ def test_a_bag_saved_over_a_full_run_leaves_none_of_its_files(ray_session, user_
     write_report(str(run_dir))
     page = (run_dir / "report.html").read_text()
     assert "<h2>Training history</h2>" not in page and "<h2>Observed vs. imputed embeddings</h2>" not in page
+
+
+def _task_table(path, task, n=80, seed=5):
+    """An embeddings table (public writer) of a regression or 3-label multilabel task, some modalities absent."""
+    from raypipe.tables import write_embeddings
+
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, 3))
+    a = z @ rng.standard_normal((3, 6)) + 0.5 * rng.standard_normal((n, 6))
+    b = z @ rng.standard_normal((3, 4)) + 0.8 * rng.standard_normal((n, 4))
+    y = z[:, 0] + 0.5 * z[:, 1] if task == "regression" else (z > 0).astype(float)
+    masks = {"imaging": np.arange(n) % 7 != 0, "notes": ~((np.arange(n) % 5 == 1) & (np.arange(n) % 7 != 0))}
+    return write_embeddings(str(path), {"imaging": a, "notes": b}, [f"s{i:03d}" for i in range(n)], y, masks=masks,
+                            task=task)
+
+
+@ray
+@pytest.mark.parametrize("task", ["regression", "multilabel"])
+def test_bag_of_two_candidates_is_the_weighted_mean_of_fold_models_built_here(ray_session, tmp_path, task):
+    """An ensemble of two bags (weights 0.4 / 0.6 fixed, not chosen by the CV) on a regression and a multilabel
+    table: the test predictions are 0.4 x mean(concat's 2 fold models) + 0.6 x mean(late's), each fold model
+    rebuilt here through the registry (as fold_task builds it, not from model_meta.json); each saved member's
+    var_y is its own fit rows' label variance (regression); each predicts its held-out fold as fold_task did."""
+    from sklearn.metrics import r2_score
+
+    from raypipe.config import TrainConfig
+    from raypipe.fusion.base import ModalitySpec
+    from raypipe.fusion.ensemble import load_model
+    from raypipe.fusion.registry import build_method
+    from raypipe.train import loop
+    from raypipe.train.splits import holdout_mask
+    from raypipe.train.tables import infer_task, read_embeddings
+    from raypipe.train.trainer import assign_splits
+    from raypipe.tune.auto import _save_bag
+
+    emb = _task_table(tmp_path / "emb", task)
+    cfg = _auto_cfg(tmp_path, emb, "train.auto.candidates=[concat, late]")
+    table = read_embeddings(emb)
+    got_task, n_out = infer_task(table.y)
+    assert got_task == task
+    cands, refs, rows, sub, folds = _fold_model_refs(table, cfg, task, ["concat", "late"])
+    import ray as ray_mod
+
+    weights = {"concat": 0.4, "late": 0.6}
+    test = table.take(assign_splits(table, cfg) == "test")
+    expected, oof, var_y = 0.0, {}, {}
+    for label, w in weights.items():
+        per_fold = []
+        for f, ref in enumerate(refs[label]):
+            model = build_method(cands[label].method, [ModalitySpec(m, tuple(sub.shapes[m])) for m in sub.modalities],
+                                 task, n_out, TrainConfig.model_validate(cands[label].train_cfg))
+            model.load_state_dict(ray_mod.get(ref)["state"])
+            model.eval()
+            per_fold.append(loop.make_predict_fn(model, task)(test.x, test.mask)["probabilities"])
+            oof[f"{label}/fold{f}"] = rows[label][f]["oof"]
+            tr = np.flatnonzero(folds != f)  # fold_task's fit rows: the other folds minus its 20 % validation part
+            fit = tr[~holdout_mask(sub.sample_id[tr], sub.y[tr], fraction=0.2, seed=cfg.run.seed + f)]
+            var_y[f"{label}/fold{f}"] = float(np.var(sub.y[fit])) if task == "regression" else 1.0
+        expected = expected + w * np.mean(per_fold, axis=0)
+    run_dir = str(tmp_path / "train" / "auto")
+    res = _save_bag(cfg, table, task, run_dir, weights, cands, refs, 2, "ensemble")
+    saved = pd.read_parquet(os.path.join(run_dir, "predictions_test.parquet"))
+    assert saved["sample_id"].tolist() == [str(s) for s in test.sample_id]
+    np.testing.assert_allclose(np.stack(saved["probabilities"].to_numpy()).reshape(expected.shape), expected,
+                               atol=1e-5)
+    if task == "regression":  # the reported R^2 is sklearn's over the hand-made bag's values
+        assert res["test_r2"] == pytest.approx(r2_score(test.y, expected[:, 0]), abs=1e-5)
+    meta = json.loads(open(os.path.join(run_dir, "model_meta.json")).read())
+    assert {m["name"]: m["weight"] for m in meta["members"]} == pytest.approx(
+        {f"{c}/fold{f}": w / 2 for c, w in weights.items() for f in (0, 1)})
+    assert {m["name"]: m["meta"]["var_y"] for m in meta["members"]} == pytest.approx(var_y, rel=1e-6)
+    model, _ = load_model(run_dir)
+    assert {n: float(m.var_y) for n, m in zip(model.names, model.members)} == pytest.approx(var_y, rel=1e-6)
+    _assert_saved_fold_models_predict_their_oof(run_dir, task, oof, sub, folds)
