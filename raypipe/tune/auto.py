@@ -633,7 +633,9 @@ def _refit_tasks(cfg: Config, table, task: str, dirs: dict[str, str], cands: dic
                            "epochs": len(r["history"])}
     except BaseException:  # one refit failed (or we were interrupted): the others are not left running
         for f in pending:
-            ray.cancel(f)
+            # force: the worker process is killed. A polite cancel (KeyboardInterrupt in the task) was seen
+            # lost under load in CI: the endless test fit kept its CPU and the next Ray test waited on it.
+            ray.cancel(f, force=True)
         raise
     return {label: done[label] for label in dirs}
 
@@ -794,7 +796,7 @@ def _ensemble_predictions(model, task: str, x: dict, passes: list[dict]) -> list
         parts = ray.get(refs)
     except BaseException:
         for r in refs:
-            ray.cancel(r)
+            ray.cancel(r, force=True)  # as _refit_tasks: kill the workers, a polite cancel can be lost
         raise
     out = []
     for j in range(len(passes)):
