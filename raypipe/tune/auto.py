@@ -527,6 +527,23 @@ def _clear_model_outputs(run_dir: str) -> None:
     shutil.rmtree(trash)
 
 
+def _cancel_all(refs, timeout_s: float = 30.0) -> None:
+    """Force-cancel Ray tasks (their workers are killed) and wait until each has ended, cancelling again
+    the ones still not done: a cancel that meets a task while it is being scheduled can be lost, and a
+    task left running holds its CPU for good (an endless fit did, in CI). Gives up after ``timeout_s``."""
+    import time
+
+    import ray
+
+    left, deadline = list(refs), time.monotonic() + timeout_s
+    while left and time.monotonic() < deadline:
+        for r in left:
+            ray.cancel(r, force=True)
+        _, left = ray.wait(left, num_returns=len(left), timeout=1.0)
+    if left:
+        log.warning("%d cancelled task(s) still running after %.0f s", len(left), timeout_s)
+
+
 def _write_replacing(path: str, write) -> None:
     """``write(tmp)`` into a temporary file beside ``path``, then renamed over it (atomic on one file system)."""
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -632,10 +649,7 @@ def _refit_tasks(cfg: Config, table, task: str, dirs: dict[str, str], cands: dic
             done[label] = {"fit_seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"],
                            "epochs": len(r["history"])}
     except BaseException:  # one refit failed (or we were interrupted): the others are not left running
-        for f in pending:
-            # force: the worker process is killed. A polite cancel (KeyboardInterrupt in the task) was seen
-            # lost under load in CI: the endless test fit kept its CPU and the next Ray test waited on it.
-            ray.cancel(f, force=True)
+        _cancel_all(pending)
         raise
     return {label: done[label] for label in dirs}
 
@@ -795,8 +809,7 @@ def _ensemble_predictions(model, task: str, x: dict, passes: list[dict]) -> list
     try:
         parts = ray.get(refs)
     except BaseException:
-        for r in refs:
-            ray.cancel(r, force=True)  # as _refit_tasks: kill the workers, a polite cancel can be lost
+        _cancel_all(refs)
         raise
     out = []
     for j in range(len(passes)):
