@@ -20,7 +20,6 @@ import contextlib
 import glob
 import io
 import json
-import os
 import pathlib
 import sys
 
@@ -28,7 +27,7 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from auto_select_rules import _module  # noqa: E402
+from auto_select_rules import _module, _write_json  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -88,9 +87,7 @@ def main(argv=None) -> dict:
                                                           "mean": float(d.mean())}
             print(f"{name}: bag - full per outer fold ({len(d)}): {out['bag_minus_full'][name]}")
     if args.json:
-        with open(args.json + ".tmp", "w") as fh:
-            json.dump(out, fh, indent=2)
-        os.replace(args.json + ".tmp", args.json)
+        _write_json(args.json, out)
     return out
 
 

@@ -37,6 +37,13 @@ def _module(name: str, path: pathlib.Path):
     return mod
 
 
+def _write_json(path: str, doc: dict) -> None:
+    """``doc`` as JSON at ``path``, written to a temporary file and renamed over it."""
+    with open(path + ".tmp", "w") as fh:
+        json.dump(doc, fh, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="synthetic2,breast_cancer,htad")
@@ -88,9 +95,7 @@ def main(argv=None) -> dict:
         print(f"{rule}: criterion met in {r['met']} of {len(r['means'])} conditions; mean held-out AUROC "
               f"{r['mean_auroc']:.4f}")
     if args.json:
-        with open(args.json + ".tmp", "w") as fh:
-            json.dump(out, fh, indent=2)
-        os.replace(args.json + ".tmp", args.json)
+        _write_json(args.json, out)
     return out
 
 

@@ -96,6 +96,13 @@ def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
+def stops_early(method, since_best: int, patience: int) -> bool:
+    """Early stopping: ``patience`` epochs without a better validation score, unless the method holds it
+    (:meth:`FusionMethod.early_stop_hold`, e.g. OmniFuse's ``imp_patience``). One rule for this loop and the
+    Ray Train worker."""
+    return since_best >= patience and not method.early_stop_hold()
+
+
 def train_epoch(model, batches: Iterable[dict], optimizer, ctx: HookContext, epoch: int | None = None,
                 grad_clip: float = 5.0, precision: str = "auto") -> dict[str, Any]:
     """One epoch: missing-pattern simulation, forward (through DDP if wrapped), backward, hooks, step.
@@ -241,7 +248,7 @@ def fit_batches(method, train_batches: Callable[[int | None], Iterable[dict]],
             best_state = (copy.deepcopy(method.state_dict()), copy.deepcopy(method.extra_state()))
         else:
             since += 1
-            if since >= patience and not method.early_stop_hold():
+            if stops_early(method, since, patience):
                 log.info("early stop after epoch %d (best %s %.4f at epoch %d)", epoch + 1, main, best, best_epoch)
                 break
     if best_state is not None:

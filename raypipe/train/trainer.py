@@ -262,7 +262,7 @@ def train_loop_per_worker(config: dict) -> None:
     if task == "regression":
         method.set_label_variance(meta.get("var_y", 1.0))
     main = M.main_metric_name(task)
-    if start_epoch and since_best >= tc["patience"] and not method.early_stop_hold():
+    if start_epoch and loop.stops_early(method, since_best, tc["patience"]):
         # the checkpoint is that of a run which had already stopped early: nothing left to train
         log.info("worker %d: the resumed run had stopped early at epoch %d", rank, start_epoch)
         return
@@ -307,7 +307,7 @@ def train_loop_per_worker(config: dict) -> None:
         # others are in history.json, and every report costs a controller poll.
         # early stop: the classifier's patience ran out and the method does not hold it (OmniFuse's
         # imp_patience: the cascade still improves; its NMSE was all-reduced, so every worker agrees)
-        stop = since_best >= tc["patience"] and not method.early_stop_hold()
+        stop = loop.stops_early(method, since_best, tc["patience"])
         last = epoch + 1 == tc["epochs"] or stop
         if improved or last or (epoch + 1) % every == 0:
             checkpoint = None

@@ -527,23 +527,6 @@ def _clear_model_outputs(run_dir: str) -> None:
     shutil.rmtree(trash)
 
 
-def _cancel_all(refs, timeout_s: float = 30.0) -> None:
-    """Force-cancel Ray tasks (their workers are killed) and wait until each has ended, cancelling again
-    the ones still not done: a cancel that meets a task while it is being scheduled can be lost, and a
-    task left running holds its CPU for good (an endless fit did, in CI). Gives up after ``timeout_s``."""
-    import time
-
-    import ray
-
-    left, deadline = list(refs), time.monotonic() + timeout_s
-    while left and time.monotonic() < deadline:
-        for r in left:
-            ray.cancel(r, force=True)
-        _, left = ray.wait(left, num_returns=len(left), timeout=1.0)
-    if left:
-        log.warning("%d cancelled task(s) still running after %.0f s", len(left), timeout_s)
-
-
 def _write_replacing(path: str, write) -> None:
     """``write(tmp)`` into a temporary file beside ``path``, then renamed over it (atomic on one file system)."""
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -613,6 +596,7 @@ def _refit_tasks(cfg: Config, table, task: str, dirs: dict[str, str], cands: dic
     from raypipe.runtime import init_ray
     from raypipe.train.tables import infer_task
     from raypipe.train.trainer import META_FILE, MODEL_FILE, assign_splits, model_meta
+    from raypipe.tune.folds import cancel_tasks
 
     init_ray(cfg)
     # each candidate's own split (its val_fraction); the test rows depend on ingest and the seed only
@@ -649,7 +633,7 @@ def _refit_tasks(cfg: Config, table, task: str, dirs: dict[str, str], cands: dic
             done[label] = {"fit_seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"],
                            "epochs": len(r["history"])}
     except BaseException:  # one refit failed (or we were interrupted): the others are not left running
-        _cancel_all(pending)
+        cancel_tasks(pending)
         raise
     return {label: done[label] for label in dirs}
 
@@ -796,6 +780,7 @@ def _ensemble_predictions(model, task: str, x: dict, passes: list[dict]) -> list
     import ray
 
     from raypipe.fusion.ensemble import EnsembleMethod
+    from raypipe.tune.folds import cancel_tasks
 
     if not isinstance(model, EnsembleMethod) or len(model.members) < 2 or not ray.is_initialized():
         return None
@@ -809,7 +794,7 @@ def _ensemble_predictions(model, task: str, x: dict, passes: list[dict]) -> list
     try:
         parts = ray.get(refs)
     except BaseException:
-        _cancel_all(refs)
+        cancel_tasks(refs)
         raise
     out = []
     for j in range(len(passes)):
@@ -853,8 +838,6 @@ def _evaluate_and_write(cfg: Config, table, task: str, run_dir: str, model, meth
     proj = imputation_projection(getattr(model, "top_member", model), test)
     if proj is not None:
         _write_replacing(os.path.join(run_dir, "projection.parquet"), lambda tmp: proj.to_parquet(tmp, index=False))
-    elif os.path.exists(os.path.join(run_dir, "projection.parquet")):  # another model's: the report would show it
-        os.remove(os.path.join(run_dir, "projection.parquet"))
     _write_text(os.path.join(run_dir, "config.yaml"), dump_config(cfg))
     return {"ok": True, f"test_{main}": test_metrics["natural"].get(main), "fit_seconds": round(fit_seconds, 1)}
 

@@ -179,6 +179,21 @@ def _fit_job_with_state(*args) -> tuple[dict[str, Any], dict[str, Any]]:
     return row, row.pop("fold_model")
 
 
+def cancel_tasks(refs, timeout_s: float = 30.0) -> None:
+    """Force-cancel Ray tasks (their workers are killed) and wait until each has ended, cancelling again
+    the ones still not done: a cancel that meets a task while it is being scheduled can be lost, and a
+    task left running holds its CPU for good (an endless fit did, in CI). Gives up after ``timeout_s``."""
+    import ray
+
+    left, deadline = list(refs), time.monotonic() + timeout_s
+    while left and time.monotonic() < deadline:
+        for r in left:
+            ray.cancel(r, force=True)
+        _, left = ray.wait(left, num_returns=len(left), timeout=1.0)
+    if left:
+        log.warning("%d cancelled task(s) still running after %.0f s", len(left), timeout_s)
+
+
 def run_fits(jobs: Sequence[FitJob], data_ref, folds: np.ndarray, task: str, modalities: list[str], seed: int,
              *, patterns: bool = True, return_predictions: bool = False, deadline: float | None = None,
              progress_bars: bool = True, desc: str = "folds", n_outputs: int | None = None,
@@ -201,18 +216,17 @@ def run_fits(jobs: Sequence[FitJob], data_ref, folds: np.ndarray, task: str, mod
     """
     import ray
 
-    states: dict = {}
-    if return_states:
-        remote = ray.remote(num_cpus=1, num_returns=2)(_fit_job_with_state)
-        futures = {}
-        for j in jobs:
-            row_ref, state_ref = remote.remote(j.method, j.omni, j.train_cfg, data_ref, j.fold, folds, task,
-                                               modalities, seed, patterns, return_predictions, n_outputs, True)
-            futures[row_ref], states[row_ref] = j, state_ref
-    else:
-        remote = ray.remote(num_cpus=1)(_fit_job)
-        futures = {remote.remote(j.method, j.omni, j.train_cfg, data_ref, j.fold, folds, task, modalities, seed,
-                                 patterns, return_predictions, n_outputs): j for j in jobs}
+    remote = (ray.remote(num_cpus=1, num_returns=2)(_fit_job_with_state) if return_states
+              else ray.remote(num_cpus=1)(_fit_job))
+    futures, states = {}, {}
+    for j in jobs:
+        args = (j.method, j.omni, j.train_cfg, data_ref, j.fold, folds, task, modalities, seed, patterns,
+                return_predictions, n_outputs, *((True,) if return_states else ()))
+        ref = remote.remote(*args)
+        if return_states:  # (row, fold model): the row is fetched, the fold model stays a reference
+            ref, state = ref
+            states[ref] = state
+        futures[ref] = j
     rows: list[dict] = []
     errors: dict[str, str] = {}
     pending = list(futures)
@@ -237,11 +251,9 @@ def run_fits(jobs: Sequence[FitJob], data_ref, folds: np.ndarray, task: str, mod
                     rows.append(r)
                 bar.update(1)
     except KeyboardInterrupt:
-        for f in pending:
-            ray.cancel(f, force=True)
+        cancel_tasks(pending)
         raise
-    for f in pending:
-        ray.cancel(f, force=True)
+    cancel_tasks(pending)
     return rows, [futures[f] for f in pending], errors
 
 
