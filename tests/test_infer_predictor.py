@@ -74,3 +74,70 @@ def test_arrow_batches_give_the_numpy_loops_predictions(run_and_table):
     want = loop.make_predict_fn(method, "binary")(x, np.array(mask).T)
     np.testing.assert_allclose(np.stack(got.column("probabilities").to_numpy(zero_copy_only=False)),
                                want["probabilities"], atol=1e-5)
+
+
+def test_embeddings_datasource_reads_every_row_group_in_order_with_only_the_needed_columns(run_and_table, tmp_path):
+    """Two files of several row groups plus an `_errors.parquet` side file: the read tasks (run here
+    without a cluster) give the rows of the files in name order, in blocks of at most `rows` rows."""
+    from raypipe.infer.pipeline import embeddings_datasource, input_columns
+
+    _, arrow, table = run_and_table
+    src = tmp_path / "emb"
+    src.mkdir()
+    pq.write_table(arrow.slice(0, 180), src / "part-00000.parquet", row_group_size=50)  # groups 50 50 50 30
+    pq.write_table(arrow.slice(180), src / "part-00001.parquet", row_group_size=64)  # 64 56
+    pq.write_table(pa.table({"source_path": ["x"], "message": ["bad"]}), src / "_errors.parquet")
+    cols = input_columns(table.modalities, arrow.schema)
+    assert cols == ["sample_id"] + [c for m in table.modalities for c in (f"emb_{m}", f"mask_{m}")]
+    tasks = embeddings_datasource(str(src), cols, rows=20).get_read_tasks(1)
+    assert [t.metadata.num_rows for t in tasks] == [50, 50, 50, 30, 64, 56]
+    blocks = [b for t in tasks for b in t()]
+    assert [b.num_rows for b in blocks] == [20, 20, 10] * 3 + [20, 10] + [20, 20, 20, 4] + [20, 20, 16]
+    got = pa.concat_tables(blocks)
+    assert got.column_names == cols and got.equals(arrow.select(cols))
+
+
+def test_run_infer_reads_a_table_of_many_row_groups_in_full_with_the_one_group_predictions(
+        ray_session, run_and_table, tmp_path):
+    """The same rows as one row group (one read task) and as two files of 37-row groups (9 read tasks, run
+    by Ray): every row predicted once, in id order, as the trained model predicts the rows of
+    `pq.read_table` in this process (inputs built from Python lists, not raypipe's Arrow conversion)."""
+    from raypipe.config import load_config
+    from raypipe.infer.pipeline import run_infer
+    from raypipe.train import loop
+    from raypipe.train.trainer import load_trained
+
+    run, arrow, table = run_and_table
+    one, many = tmp_path / "one", tmp_path / "many"
+    one.mkdir(), many.mkdir()
+    pq.write_table(arrow, one / "part-00000.parquet")
+    pq.write_table(arrow.slice(0, 170), many / "part-00000.parquet", row_group_size=37)  # 37 x 4 + 22
+    pq.write_table(arrow.slice(170), many / "part-00001.parquet", row_group_size=37)  # 37 x 3 + 19
+    assert [pq.ParquetFile(one / "part-00000.parquet").metadata.num_row_groups,
+            pq.ParquetFile(many / "part-00000.parquet").metadata.num_row_groups,
+            pq.ParquetFile(many / "part-00001.parquet").metadata.num_row_groups] == [1, 5, 4]
+
+    # expected: the model in this process on the rows as pyarrow reads them
+    rows = pq.read_table(one).sort_by("sample_id")
+    x, mask = {}, []
+    for m in table.modalities:
+        vals = rows.column(f"emb_{m}").to_pylist()
+        present = [v is not None and bool(f) for v, f in zip(vals, rows.column(f"mask_{m}").to_pylist())]
+        x[m] = np.array([v if p else [0.0] * 8 for v, p in zip(vals, present)], np.float32)
+        mask.append(present)
+    method, _ = load_trained(run)
+    want = loop.make_predict_fn(method, "binary")(x, np.array(mask).T)["probabilities"]
+
+    got = {}
+    for name, src in (("one", one), ("many", many)):
+        cfg = load_config(None, [f"run.out_dir={tmp_path / name}_run", f"infer.checkpoint={run}", f"infer.input={src}",
+                                 f"infer.out={tmp_path / name}_pred", "ray.progress_bars=false", "infer.pool_size=2",
+                                 "infer.batch_size=16", "infer.rows_per_actor_batch=40"])
+        res = run_infer(cfg)
+        pred = pq.read_table(tmp_path / f"{name}_pred")
+        assert res["rows"] == pred.num_rows == arrow.num_rows
+        assert pred.column("sample_id").to_pylist() == rows.column("sample_id").to_pylist()  # each once, in order
+        got[name] = np.stack(pred.column("probabilities").to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(got[name], want, atol=1e-5)
+        assert pred.column("prediction").to_pylist() == list(want.argmax(1).astype(float))
+    np.testing.assert_allclose(got["many"], got["one"], atol=1e-6)

@@ -148,3 +148,21 @@ def test_cli_import(tmp_path, capsys):
     assert t.shapes == {"ct": (4,), "text": (3, 2)}
     rc = main(["import", "--input", str(tmp_path / "in.npz"), "--out-dir", str(tmp_path / "run")])
     assert rc == 1 and "overwrite" in capsys.readouterr().err
+
+
+def test_a_large_table_is_written_in_row_groups_of_about_64_mb(tmp_path):
+    """17,000 rows of two 512-d float32 embeddings (~4.1 KB a row, ~70 MB): two row groups, each at most
+    64 MiB of embedding values, read back complete and in id order."""
+    n, dim = 17000, 512
+    rng = np.random.default_rng(1)
+    emb = {m: rng.standard_normal((n, dim), dtype=np.float32) for m in ("ct", "text")}
+    ids = [f"s{i:05d}" for i in range(n)][::-1]
+    out = write_embeddings(str(tmp_path / "e"), emb, ids, np.zeros(n))
+    md = pq.ParquetFile(tmp_path / "e" / "part-00000.parquet").metadata
+    sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+    assert len(sizes) == 2 and sum(sizes) == n
+    assert sizes[0] * 2 * dim * 4 <= 64 * 1024**2 < (sizes[0] + 1) * (2 * dim * 4 + 64)  # full groups: ~64 MiB
+    t = read_embeddings(out)
+    assert list(t.sample_id) == sorted(ids)
+    for m in emb:
+        np.testing.assert_array_equal(t.x[m], emb[m][::-1])

@@ -113,6 +113,67 @@ def predictions_table(sample_id, out: dict[str, np.ndarray], modalities, task: s
     return pa.table(cols, schema=schema)
 
 
+def input_columns(modalities, schema: pa.Schema) -> list[str]:
+    """The embeddings-table columns a prediction reads: ids, the model's embeddings and their masks."""
+    from raypipe.schema import embedding_column, mask_column
+
+    cols = ["sample_id"]
+    for m in modalities:
+        cols += [c for c in (embedding_column(m), mask_column(m)) if c in schema.names]
+    return cols
+
+
+def row_group_batches(path: str, filesystem, row_groups: list[int], columns: list[str], rows: int):
+    """Arrow tables of up to ``rows`` rows from some row groups of one Parquet file, in file order.
+
+    One thread, the file decoded once in page order: Ray Data's multi-threaded Parquet scanner
+    took ~15 CPU-s for the 840 MB one-row-group table of infer_bench against ~3 here.
+    """
+    import pyarrow.parquet as pq
+
+    with filesystem.open_input_file(path) as fh:
+        pf = pq.ParquetFile(fh)
+        for b in pf.iter_batches(batch_size=rows, row_groups=row_groups, columns=columns, use_threads=False):
+            yield pa.Table.from_batches([b])
+
+
+def embeddings_datasource(src: str, columns: list[str], rows: int):
+    """A Ray Data datasource over an embeddings table: one read task per Parquet row group, in
+    (file name, row group) order, each yielding blocks of ``rows`` rows of ``columns`` only."""
+    import functools
+
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    dataset = pads.dataset(src, format="parquet")  # the listing check_compatible used (skips _*/.* files)
+    fs = dataset.filesystem
+    units = []
+    for path in sorted(dataset.files):
+        with fs.open_input_file(path) as fh:
+            md = pq.ParquetFile(fh).metadata
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            idx = [i for i in range(rg.num_columns) if rg.column(i).path_in_schema.split(".")[0] in columns]
+            units.append((path, g, rg.num_rows, sum(rg.column(i).total_uncompressed_size for i in idx)))
+    schema = dataset.schema
+
+    class EmbeddingsTable(Datasource):
+        num_read_units = max(1, sum(1 for u in units if u[2]))
+
+        def estimate_inmemory_data_size(self):
+            return sum(u[3] for u in units)
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            return [ReadTask(functools.partial(row_group_batches, path, fs, [g], columns, rows),
+                             BlockMetadata(num_rows=n, size_bytes=size, exec_stats=None, input_files=[path]),
+                             schema=pa.schema([schema.field(c) for c in columns]))
+                    for path, g, n, size in units if n]
+
+    return EmbeddingsTable()
+
+
 def run_infer(cfg: Config) -> dict:
     """Predict every sample of ``infer.input`` (an embeddings table) with the run in ``infer.checkpoint``."""
     import pyarrow.dataset as pads
@@ -132,7 +193,8 @@ def run_infer(cfg: Config) -> dict:
     stages: dict = {}
     if os.path.isfile(os.path.join(src, "manifest.csv")):  # a raw cohort: ingest and embed it first
         src, stages = embed_raw_cohort(cfg, src, meta, out)
-    check_compatible(meta, pads.dataset(src, format="parquet").schema)
+    schema = pads.dataset(src, format="parquet").schema
+    check_compatible(meta, schema)
     res = cluster_resources()
     gpus = cfg.infer.num_gpus_per_actor
     if gpus > 0:
@@ -144,10 +206,18 @@ def run_infer(cfg: Config) -> dict:
         # (actor_cpus reserves a fraction, so a read task always fits)
         pool = cfg.infer.pool_size or max(1, int(res["CPU"]))
     t0 = time.perf_counter()
-    ds = ray.data.read_parquet(src).map_batches(
+    batch_rows = max(cfg.infer.rows_per_actor_batch, cfg.infer.batch_size)
+    # read only what a prediction needs, one read task (one thread) per Parquet row group: tables
+    # are written in row groups of ~64 MB (raypipe.tables), so a large table is read in parallel.
+    # Ray Data joins a task's batches into blocks of up to 128 MB, so a block is one row group
+    # (~62,000 rows of 4 x 64-d: 16 blocks for 1,000,000 rows, both actors busy to the end).
+    source = embeddings_datasource(src, input_columns(meta["modalities"], schema), batch_rows)
+    # never re-split a read task's output: Ray Data's default would split a one-row-group table's
+    # stream into ~270 small blocks that pace the read by the driver's loop
+    ds = ray.data.read_datasource(source, override_num_blocks=source.num_read_units).map_batches(
         Predictor, fn_constructor_kwargs={"run_dir": os.path.abspath(run_dir), "device": "cuda" if gpus else "cpu",
                                           "batch_size": cfg.infer.batch_size},
-        batch_size=max(cfg.infer.rows_per_actor_batch, cfg.infer.batch_size), batch_format="pyarrow",
+        batch_size=batch_rows, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=actor_cpus(pool, res["CPU"]), num_gpus=gpus or None)
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
