@@ -73,6 +73,16 @@ def verbose() -> bool:
     return _state["verbose"]
 
 
+def bars_wanted(cfg) -> bool:
+    """Whether raypipe's own progress bars (tqdm: synth, compare, auto) are shown: ``ray.progress_bars``,
+    and on a quiet console only when stdout is a terminal (as for Ray Data's bars,
+    :func:`raypipe.runtime.configure_data_context`). Without a terminal a bar would write one
+    carriage-return update after another into the log or pipe; the stage's summary line says it instead."""
+    if not cfg.ray.progress_bars:
+        return False
+    return not cfg.ray.quiet or verbose() or sys.stdout.isatty()
+
+
 def run_log_path() -> str | None:
     """The run log this process writes, once :func:`open_run_log` was called."""
     return _state["path"]

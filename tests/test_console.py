@@ -61,6 +61,22 @@ def test_worker_setup_marks_raypipe_records_only():
     assert "not shown" not in r.stderr
 
 
+def test_progress_bars_need_a_terminal_on_a_quiet_console(monkeypatch):
+    from raypipe.config import Config
+
+    cfg = Config()
+    monkeypatch.setattr(console, "_state", {**console._state, "verbose": False})
+    for tty, quiet, bars, want in [(False, True, True, False), (True, True, True, True), (False, False, True, True),
+                                   (True, True, False, False), (True, False, False, False)]:
+        monkeypatch.setattr(sys.stdout, "isatty", lambda tty=tty: tty, raising=False)
+        cfg.ray.quiet, cfg.ray.progress_bars = quiet, bars
+        assert console.bars_wanted(cfg) is want, (tty, quiet, bars)
+    cfg.ray.quiet, cfg.ray.progress_bars = True, True
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    console._state["verbose"] = True  # -v: Ray's and raypipe's bars as they would be
+    assert console.bars_wanted(cfg) is True
+
+
 def test_native_error_lines_of_the_driver_go_to_the_run_log(tmp_path):
     code = textwrap.dedent(f"""
         import os, sys
@@ -97,6 +113,8 @@ def test_demo_prints_only_raypipe_lines_without_a_tty(tmp_path):
     assert len(lines) <= 60, "\n".join(lines)
     noisy = [ln for ln in lines if any(m in ln for m in RAY_MARKERS)]
     assert not noisy, "\n".join(noisy)
+    # no progress bar without a terminal (tqdm's refreshes are carriage-return lines with a rate)
+    assert not [ln for ln in lines if "patient/s" in ln or "it/s" in ln], "\n".join(lines)
     # raypipe's own lines are all there: the epoch lines from the Ray Train worker, the stage summaries
     assert sum("omnifuse epoch" in ln for ln in lines) == 2 and sum("concat epoch" in ln for ln in lines) == 2
     for step in ("synth", "ingest", "embed", "train", "infer", "report"):

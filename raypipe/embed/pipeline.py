@@ -906,7 +906,7 @@ def run_embed(cfg: Config) -> dict:
     todo = [ci for ci in range(len(chunks))
             if not _has_part(chunk_file[ci], tags[ci], chunk_file[ci].replace(".parquet", ".errors.parquet"))]
     log.info("embed: %d samples in %d chunks (%d to do), modalities %s, pool %s", len(ids), len(chunks), len(todo),
-             kinds, plan)
+             kinds, {k: round(v, 3) if isinstance(v, float) else v for k, v in plan.items()})
     parts_resumed = 0
     for family, fam_kinds in FAMILIES.items():
         mods = [m for m, k in kinds.items() if k in fam_kinds]

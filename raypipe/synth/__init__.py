@@ -7,6 +7,9 @@ from raypipe.config import Config
 
 def write_cohort(cfg: Config, progress: bool = True) -> dict:
     """Write the cohort described by ``cfg.synth`` to ``cfg.cohort_dir``; return its truth summary."""
+    from raypipe import console
+
+    progress = progress and console.bars_wanted(cfg)
     s = cfg.synth
     if s.cohort == "clinical":
         from raypipe.synth.clinical import write_clinical_cohort

@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from raypipe import console
 from raypipe.config import AutoConfig, Config, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -275,7 +276,7 @@ def cross_validate(cfg: Config, table, task: str, metric: str, higher: bool, out
     bag = refit_mode(cfg) == "bag"
     results, unfinished, errors = run_fits(jobs, data_ref, folds, task, sub.modalities, cfg.run.seed,
                                            patterns=False, return_predictions=True, deadline=deadline,
-                                           progress_bars=cfg.ray.progress_bars, desc="auto", n_outputs=n_out,
+                                           progress_bars=console.bars_wanted(cfg), desc="auto", n_outputs=n_out,
                                            return_states=bag)
     seconds = time.perf_counter() - t0
     by_label: dict[str, dict[int, dict]] = {}

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+from raypipe import console
 from raypipe.config import Config
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def run_compare(cfg: Config, methods: list[str] | None = None, ablation: bool = 
     jobs = [FitJob(label, method, f, train_cfg, sw) for label, method, sw in runs for f in range(cfg.tune.folds)]
     t0 = time.perf_counter()
     rows, _, errors = run_fits(jobs, data_ref, folds, task, sub.modalities, cfg.run.seed,
-                               progress_bars=cfg.ray.progress_bars, desc="compare")
+                               progress_bars=console.bars_wanted(cfg), desc="compare")
     if errors:
         raise RuntimeError(f"fits failed: {errors}")
     seconds = time.perf_counter() - t0
