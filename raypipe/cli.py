@@ -464,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     _setup_logging(args.verbose)
+    try:  # printed results and log lines (stderr) in the order they happen, also into a pipe or a file
+        sys.stdout.reconfigure(line_buffering=True)
+    except (AttributeError, ValueError):  # a stand-in stdout (an embedding application, a test's capture)
+        pass
     try:
         config_path = args.config
         if args.command == "demo" and config_path is None:
