@@ -166,3 +166,20 @@ def test_a_large_table_is_written_in_row_groups_of_about_64_mb(tmp_path):
     assert list(t.sample_id) == sorted(ids)
     for m in emb:
         np.testing.assert_array_equal(t.x[m], emb[m][::-1])
+
+
+def test_default_label_setting_finds_the_labels_of_a_multilabel_table(tmp_path):
+    """(N, L) labels are written as label_0 .. label_{L-1}; ingest.label_columns left at its default ['label']
+    (what compare/tune/train/auto pass) reads them instead of failing."""
+    rng = np.random.default_rng(3)
+    emb = {"a": rng.normal(size=(8, 4)), "b": rng.normal(size=(8, 3))}
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0], [1, 0], [0, 1], [1, 1], [0, 0]], float)
+    out = write_embeddings(str(tmp_path / "e"), emb, [f"p{i}" for i in range(8)], y, task="multilabel",
+                           groups={"hospital_site": ["x"] * 8})
+    t = read_embeddings(out, ["label"])
+    assert t.label_columns == ["label_0", "label_1"]
+    np.testing.assert_array_equal(t.y, y)
+    # a label name that is not there still fails, naming only the label-like columns (not the user's others)
+    with pytest.raises(ValueError, match=r"\['outcome'\].*label_0") as err:
+        read_embeddings(out, ["outcome"])
+    assert "hospital_site" not in str(err.value)

@@ -8,6 +8,7 @@ here: the fusion models see the mask, never a fake "zero" measurement.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -16,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 
 from raypipe.schema import EMBEDDING_SPEC_KEY, NORMALISATION_KEY, embedding_column, mask_column, read_json_metadata
+
+log = logging.getLogger(__name__)
 
 TASKS = ("binary", "multiclass", "multilabel", "regression")
 
@@ -135,11 +138,18 @@ def read_embeddings(path: str, label_columns: Sequence[str] | None = None) -> Em
     table = table.sort_by("sample_id")
     modalities = list(shapes)
     known = {"sample_id", "split", *(embedding_column(m) for m in modalities), *(mask_column(m) for m in modalities)}
+    found = [c for c in table.column_names if c == "label" or c.startswith("label_")]
     if label_columns is None:
-        label_columns = [c for c in table.column_names if c == "label" or c.startswith("label_")]
+        label_columns = found
+    elif list(label_columns) == ["label"] and "label" not in table.column_names and found:
+        # ingest.label_columns left at its default on a table with several labels (raypipe.tables.write_embeddings
+        # names (N, L) labels label_0 .. label_{L-1}): those are the labels
+        log.info("labels: the table has no 'label' column; using its label columns %s", found)
+        label_columns = found
     missing = [c for c in label_columns if c not in table.column_names]
-    if missing:
-        raise ValueError(f"label column(s) {missing} not in the embeddings table (columns: {table.column_names})")
+    if missing:  # the label-like column names only: the table's other columns are the user's business
+        raise ValueError(f"label column(s) {missing} not in the embeddings table (its label columns: "
+                         f"{found or 'none'}); set ingest.label_columns")
     arrays = table_to_arrays(table, modalities, shapes, label_columns)
     groups = {c: np.asarray(table.column(c).to_pylist(), dtype=object).astype(str)
               for c in table.column_names if c not in known and c not in label_columns}
