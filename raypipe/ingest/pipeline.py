@@ -1,4 +1,4 @@
-"""Ingestion on Ray Data: raw cohort -> records, samples and errors tables (`raypipe ingest`).
+"""Ingestion on Ray: raw cohort -> records, samples and errors tables (`raypipe ingest`).
 
 ::
 
@@ -7,8 +7,8 @@
     train EHR files --statistics pass (Ray Data)--> means/stds (or a saved ehr_normalisation.json)
     work items sorted by (sample_id, modality, source_key, position); a patient's DICOM files of one
     modality form one item (series grouping, anatomical order and slice selection happen in its task)
-        --decode pass (Ray Data map_batches, per-item try/except)--> records + error rows
-        --records datasink--> records/part-NNNNN.parquet (streamed; one file per task, in key order)
+        --decode pass (one Ray task per block of items, per-item try/except)--> records + error rows
+        --each task writes--> records/part-NNNNN.parquet (streamed; one file per task, in key order)
     errors.parquet   samples.parquet   ehr_normalisation.json   ingest_summary.json
 
 Every manifest file ends in exactly one state: ingested, quarantined (an ``errors``
@@ -87,8 +87,8 @@ STATES = ("ingested", "quarantined", "empty_as_missing", "not_selected")
 HEADER_READ_WEIGHT = 0.25
 #: the ``split`` of every sample of a cohort ingested without labels.csv (inference)
 UNLABELLED_SPLIT = "infer"
-#: Ray's own retries of a decode task whose worker dies. Ray Data's default is unlimited
-#: (max_retries=-1), and for a task killed by the memory monitor Ray keeps a separate budget,
+#: Ray's own retries of a decode task whose worker dies (Ray Data's default for its tasks is unlimited,
+#: max_retries=-1). For a task killed by the memory monitor Ray keeps a separate budget,
 #: task_oom_retries, unlimited by default and used whenever max_retries != 0: any value but 0
 #: loops forever on a file that always exhausts memory. The driver does the one retry itself
 #: (the dead task's items again, one per task), so that a killed item becomes an error row.
@@ -415,50 +415,32 @@ def write_records(table: pa.Table, path: str) -> None:
                    **parquet_options(table.schema))
 
 
-def _records_sink(out_dir: str, prefix: str = "part", tensors: dict | None = None):
-    """A Ray Data datasink writing each task's records to ``<prefix>-<task>.parquet`` and returning its
-    errors and the work items it finished (``done``).
+def _write_task_rows(rows: pa.Table, out_dir: str, name: str, tensors: dict | None = None) -> dict:
+    """Write the records among one decode task's rows to ``out_dir/<name>.parquet``; returns its errors, the
+    files it ingested or did not select and the work items it finished (``done``)."""
+    import pyarrow.compute as pc
 
-    One file per write task, named by the task index: the input blocks are in key order and
-    Ray Data numbers the tasks in that order, so the files are sorted by name and content.
-    """
-    from ray.data.block import BlockAccessor
-    from ray.data.datasource import Datasink
+    if not rows.num_rows:
+        return {"files": [], "errors": [], "not_selected": [], "records": 0, "done": []}
+    is_rec = pc.equal(rows.column("kind"), "record")
+    n_rec = pc.sum(is_rec).as_py() or 0
+    rec = rows if n_rec == rows.num_rows else rows.filter(is_rec)  # no copy when nothing failed
+    if n_rec:
+        write_records(records_table(rec, tensors or {}), os.path.join(out_dir, f"{name}.parquet"))
+    other = [] if n_rec == rows.num_rows else \
+        rows.filter(pc.invert(is_rec)).select(["kind", "file", "error_class", "message"]).to_pylist()
+    return {"files": sorted(set(rec.column("file").to_pylist())), "records": n_rec,
+            "errors": [{k: r[k] for k in ("file", "error_class", "message")} for r in other
+                       if r["kind"] == "error"],
+            "not_selected": sorted({r["file"] for r in other if r["kind"] == "skip"}),
+            "done": sorted({r["file"] for r in other if r["kind"] == "done"})}
 
-    class _Sink(Datasink):
-        def __init__(self):
-            self.out_dir = out_dir
-            self.result = None
 
-        def on_write_start(self, schema=None) -> None:
-            os.makedirs(self.out_dir, exist_ok=True)
-
-        def write(self, blocks, ctx) -> dict:
-            import pyarrow.compute as pc
-
-            tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-            tables = [t for t in tables if t.num_rows]
-            if not tables:
-                return {"files": [], "errors": [], "not_selected": [], "records": 0, "done": []}
-            rows = pa.concat_tables(tables)
-            is_rec = pc.equal(rows.column("kind"), "record")
-            n_rec = pc.sum(is_rec).as_py() or 0
-            rec = rows if n_rec == rows.num_rows else rows.filter(is_rec)  # no copy when nothing failed
-            if n_rec:
-                write_records(records_table(rec, tensors or {}),
-                              os.path.join(self.out_dir, f"{prefix}-{ctx.task_idx:05d}.parquet"))
-            other = [] if n_rec == rows.num_rows else \
-                rows.filter(pc.invert(is_rec)).select(["kind", "file", "error_class", "message"]).to_pylist()
-            return {"files": sorted(set(rec.column("file").to_pylist())), "records": n_rec,
-                    "errors": [{k: r[k] for k in ("file", "error_class", "message")} for r in other
-                               if r["kind"] == "error"],
-                    "not_selected": sorted({r["file"] for r in other if r["kind"] == "skip"}),
-                    "done": sorted({r["file"] for r in other if r["kind"] == "done"})}
-
-        def on_write_complete(self, write_result) -> None:
-            self.result = write_result
-
-    return _Sink()
+def _decode_and_write(decode: Any, block: pa.Table, out_dir: str, name: str, fn_kwargs: dict,
+                      tensors: dict | None = None) -> dict:
+    """One decode task: ``decode`` (:func:`_decode_batch`) over ``block``, its records written to
+    ``out_dir/<name>.parquet``; returns :func:`_write_task_rows`' summary (a few KB, never the pixels)."""
+    return _write_task_rows(decode(block, **fn_kwargs), out_dir, name, tensors)
 
 
 # ----------------------------------------------------------------------------- driver helpers
@@ -590,9 +572,8 @@ def _tolerate_dead_tasks():
 def _unordered():
     """Run a pass without Ray Data's output reordering (``preserve_order``).
 
-    The passes below do not need it: the header and statistics passes are reduced on the driver
-    order-independently, and each decode task writes its own file named by its task index, which
-    Ray Data assigns in input order. Reordering only makes finished tasks wait for slower ones.
+    The statistics pass does not need it: its sums are reduced on the driver order-independently.
+    Reordering only makes finished tasks wait for slower ones.
     """
     import ray.data
 
@@ -746,7 +727,7 @@ def run_ingest(cfg: Config, manifest: pd.DataFrame | None = None) -> dict:
     dicom_files = {it["file"] for it in dicom_items}
     work = [it for it in items if it["file"] not in dicom_files]
     work += _dicom_groups(dicom_items)
-    # sorted by the output key: Ray Data keeps this order, so the records need no global sort
+    # sorted by the output key: block i is written to part-i, so the records need no global sort
     work.sort(key=lambda it: (it["sample_id"], it["modality"], it["source_key"], it["position"], it["file"]))
 
     # --- EHR statistics: fitted on the training split only, or loaded unchanged
@@ -839,18 +820,77 @@ def run_ingest(cfg: Config, manifest: pd.DataFrame | None = None) -> dict:
 
 def _decode_pass(blocks: list[pa.Table], rec_dir: str, prefix: str, fn_kwargs: dict,
                  tensors: dict | None = None) -> list[dict]:
-    """One Ray Data decode pass over ``blocks`` (one task each) into ``rec_dir/<prefix>-NNNNN.parquet``;
-    returns the write results of the tasks that finished (a task that died has none)."""
+    """One decode pass over ``blocks`` (one Ray task each) into ``rec_dir/<prefix>-NNNNN.parquet`` (NNNNN: the
+    block's index, so the files are in key order); returns the results of the tasks that finished (a task
+    that died, or raised, has none: the caller decodes its items again).
+
+    Plain Ray tasks, at most a few per CPU in flight, each writing its own file and returning a small
+    summary: the pass needs none of Ray Data's streaming machinery (no block moves between tasks). With
+    Ray Data (from_arrow -> map_batches -> a datasink) its executor loop, per-task bookkeeping and
+    per-execution helper actors cost 0.5-0.7 ms of CPU per CT slice beyond the decode and write, and the
+    pass ran at half the speed (benchmarks/ingest_bench.py, 2 CPUs; notes in benchmarks/RESULTS.md, issue 17).
+    """
+    import ray
+
+    os.makedirs(rec_dir, exist_ok=True)
+    task = _decode_task_fn()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    kwargs_ref = ray.put(fn_kwargs)
+    decode = _decode_batch  # looked up now: a test may replace it
+    pending: dict = {}
+    results: list[dict] = []
+    failed = 0
+    todo = list(enumerate(blocks))[::-1]
+    with _progress(len(blocks), "ingest: decode") as bar:
+        while todo or pending:
+            while todo and len(pending) < 2 * cpus:  # bounded: memory stays flat however many blocks
+                i, block = todo.pop()
+                pending[task.remote(decode, block, rec_dir, f"{prefix}-{i:05d}", kwargs_ref, tensors)] = i
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                pending.pop(ref)
+                try:
+                    results.append(ray.get(ref))
+                except ray.exceptions.RayError:  # the worker died (e.g. killed for memory) or the task failed
+                    failed += 1
+                bar.update(1)
+    if failed:
+        log.warning("ingest: %d of %d decode tasks failed", failed, len(blocks))
+    return results
+
+
+_DECODE_TASK = None
+
+
+def _decode_task_fn():
+    """:func:`_decode_and_write` as a Ray remote function (made once per process): never retried by Ray
+    (:data:`DECODE_TASK_RETRIES`), spread over the nodes as Ray Data spreads its tasks."""
+    global _DECODE_TASK
+    if _DECODE_TASK is None:
+        import ray
+
+        _DECODE_TASK = ray.remote(_decode_and_write).options(
+            num_cpus=1, max_retries=DECODE_TASK_RETRIES, retry_exceptions=False, scheduling_strategy="SPREAD")
+    return _DECODE_TASK
+
+
+@contextlib.contextmanager
+def _progress(total: int, desc: str):
+    """A tqdm bar when Ray Data's progress bars are on (``ray.progress_bars`` on a terminal), else a no-op."""
     import ray.data
 
-    sink = _records_sink(rec_dir, prefix, tensors)
-    with _unordered(), _tolerate_dead_tasks():
-        ds = ray.data.from_arrow(blocks)
-        with _remote_args_accepted():
-            rows = ds.map_batches(_decode_batch, batch_format="pyarrow", batch_size=None, fn_kwargs=fn_kwargs,
-                                  max_retries=DECODE_TASK_RETRIES)
-        rows.write_datasink(sink)
-    return list(sink.result.write_returns) if sink.result is not None else []
+    show = ray.data.DataContext.get_current().enable_progress_bars
+    if show:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, desc=desc, unit="task") as bar:
+            yield bar
+    else:
+        class _Off:
+            def update(self, n: int) -> None:
+                pass
+
+        yield _Off()
 
 
 def _lost_items(work: list[dict], results: list[dict]) -> list[list[dict]]:
