@@ -69,6 +69,25 @@ def test_uint8_records_read_as_arrays_without_raypipe(ingested):
     assert set(ehr.dtype) == {"float16"} and all(x.dtype == np.float16 and x.size == 24 * 76 for x in ehr.tensor_ehr)
 
 
+def test_polars_and_duckdb_read_the_same_pixels(ingested):
+    """Readers that no raypipe code touches: polars keeps the fixed-shape tensor type; duckdb reads a list per row."""
+    pl = pytest.importorskip("polars")
+    duckdb = pytest.importorskip("duckdb")
+    path = _records(ingested["uint8"])
+    ref = pq.read_table(path, filters=[("modality", "=", "ct")]).sort_by([("sample_id", "ascending"),
+                                                                           ("position", "ascending")])
+    want = ref.column("tensor_ct").combine_chunks().to_numpy_ndarray().reshape(ref.num_rows, -1)
+    df = pl.read_parquet(os.path.join(path, "*.parquet")).filter(pl.col("modality") == "ct").sort(
+        ["sample_id", "position"])
+    assert "fixed_shape_tensor" in str(df.schema["tensor_ct"]) and "[1,32,32]" in str(df.schema["tensor_ct"])
+    got = df["tensor_ct"].to_numpy()
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got.reshape(len(df), -1), want)
+    rows = duckdb.sql(f"select tensor_ct from read_parquet('{path}/*.parquet') where modality = 'ct' "
+                      "order by sample_id, position").fetchnumpy()["tensor_ct"]
+    np.testing.assert_array_equal(np.stack([np.asarray(r, np.uint8) for r in rows]), want)
+
+
 def test_ray_data_reads_the_tensor_column_shaped(ingested):
     import ray.data
     from ray.data.expressions import col
