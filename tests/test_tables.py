@@ -54,6 +54,21 @@ def test_pandas_frame_with_list_and_wide_columns(tmp_path):
     assert list(t.groups) == ["site"] and list(t.y) == [0, 1, 2, 1, 0]
 
 
+def test_polars_frame_gives_the_same_table_as_pandas(tmp_path):
+    pl = pytest.importorskip("polars")
+    rng = np.random.default_rng(2)
+    rows = {"sample_id": [f"s{i}" for i in range(5)], "label": [0, 1, 1, 0, 1],
+            "emb_img": [rng.standard_normal(3).tolist() if i != 2 else None for i in range(5)],
+            "emb_ehr": [rng.standard_normal(2).tolist() if i != 4 else None for i in range(5)]}
+    a = read_embeddings(write_embeddings(str(tmp_path / "pd"), pd.DataFrame(rows)))
+    b = read_embeddings(write_embeddings(str(tmp_path / "pl"), pl.DataFrame(rows)))
+    assert b.modalities == ["img", "ehr"] and b.mask.tolist() == a.mask.tolist()
+    assert b.mask[:, 0].tolist() == [True, True, False, True, True]
+    for m in ("img", "ehr"):
+        np.testing.assert_array_equal(b.x[m], a.x[m])
+    np.testing.assert_array_equal(b.y, [0, 1, 1, 0, 1])
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda a: a.update(ids=["a", "a", "b", "c", "d", "e"]), "more than once"),
     (lambda a: a["emb"].pop("text"), "at least 2 modalities"),
