@@ -118,9 +118,23 @@ def init_ray(cfg: Config, address: str | None = None) -> RayContext:
         kwargs["object_store_memory"] = cfg.ray.object_store_memory
     log.info("starting a local Ray with %s CPUs (temp dir %s)", kwargs["num_cpus"], temp_dir)
     ray.init(**kwargs)
+    global _local_gcs
+    _local_gcs = ray.get_runtime_context().gcs_address
     configure_data_context(cfg)
     _route_console(cfg, run_log)
     return RayContext(True, None, res_dir, temp_dir)
+
+
+#: GCS address of the local Ray that :func:`init_ray` started in this process (None: joined or none)
+_local_gcs: str | None = None
+
+
+def on_own_local_ray() -> bool:
+    """Whether this process is connected to the one-machine Ray that :func:`init_ray` started here
+    (not to a cluster it joined, whose nodes may come and go)."""
+    import ray
+
+    return _local_gcs is not None and ray.is_initialized() and ray.get_runtime_context().gcs_address == _local_gcs
 
 
 def _quiet(cfg: Config) -> bool:

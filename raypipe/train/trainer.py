@@ -14,6 +14,7 @@ spec), ``history.json`` (per epoch, incl. the TLA trace), ``metrics.json`` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -410,8 +411,90 @@ def fit_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: set
     trainable calls this, never passes a trainer to the ``Tuner``. ``fault_injection``
     ({"epoch", "marker", "rank"}) kills a worker once at that epoch: the fault-tolerance test.
     """
-    return build_torch_trainer(cfg, meta, train_ids, val_ids, name, storage_path, fault_injection,
-                               log_epochs).fit()
+    trainer = build_torch_trainer(cfg, meta, train_ids, val_ids, name, storage_path, fault_injection, log_epochs)
+    _start_autoscaling_coordinator()
+    with _environment(ray_train_env()):
+        return trainer.fit()
+
+
+#: How often Ray Train's controller polls the workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's
+#: default 2 s). The controller learns of a report, and of the end of the run, only at a poll: with
+#: 2 s a run ended ~2.6 s after its last epoch (the last report at one poll, the end at the next),
+#: and a report waits in the worker's one-slot queue until then. A poll is one small actor call.
+CONTROLLER_POLL_S = 0.25
+
+
+def ray_train_env() -> dict[str, str]:
+    """The Ray Train settings (environment variables, which the driver hands to the controller and the
+    workers) a fit runs with, less those this process's environment already sets: those win.
+
+    - the controller's poll interval, :data:`CONTROLLER_POLL_S`;
+    - on the local Ray that ``init_ray`` started (one machine), no preemption watcher: that actor
+      process, started with every worker group, moves the workers off a node being drained, and
+      a one-machine Ray has no other node.
+    """
+    from raypipe.runtime import on_own_local_ray
+
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(CONTROLLER_POLL_S)}
+    if on_own_local_ray():
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    return {k: v for k, v in env.items() if k not in os.environ}
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """Set ``env`` in os.environ for the duration of the block (Ray Train reads it when fit starts)."""
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
+
+
+def _start_autoscaling_coordinator() -> None:
+    """Create Ray Data's AutoscalingCoordinator actor now, if this cluster has none yet.
+
+    Ray Train's controller asks it for the workers' resources as soon as it has started, and waits for
+    the answer; on a cluster's first fit that meant waiting for the actor's process to start and import
+    after the controller's own. Created here (the same named, detached actor, with the options Ray
+    gives it), its start-up overlaps the controller's. Another Ray layout: nothing to do.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:
+        return
+    try:
+        get_or_create_autoscaling_coordinator()
+    except Exception as exc:  # the controller creates it itself then
+        log.debug("AutoscalingCoordinator not created ahead of the controller: %s", exc)
+
+
+def _trainer_class(with_datasets: bool):
+    """``TorchTrainer``; without Ray Datasets (the in-memory feed), one that leaves out Ray Train's
+    datasets callback, which would start a DatasetManager actor process per fit for no dataset."""
+    from ray.train.torch import TorchTrainer
+
+    if with_datasets:
+        return TorchTrainer
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    except ImportError:  # another Ray layout: the stock trainer
+        return TorchTrainer
+    global _FeedTorchTrainer
+    if _FeedTorchTrainer is None:
+        class _FeedTorchTrainer(TorchTrainer):
+            """A ``TorchTrainer`` whose workers are fed without Ray Data (no ``datasets``)."""
+
+            def _create_default_callbacks(self):
+                return [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]
+
+    return _FeedTorchTrainer
+
+
+_FeedTorchTrainer = None
 
 
 def build_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: set[str], name: str,
@@ -424,7 +507,6 @@ def build_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: s
     """
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from raypipe.train import metrics as M
 
@@ -443,7 +525,7 @@ def build_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: s
                 "val": ray.put(_read_rows(cfg.train_input, val_ids))}
     else:
         datasets = {"train": _dataset_for(cfg.train_input, train_ids), "val": _dataset_for(cfg.train_input, val_ids)}
-    trainer = TorchTrainer(
+    trainer = _trainer_class(datasets is not None)(
         train_loop_per_worker,
         train_loop_config={"meta": meta, "fault_injection": fault_injection, "log_epochs": log_epochs,
                            "train_log_level": cfg.ray.train_log_level, "feed": feed,
