@@ -141,3 +141,18 @@ def test_run_infer_reads_a_table_of_many_row_groups_in_full_with_the_one_group_p
         np.testing.assert_allclose(got[name], want, atol=1e-5)
         assert pred.column("prediction").to_pylist() == list(want.argmax(1).astype(float))
     np.testing.assert_allclose(got["many"], got["one"], atol=1e-6)
+
+
+def test_an_empty_input_table_is_a_clear_error(ray_session, run_and_table, tmp_path):
+    from raypipe.config import load_config
+    from raypipe.infer.pipeline import run_infer
+
+    run, arrow, _ = run_and_table
+    (tmp_path / "empty").mkdir()
+    pq.write_table(arrow.slice(0, 0), tmp_path / "empty" / "part-00000.parquet")
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'r'}", f"infer.checkpoint={run}",
+                             f"infer.input={tmp_path / 'empty'}", f"infer.out={tmp_path / 'pred'}",
+                             "ray.progress_bars=false"])
+    with pytest.raises(ValueError, match="no rows: nothing to predict"):
+        run_infer(cfg)
+    assert not (tmp_path / "pred").exists()

@@ -193,8 +193,11 @@ def run_infer(cfg: Config) -> dict:
     stages: dict = {}
     if os.path.isfile(os.path.join(src, "manifest.csv")):  # a raw cohort: ingest and embed it first
         src, stages = embed_raw_cohort(cfg, src, meta, out)
-    schema = pads.dataset(src, format="parquet").schema
+    table = pads.dataset(src, format="parquet")
+    schema = table.schema
     check_compatible(meta, schema)
+    if table.count_rows() == 0:  # from the Parquet footers; Ray Data would write nothing at all
+        raise ValueError("the input embeddings table has no rows: nothing to predict")
     res = cluster_resources()
     gpus = cfg.infer.num_gpus_per_actor
     if gpus > 0:
