@@ -204,6 +204,16 @@ def test_deflated_dicom_bomb_is_measured_before_pydicom_inflates_it(tmp_path):
     assert e.value.error_class == "ResourceLimit" and "inflated" in str(e.value)
     h = dicom.read_header(src)  # the genuine deflated file still reads
     assert h.transfer_syntax == "1.2.840.10008.1.2.1.99"
+    # the full read (pixels too: decode_slice, decode_series with policy all) reads the file's bytes once
+    # and runs the guard only when they hold the deflated syntax's UID: the bomb is still measured first
+    with pytest.raises(DecodeError) as e:
+        dicom._read(str(bomb), stop_before_pixels=False, limits=Limits(max_file_bytes=8 << 20))
+    assert e.value.error_class == "ResourceLimit" and "inflated" in str(e.value)
+    slices, errors, _ = dicom.decode_series([str(bomb)], 32, (-1000.0, 400.0), "all",
+                                            limits=Limits(max_file_bytes=8 << 20))
+    assert not slices and [err.error_class for _, err in errors] == ["ResourceLimit"]
+    full = dicom._read(src, stop_before_pixels=False)
+    assert str(full.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.1.99" and "PixelData" in full
 
 
 def test_nifti_declared_voxels_and_gzip_bomb(tmp_path):

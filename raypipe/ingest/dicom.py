@@ -89,34 +89,68 @@ def quiet_pydicom():
         config.settings.reading_validation_mode = mode
 
 
-def _dcmread(path: str, stop_before_pixels: bool, force: bool = False):
-    """(dataset, file offset where reading stopped: the Pixel Data tag when ``stop_before_pixels``)."""
+#: the Deflated Explicit VR Little Endian transfer syntax UID, as the bytes a file meta group declaring it holds
+_DEFLATED_UID = b"1.2.840.10008.1.2.1.99"
+
+
+def _dcmread(path: str | bytes, stop_before_pixels: bool, force: bool = False):
+    """(dataset, file offset where reading stopped: the Pixel Data tag when ``stop_before_pixels``);
+    ``path`` may be the file's bytes, read already."""
+    import io
+
     import pydicom
 
-    with open(path, "rb") as fh:
+    with (io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb")) as fh:
         ds = pydicom.dcmread(fh, stop_before_pixels=stop_before_pixels, force=force)
         return ds, fh.tell()
+
+
+def _file_bytes(path: str, limits: Limits) -> bytes:
+    """The file's bytes (at most ``limits.max_file_bytes``); open failures map to the classes :func:`_read`
+    gives them when pydicom opens the file."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limits.max_file_bytes + 1)
+    except IsADirectoryError:
+        raise fail("NotAFile") from None
+    except FileNotFoundError:
+        raise fail("FileMissing") from None
+    except PermissionError:
+        raise fail("Unreadable") from None
+    except MemoryError:
+        raise fail("ResourceLimit", "the DICOM header declares an element larger than memory allows") from None
+    except Exception as err:  # noqa: BLE001 - as _read reports a failed read
+        raise fail("CorruptHeader", f"DICOM header parse failed ({type(err).__name__})") from None
+    if len(data) > limits.max_file_bytes:  # the file grew since its size was checked
+        raise fail("ResourceLimit", "ingest.limits.max_file_bytes", file_bytes=len(data), limit=limits.max_file_bytes)
+    return data
 
 
 def _read(path: str, stop_before_pixels: bool, with_offset: bool = False, limits: Limits | None = None):
     """dcmread with a fallback for files without the 128-byte preamble / 'DICM' prefix.
 
-    The file size (and a deflated dataset's inflated size) is checked against ``limits`` first.
+    The file size (and a deflated dataset's inflated size) is checked against ``limits`` first. A full
+    read (pixels too) reads the file's bytes once: the deflate guard's own parse of the file meta
+    (:func:`raypipe.ingest.safety.check_deflated_dicom`, ~90 us a file, a second open and parse) runs
+    only when the bytes hold the deflated syntax's UID at all -- a file whose meta declares that syntax
+    holds them literally (the meta group is never compressed).
     """
     from pydicom.errors import InvalidDicomError
 
     limits = limits or DEFAULT_LIMITS
     with safety.os_error_classes():
         safety.check_file_size(path, limits.max_file_bytes)
-    safety.check_deflated_dicom(path, limits)
+    source = path if stop_before_pixels else _file_bytes(path, limits)
+    if not isinstance(source, bytes) or _DEFLATED_UID in source:
+        safety.check_deflated_dicom(path, limits)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns with element values (possible PHI) on odd files
         try:
-            ds, offset = _dcmread(path, stop_before_pixels)
+            ds, offset = _dcmread(source, stop_before_pixels)
             return (ds, offset) if with_offset else ds
         except InvalidDicomError:
             try:  # raw datasets without a preamble are still DICOM if they carry an image
-                ds, offset = _dcmread(path, stop_before_pixels, force=True)
+                ds, offset = _dcmread(source, stop_before_pixels, force=True)
                 if "SOPClassUID" in ds and "Rows" in ds and "Columns" in ds:
                     return (ds, offset) if with_offset else ds
             except Exception:  # noqa: BLE001 - forced parsing of a non-DICOM file fails in many ways
