@@ -96,9 +96,13 @@ def main(argv=None):
             epoch_s[workers] = _steady_epoch_seconds(json.load(open(os.path.join(d, "history.json"))))
     sps = lambda t: n_train * args.epochs / t  # noqa: E731
     tc = cfg.train
+    from raypipe.train.trainer import CONTROLLER_POLL_S
+
+    poll = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S))
     print(f"\ntrain benchmark: {args.method}, {n_train} training samples x {args.epochs} epochs, batch "
           f"{args.batch_size}, {os.cpu_count()} CPUs; feed {tc.feed}, checkpoint every {tc.checkpoint_every} "
-          f"epoch(s) + best + last, {'async' if tc.checkpoint_async else 'sync'} upload; load average "
+          f"epoch(s) + best + last, {'async' if tc.checkpoint_async else 'sync'} upload, controller poll "
+          f"{poll:g} s; load average "
           f"{load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(f"framework-free loop (1 thread): {sps(t_plain):8.0f} samples/s ({t_plain:.1f}s wall, {cpu_plain:.1f} CPU-s)")
     for w in counts:
@@ -117,7 +121,8 @@ def main(argv=None):
             json.dump({"device": "cpu", "n_train": n_train, "epochs": args.epochs, "loop_s": t_plain,
                        "loop_cpu_s": cpu_plain, "ray_s": times, "ray_cpu_s": cpu, "steady_epoch_s": epoch_s,
                        "feed": tc.feed, "checkpoint_every": tc.checkpoint_every,
-                       "checkpoint_async": tc.checkpoint_async, "loadavg_start": load0}, fh, indent=2)
+                       "checkpoint_async": tc.checkpoint_async, "controller_poll_s": poll,
+                       "loadavg_start": load0}, fh, indent=2)
 
 
 def _steady_epoch_seconds(history: list[dict]) -> float:
