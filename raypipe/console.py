@@ -78,8 +78,12 @@ def bars_wanted(cfg) -> bool:
     and on a quiet console only when stdout is a terminal (as for Ray Data's bars,
     :func:`raypipe.runtime.configure_data_context`). Without a terminal a bar would write one
     carriage-return update after another into the log or pipe; the stage's summary line says it instead."""
-    if not cfg.ray.progress_bars:
-        return False
+    return bool(cfg.ray.progress_bars) and interactive(cfg)
+
+
+def interactive(cfg) -> bool:
+    """Whether the console is a person's terminal (or Ray's full output was asked for: ``-v``,
+    ``ray.quiet=false``): then bars and a line per epoch; into a pipe or a log file, fewer lines."""
     return not cfg.ray.quiet or verbose() or sys.stdout.isatty()
 
 

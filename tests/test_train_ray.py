@@ -176,3 +176,27 @@ def test_epoch_lines_replace_ray_trains_per_report_dump():
         assert v2_context.logger.isEnabledFor(logging.INFO)
     finally:
         v2_context.logger.setLevel(before)
+
+
+def test_sparse_epoch_lines_keep_the_first_the_bests_every_fifth_and_the_last():
+    from raypipe.train.trainer import logs_epoch
+
+    improved = {1, 2, 3, 7}  # epochs with a new best; the run stops early after epoch 12
+    shown = [e for e in range(1, 13) if logs_epoch("sparse", e, e == 1, e in improved, e == 12)]
+    assert shown == [1, 2, 3, 5, 7, 10, 12]
+    assert [e for e in range(1, 13) if logs_epoch(True, e, e == 1, e in improved, e == 12)] == list(range(1, 13))
+    assert not any(logs_epoch(False, e, e == 1, True, e == 12) for e in range(1, 13))
+    # a resumed run's first epoch (here 9) is shown whatever its number
+    assert [e for e in range(9, 13) if logs_epoch("sparse", e, e == 9, False, e == 12)] == [9, 10, 12]
+
+
+def test_a_bad_label_column_fails_before_ray_starts(truth_embeddings, tmp_path):
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "raypipe")
+    r = subprocess.run([exe, "train", "--input", truth_embeddings, "--set", f"run.out_dir={tmp_path}",
+                        "--set", "ingest.label_columns=[outcome]"], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert r.returncode == 1 and "['outcome'] not in the embeddings table" in r.stderr, r.stderr
+    assert "local Ray" not in r.stderr and not (tmp_path / ".ray").exists()

@@ -154,6 +154,18 @@ def _set_report_log_level(level: str) -> None:
     logging.getLogger(v2_context.__file__).setLevel(level)
 
 
+#: without a terminal, ``raypipe train`` logs the first epoch, each new best, every this many and the last
+SPARSE_EPOCH_LINES = 5
+
+
+def logs_epoch(mode: bool | str, epoch: int, first: bool, improved: bool, last: bool) -> bool:
+    """Whether rank 0 logs epoch ``epoch`` (1-based): ``mode`` True every epoch, False none, ``"sparse"``
+    the first of the run (or of a resumed run), a new best, every :data:`SPARSE_EPOCH_LINES`-th, the last."""
+    if mode == "sparse":
+        return first or improved or last or epoch % SPARSE_EPOCH_LINES == 0
+    return bool(mode)
+
+
 def _epoch_line(record: dict, epochs: int, main: str, best: float, method: str = "") -> str:
     """One short progress line per epoch (rank 0 of ``raypipe train``)."""
     loss = record.get("train_loss")
@@ -298,8 +310,6 @@ def train_loop_per_worker(config: dict) -> None:
         states = all_gather_objects(json.dumps(method.extra_state(), sort_keys=True, default=str))
         record["workers_agree"] = len(set(states)) == 1
         history.append(record)
-        if rank == 0 and config.get("log_epochs", True):
-            log.info("%s", _epoch_line(record, tc["epochs"], main, best, meta.get("method", "")))
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         metrics["best_val"] = best
         # Persist every k epochs, at a new best (Ray keeps the best checkpoints by score: the model
@@ -310,6 +320,8 @@ def train_loop_per_worker(config: dict) -> None:
         # imp_patience: the cascade still improves; its NMSE was all-reduced, so every worker agrees)
         stop = loop.stops_early(method, since_best, tc["patience"])
         last = epoch + 1 == tc["epochs"] or stop
+        if rank == 0 and logs_epoch(config.get("log_epochs", True), epoch + 1, epoch == start_epoch, improved, last):
+            log.info("%s", _epoch_line(record, tc["epochs"], main, best, meta.get("method", "")))
         if improved or last or (epoch + 1) % every == 0:
             checkpoint = None
             if rank == 0:
@@ -400,12 +412,14 @@ def _read_rows(path: str, ids: set[str]) -> pa.Table:
 
 
 def fit_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: set[str], name: str,
-                      storage_path: str, fault_injection: dict | None = None, log_epochs: bool = True):
+                      storage_path: str, fault_injection: dict | None = None, log_epochs: bool | str = True):
     """Build (:func:`build_torch_trainer`) and fit the V2 ``TorchTrainer`` of one training run; returns
     Ray Train's ``Result``.
 
     ``log_epochs``: rank 0 logs one line per epoch (off for Tune's folds, whose trials report
-    to Tune instead). Ray Train's own console messages follow ``ray.train_log_level``.
+    to Tune instead); ``"sparse"``: the first epoch, each new best, every
+    :data:`SPARSE_EPOCH_LINES` and the last (``raypipe train`` without a terminal). Ray Train's own
+    console messages follow ``ray.train_log_level``.
 
     Also the unit of work of a Tune trial's fold (``raypipe.tune.search``): Tune's function
     trainable calls this, never passes a trainer to the ``Tuner``. ``fault_injection``
@@ -498,7 +512,7 @@ _FeedTorchTrainer = None
 
 
 def build_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: set[str], name: str,
-                        storage_path: str, fault_injection: dict | None = None, log_epochs: bool = True):
+                        storage_path: str, fault_injection: dict | None = None, log_epochs: bool | str = True):
     """The V2 ``TorchTrainer`` of one training run (arguments as :func:`fit_torch_trainer`), not fitted.
 
     From ``cfg.train``: workers, GPUs, the feed (``train.feed``), the checkpoint cadence and upload
@@ -570,7 +584,7 @@ def run_train(cfg: Config) -> dict:
     from raypipe.runtime import init_ray
     from raypipe.train.evaluate import evaluate_test
 
-    rctx = init_ray(cfg)
+    # everything that can be wrong with the input fails here, before Ray starts
     table = read_embeddings(cfg.train_input, cfg.ingest.label_columns)
     task, n_outputs = infer_task(table.y, cfg.train.task)
     split = assign_splits(table, cfg)
@@ -589,6 +603,7 @@ def run_train(cfg: Config) -> dict:
 
     main = M.main_metric_name(task)
     name = train_run_name(cfg, meta, ids)
+    rctx = init_ray(cfg)
     import ray.data
 
     # The per-epoch feed of a small table is instant; its progress bars would only bury the
@@ -598,7 +613,11 @@ def run_train(cfg: Config) -> dict:
     ctx.enable_progress_bars = False
     t0 = time.perf_counter()
     try:
-        result = fit_torch_trainer(cfg, meta, ids["train"], ids["val"], name, rctx.results_dir)
+        from raypipe import console
+
+        # a line per epoch on a terminal; into a pipe or log file the first, the new bests, every 5th, the last
+        result = fit_torch_trainer(cfg, meta, ids["train"], ids["val"], name, rctx.results_dir,
+                                   log_epochs=True if console.interactive(cfg) else "sparse")
     finally:
         ctx.enable_progress_bars = bars
     fit_seconds = time.perf_counter() - t0
