@@ -105,22 +105,28 @@ def _dcmread(path: str | bytes, stop_before_pixels: bool, force: bool = False):
         return ds, fh.tell()
 
 
+def _read_failure(err: Exception) -> Exception:
+    """The quarantine error of a failed open or parse of a DICOM file: its class only, never the exception's
+    text (pydicom's messages can quote element values)."""
+    if isinstance(err, IsADirectoryError):
+        return fail("NotAFile")
+    if isinstance(err, FileNotFoundError):
+        return fail("FileMissing")
+    if isinstance(err, PermissionError):
+        return fail("Unreadable")
+    if isinstance(err, MemoryError):
+        return fail("ResourceLimit", "the DICOM header declares an element larger than memory allows")
+    return fail("CorruptHeader", f"DICOM header parse failed ({type(err).__name__})")
+
+
 def _file_bytes(path: str, limits: Limits) -> bytes:
     """The file's bytes (at most ``limits.max_file_bytes``); open failures map to the classes :func:`_read`
     gives them when pydicom opens the file."""
     try:
         with open(path, "rb") as fh:
             data = fh.read(limits.max_file_bytes + 1)
-    except IsADirectoryError:
-        raise fail("NotAFile") from None
-    except FileNotFoundError:
-        raise fail("FileMissing") from None
-    except PermissionError:
-        raise fail("Unreadable") from None
-    except MemoryError:
-        raise fail("ResourceLimit", "the DICOM header declares an element larger than memory allows") from None
     except Exception as err:  # noqa: BLE001 - as _read reports a failed read
-        raise fail("CorruptHeader", f"DICOM header parse failed ({type(err).__name__})") from None
+        raise _read_failure(err) from None
     if len(data) > limits.max_file_bytes:  # the file grew since its size was checked
         raise fail("ResourceLimit", "ingest.limits.max_file_bytes", file_bytes=len(data), limit=limits.max_file_bytes)
     return data
@@ -156,16 +162,8 @@ def _read(path: str, stop_before_pixels: bool, with_offset: bool = False, limits
             except Exception:  # noqa: BLE001 - forced parsing of a non-DICOM file fails in many ways
                 pass
             raise fail("CorruptHeader", "not a DICOM file (no DICM prefix and no image tags)") from None
-        except IsADirectoryError:
-            raise fail("NotAFile") from None
-        except FileNotFoundError:
-            raise fail("FileMissing") from None
-        except PermissionError:
-            raise fail("Unreadable") from None
-        except MemoryError:
-            raise fail("ResourceLimit", "the DICOM header declares an element larger than memory allows") from None
         except Exception as err:  # noqa: BLE001 - pydicom fails in many ways on damaged headers
-            raise fail("CorruptHeader", f"DICOM header parse failed ({type(err).__name__})") from None
+            raise _read_failure(err) from None
 
 
 def slice_normal(iop) -> np.ndarray | None:
