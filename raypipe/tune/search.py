@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from raypipe import console
 from raypipe.config import Config, config_from_dict, dump_config, fingerprint
 from raypipe.tune.folds import summarise
 
@@ -313,9 +314,9 @@ def run_tune(cfg: Config, train_final: bool = True) -> dict:
                                             max_concurrent_trials=max_conc,
                                             # a trial's process (torch and raypipe imported) runs the next trial
                                             reuse_actors=runner == "trial"),
-            # ray.progress_bars false: no Tune status tables on the console either
+            # no Tune status tables where there are no bars (ray.progress_bars false, or no terminal)
             run_config=ray.tune.RunConfig(name=name, storage_path=rctx.results_dir,
-                                          verbose=None if cfg.ray.progress_bars else 0))
+                                          verbose=None if console.bars_wanted(cfg) else 0))
     t0 = time.perf_counter()
     grid = tuner.fit()
     seconds = time.perf_counter() - t0
@@ -490,7 +491,7 @@ def search_candidates(cfg: Config, cands: list, data: tuple, folds: np.ndarray, 
                                             max_concurrent_trials=cfg.tune.max_concurrent_trials or slots,
                                             reuse_actors=True, time_budget_s=time_budget_s),
             run_config=ray.tune.RunConfig(name=name, storage_path=rctx.results_dir,
-                                          verbose=None if cfg.ray.progress_bars else 0))
+                                          verbose=None if console.bars_wanted(cfg) else 0))
     log.info("auto: searching %d candidates x %d trials x %d folds (%s)", len(cands), cfg.train.auto.tune_trials,
              k, ", ".join(sorted({x for v in keys.values() for x in v})))
     grid = tuner.fit()
