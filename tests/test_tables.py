@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -194,6 +195,12 @@ def test_default_label_setting_finds_the_labels_of_a_multilabel_table(tmp_path):
     t = read_embeddings(out, ["label"])
     assert t.label_columns == ["label_0", "label_1"]
     np.testing.assert_array_equal(t.y, y)
+    # a table written elsewhere with a label-like group column: only the numbered label_<n> are taken
+    other = tmp_path / "other"
+    other.mkdir()
+    t2 = pq.read_table(out)
+    pq.write_table(t2.append_column("label_site", pa.array(["x"] * t2.num_rows)), other / "part-00000.parquet")
+    assert read_embeddings(str(other), ["label"]).label_columns == ["label_0", "label_1"]
     # a label name that is not there still fails, naming only the label-like columns (not the user's others)
     with pytest.raises(ValueError, match=r"\['outcome'\].*label_0") as err:
         read_embeddings(out, ["outcome"])

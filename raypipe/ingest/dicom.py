@@ -119,12 +119,18 @@ def _read_failure(err: Exception) -> Exception:
     return fail("CorruptHeader", f"DICOM header parse failed ({type(err).__name__})")
 
 
-def _file_bytes(path: str, limits: Limits) -> bytes:
-    """The file's bytes (at most ``limits.max_file_bytes``); open failures map to the classes :func:`_read`
-    gives them when pydicom opens the file."""
+#: a full read of a file up to this size reads its bytes once; a larger one is opened by pydicom from its path
+#: (holding the whole file and pydicom's copy of its pixels would double the peak memory)
+PREREAD_MAX_BYTES = 64 * 2**20
+
+
+def _file_bytes(path: str, size: int, limits: Limits) -> bytes:
+    """The file's bytes (``size``: its size when it was checked; at most ``limits.max_file_bytes``); open
+    failures map to the classes :func:`_read` gives them when pydicom opens the file."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read(limits.max_file_bytes + 1)
+            # never ask for more than the file holds (+1 to see growth): read(n) allocates n bytes first
+            data = fh.read(min(size, limits.max_file_bytes) + 1)
     except Exception as err:  # noqa: BLE001 - as _read reports a failed read
         raise _read_failure(err) from None
     if len(data) > limits.max_file_bytes:  # the file grew since its size was checked
@@ -145,8 +151,8 @@ def _read(path: str, stop_before_pixels: bool, with_offset: bool = False, limits
 
     limits = limits or DEFAULT_LIMITS
     with safety.os_error_classes():
-        safety.check_file_size(path, limits.max_file_bytes)
-    source = path if stop_before_pixels else _file_bytes(path, limits)
+        size = safety.check_file_size(path, limits.max_file_bytes)
+    source = path if stop_before_pixels or size > PREREAD_MAX_BYTES else _file_bytes(path, size, limits)
     if not isinstance(source, bytes) or _DEFLATED_UID in source:
         safety.check_deflated_dicom(path, limits)
     with warnings.catch_warnings():

@@ -411,8 +411,12 @@ def write_records(table: pa.Table, path: str) -> None:
     import pyarrow.parquet as pq
 
     per_row = table.nbytes / max(1, table.num_rows)
-    pq.write_table(table, path, row_group_size=max(1, int(ROW_GROUP_BYTES // max(1.0, per_row))),
+    # atomic: a task killed while writing leaves a hidden temporary file (readers skip dot files), never a
+    # truncated part
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    pq.write_table(table, tmp, row_group_size=max(1, int(ROW_GROUP_BYTES // max(1.0, per_row))),
                    **parquet_options(table.schema))
+    os.replace(tmp, path)
 
 
 def _write_task_rows(rows: pa.Table, out_dir: str, name: str, tensors: dict | None = None) -> dict:
@@ -834,7 +838,6 @@ def _decode_pass(blocks: list[pa.Table], rec_dir: str, prefix: str, fn_kwargs: d
 
     os.makedirs(rec_dir, exist_ok=True)
     task = _decode_task_fn()
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     kwargs_ref = ray.put(fn_kwargs)
     decode = _decode_batch  # looked up now: a test may replace it
     pending: dict = {}
@@ -843,19 +846,29 @@ def _decode_pass(blocks: list[pa.Table], rec_dir: str, prefix: str, fn_kwargs: d
     todo = list(enumerate(blocks))[::-1]
     with _progress(len(blocks), "ingest: decode") as bar:
         while todo or pending:
-            while todo and len(pending) < 2 * cpus:  # bounded: memory stays flat however many blocks
+            # bounded (memory stays flat however many blocks), and read again each time: a cluster that an
+            # autoscaler grows (it sees the queued tasks as demand) gets more tasks in flight
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            while todo and len(pending) < 2 * cpus:
                 i, block = todo.pop()
                 pending[task.remote(decode, block, rec_dir, f"{prefix}-{i:05d}", kwargs_ref, tensors)] = i
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                pending.pop(ref)
+                i = pending.pop(ref)
                 try:
                     results.append(ray.get(ref))
                 except ray.exceptions.RayError:  # the worker died (e.g. killed for memory) or the task failed
                     failed += 1
+                    # its items are decoded again: a part it may have finished before dying would duplicate them
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(rec_dir, f"{prefix}-{i:05d}.parquet"))
                 bar.update(1)
     if failed:
         log.warning("ingest: %d of %d decode tasks failed", failed, len(blocks))
+        for f in os.listdir(rec_dir):  # what a killed task was writing (write_records' temporary files)
+            if f.startswith(".") and f.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(rec_dir, f))
     return results
 
 

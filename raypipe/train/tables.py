@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -139,13 +140,14 @@ def read_embeddings(path: str, label_columns: Sequence[str] | None = None) -> Em
     modalities = list(shapes)
     known = {"sample_id", "split", *(embedding_column(m) for m in modalities), *(mask_column(m) for m in modalities)}
     found = [c for c in table.column_names if c == "label" or c.startswith("label_")]
+    numbered = [c for c in found if re.fullmatch(r"label_\d+", c)]
     if label_columns is None:
         label_columns = found
-    elif list(label_columns) == ["label"] and "label" not in table.column_names and found:
+    elif list(label_columns) == ["label"] and "label" not in table.column_names and numbered:
         # ingest.label_columns left at its default on a table with several labels (raypipe.tables.write_embeddings
-        # names (N, L) labels label_0 .. label_{L-1}): those are the labels
-        log.info("labels: the table has no 'label' column; using its label columns %s", found)
-        label_columns = found
+        # names (N, L) labels label_0 .. label_{L-1}): those are the labels (not e.g. a group column label_site)
+        log.info("labels: the table has no 'label' column; using its label columns %s", numbered)
+        label_columns = numbered
     missing = [c for c in label_columns if c not in table.column_names]
     if missing:  # the label-like column names only: the table's other columns are the user's business
         raise ValueError(f"label column(s) {missing} not in the embeddings table (its label columns: "
