@@ -70,6 +70,18 @@ RECORDS_SCHEMA = pa.schema(
 )
 
 #: prefix of a modality's fixed-shape tensor column in the records table
+#: in-memory bytes of table data per Parquet row group, for every table raypipe writes (records, embeddings,
+#: the synthetic tables): a reader that splits a file by row group (infer's read path, Ray Data, DuckDB) reads
+#: a large table in parallel, where pyarrow's default (one group per file up to 1,048,576 rows) is one serial
+#: read task. 64 MB is ~62,000 rows of 4 x 64-d float32 embeddings.
+ROW_GROUP_BYTES = 64 * 1024**2
+
+
+def row_group_rows(table: pa.Table) -> int:
+    """Rows per Parquet row group so that a group holds about :data:`ROW_GROUP_BYTES` of ``table``'s data."""
+    return max(1, int(ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes)))
+
+
 TENSOR_PREFIX = "tensor_"
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raypipe.schema import embedding_column, embeddings_schema, mask_column
+from raypipe.schema import embedding_column, embeddings_schema, mask_column, row_group_rows
 
 log = logging.getLogger(__name__)
 
@@ -368,10 +368,9 @@ def write_embeddings(out: str, embeddings: Mapping[str, np.ndarray] | Any, sampl
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    # row groups of ~64 MB (raypipe.synth.embeddings.ROW_GROUP_BYTES): readers that split by row group
-    # (infer, Ray Data, DuckDB) read a large table in parallel; pyarrow's default is one group per file
-    pq.write_table(table, os.path.join(tmp, TABLE_FILE),
-                   row_group_size=max(1, (64 * 1024**2) * table.num_rows // max(1, table.nbytes)))
+    # row groups of ~64 MB (raypipe.schema.ROW_GROUP_BYTES): readers that split by row group (infer, Ray
+    # Data, DuckDB) read a large table in parallel; pyarrow's default is one group per file
+    pq.write_table(table, os.path.join(tmp, TABLE_FILE), row_group_size=row_group_rows(table))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     log.info("wrote an embeddings table of %d samples, modalities %s, to %s", n,

@@ -161,6 +161,7 @@ def embeddings_datasource(src: str, columns: list[str], rows: int):
 
     class EmbeddingsTable(Datasource):
         num_read_units = max(1, sum(1 for u in units if u[2]))
+        num_rows = sum(u[2] for u in units)
 
         def estimate_inmemory_data_size(self):
             return sum(u[3] for u in units)
@@ -193,11 +194,8 @@ def run_infer(cfg: Config) -> dict:
     stages: dict = {}
     if os.path.isfile(os.path.join(src, "manifest.csv")):  # a raw cohort: ingest and embed it first
         src, stages = embed_raw_cohort(cfg, src, meta, out)
-    table = pads.dataset(src, format="parquet")
-    schema = table.schema
+    schema = pads.dataset(src, format="parquet").schema
     check_compatible(meta, schema)
-    if table.count_rows() == 0:  # from the Parquet footers; Ray Data would write nothing at all
-        raise ValueError("the input embeddings table has no rows: nothing to predict")
     res = cluster_resources()
     gpus = cfg.infer.num_gpus_per_actor
     if gpus > 0:
@@ -215,6 +213,8 @@ def run_infer(cfg: Config) -> dict:
     # Ray Data joins a task's batches into blocks of up to 128 MB, so a block is one row group
     # (~62,000 rows of 4 x 64-d: 16 blocks for 1,000,000 rows, both actors busy to the end).
     source = embeddings_datasource(src, input_columns(meta["modalities"], schema), batch_rows)
+    if source.num_rows == 0:  # counted from the Parquet footers; Ray Data would write nothing at all
+        raise ValueError("the input embeddings table has no rows: nothing to predict")
     # never re-split a read task's output: Ray Data's default would split a one-row-group table's
     # stream into ~270 small blocks that pace the read by the driver's loop
     ds = ray.data.read_datasource(source, override_num_blocks=source.num_read_units).map_batches(

@@ -52,8 +52,8 @@ from raypipe.config import Config
 from raypipe.ids import pseudonym, resolve_secret
 from raypipe.ingest import safety
 from raypipe.ingest.common import DecodeError, check_finite
-from raypipe.schema import (ERRORS_SCHEMA, NORMALISATION_KEY, RECORDS_SCHEMA, quantise_unit, records_schema,
-                            TENSOR_PREFIX, samples_schema, tensor_column, with_json_metadata)
+from raypipe.schema import (ERRORS_SCHEMA, NORMALISATION_KEY, RECORDS_SCHEMA, ROW_GROUP_BYTES, TENSOR_PREFIX,
+                            quantise_unit, records_schema, samples_schema, tensor_column, with_json_metadata)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,6 @@ PARQUET_OPTIONS = dict(
     write_statistics=KEY_COLUMNS,
     compression="zstd",
 )
-ROW_GROUP_BYTES = 64 * 1024**2
 #: stored dtype of each kind's arrays: images as ``ingest.payload_dtype`` (set per run), EHR float16
 #: (standardised values: 3 significant digits), tabular covariates float32 (raw values, e.g. 12345.6)
 EHR_DTYPE = "float16"

@@ -17,14 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raypipe.schema import embedding_column, embeddings_schema, mask_column
+from raypipe.schema import embedding_column, embeddings_schema, mask_column, row_group_rows
 from raypipe.synth.latent import MODALITIES
-
-#: in-memory bytes of table data per Parquet row group (as raypipe.tables.write_embeddings and the
-#: records table, raypipe.ingest.pipeline.ROW_GROUP_BYTES): a reader that splits a file by row group
-#: (infer's read path, Ray Data, DuckDB) reads a large table in parallel; one group per file, pyarrow's
-#: default up to 1,048,576 rows, is one serial read task. 64 MB is ~62,000 rows of 4 x 64-d float32.
-ROW_GROUP_BYTES = 64 * 1024**2
 
 
 def render_embeddings(truth: pd.DataFrame, dim: int = 64, seed: int = 7, noise: float = 0.05) -> dict[str, np.ndarray]:
@@ -63,5 +57,5 @@ def write_truth_embeddings(truth: pd.DataFrame, out_dir: str, dim: int = 64, see
     table = pa.table(cols, schema=schema).sort_by("sample_id")
     os.makedirs(out_dir, exist_ok=True)
     pq.write_table(table, os.path.join(out_dir, "part-00000.parquet"),
-                   row_group_size=max(1, ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes)))
+                   row_group_size=row_group_rows(table))  # parallel reads (raypipe.schema.ROW_GROUP_BYTES)
     return out_dir
