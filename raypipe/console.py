@@ -81,6 +81,29 @@ def bars_wanted(cfg) -> bool:
     return bool(cfg.ray.progress_bars) and interactive(cfg)
 
 
+def progress(total: int, desc: str, enabled: bool, unit: str = "it"):
+    """A tqdm bar (a context manager with ``update(n)``) when ``enabled``, else a silent stand-in."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc=desc, unit=unit)
+        except ImportError:  # pragma: no cover - tqdm comes with ray[data]
+            pass
+    return _SilentBar()
+
+
+class _SilentBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
 def interactive(cfg) -> bool:
     """Whether the console is a person's terminal (or Ray's full output was asked for: ``-v``,
     ``ray.quiet=false``): then bars and a line per epoch; into a pipe or a log file, fewer lines."""

@@ -886,23 +886,13 @@ def _decode_task_fn():
     return _DECODE_TASK
 
 
-@contextlib.contextmanager
 def _progress(total: int, desc: str):
-    """A tqdm bar when Ray Data's progress bars are on (``ray.progress_bars`` on a terminal), else a no-op."""
+    """A bar of decode tasks when Ray Data's progress bars are on (``ray.progress_bars`` on a terminal)."""
     import ray.data
 
-    show = ray.data.DataContext.get_current().enable_progress_bars
-    if show:
-        from tqdm.auto import tqdm
+    from raypipe import console
 
-        with tqdm(total=total, desc=desc, unit="task") as bar:
-            yield bar
-    else:
-        class _Off:
-            def update(self, n: int) -> None:
-                pass
-
-        yield _Off()
+    return console.progress(total, desc, ray.data.DataContext.get_current().enable_progress_bars, unit="task")
 
 
 def _lost_items(work: list[dict], results: list[dict]) -> list[list[dict]]:

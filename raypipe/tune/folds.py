@@ -141,26 +141,10 @@ class FitJob:
 
 
 def progress(total: int, desc: str, enabled: bool):
-    """A tqdm bar when ``enabled`` (``ray.progress_bars``), else a silent stand-in."""
-    if enabled:
-        try:
-            from tqdm import tqdm
+    """A tqdm bar of fits when ``enabled`` (:func:`raypipe.console.bars_wanted`), else a silent stand-in."""
+    from raypipe import console
 
-            return tqdm(total=total, desc=desc, unit="fit")
-        except ImportError:  # pragma: no cover - tqdm comes with ray[data]
-            pass
-
-    class _Silent:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def update(self, n=1):
-            pass
-
-    return _Silent()
+    return console.progress(total, desc, enabled, unit="fit")
 
 
 def _fit_job(*args) -> dict[str, Any]:
