@@ -75,7 +75,7 @@ def verbose() -> bool:
 
 def bars_wanted(cfg) -> bool:
     """Whether raypipe's own progress bars (tqdm: synth, compare, auto) are shown: ``ray.progress_bars``,
-    and on a quiet console only when stdout is a terminal (as for Ray Data's bars,
+    and on a quiet console only when stdout is a terminal or a notebook (as for Ray Data's bars,
     :func:`raypipe.runtime.configure_data_context`). Without a terminal a bar would write one
     carriage-return update after another into the log or pipe; the stage's summary line says it instead."""
     return bool(cfg.ray.progress_bars) and interactive(cfg)
@@ -104,10 +104,22 @@ class _SilentBar:
         pass
 
 
+def on_screen() -> bool:
+    """Whether stdout is shown to a person as it is written: a terminal, or the output area of a
+    Jupyter/IPython kernel (its ``OutStream`` is no tty, but it redraws a bar in place like one)."""
+    out = sys.stdout
+    try:
+        if out.isatty():
+            return True
+    except (AttributeError, ValueError):  # a closed or minimal stream
+        return False
+    return type(out).__module__.split(".")[0] == "ipykernel"
+
+
 def interactive(cfg) -> bool:
-    """Whether the console is a person's terminal (or Ray's full output was asked for: ``-v``,
-    ``ray.quiet=false``): then bars and a line per epoch; into a pipe or a log file, fewer lines."""
-    return not cfg.ray.quiet or verbose() or sys.stdout.isatty()
+    """Whether the console is a person's terminal or notebook (or Ray's full output was asked for:
+    ``-v``, ``ray.quiet=false``): then bars and a line per epoch; into a pipe or a log file, fewer lines."""
+    return not cfg.ray.quiet or verbose() or on_screen()
 
 
 def run_log_path() -> str | None:

@@ -77,6 +77,34 @@ def test_progress_bars_need_a_terminal_on_a_quiet_console(monkeypatch):
     assert console.bars_wanted(cfg) is True
 
 
+def test_a_notebook_output_area_gets_bars_though_it_is_no_terminal(monkeypatch):
+    """Jupyter's stdout (ipykernel's OutStream) says isatty() False but shows a bar in place."""
+    from raypipe.config import Config
+
+    class OutStream:  # stands in for ipykernel.iostream.OutStream (ipykernel is not installed here)
+        def isatty(self):
+            return False
+
+        def write(self, s):
+            return len(s)
+
+        def flush(self):
+            pass
+
+    class Pipe(OutStream):
+        pass
+
+    OutStream.__module__ = "ipykernel.iostream"
+    cfg = Config()
+    cfg.ray.quiet, cfg.ray.progress_bars = True, True
+    monkeypatch.setattr(console, "_state", {**console._state, "verbose": False})
+    monkeypatch.setattr(sys, "stdout", OutStream())
+    assert console.on_screen() and console.bars_wanted(cfg) and console.interactive(cfg)
+    Pipe.__module__ = "io"
+    monkeypatch.setattr(sys, "stdout", Pipe())
+    assert not console.on_screen() and not console.bars_wanted(cfg)
+
+
 def test_native_error_lines_of_the_driver_go_to_the_run_log(tmp_path):
     code = textwrap.dedent(f"""
         import os, sys
