@@ -516,3 +516,193 @@ def test_a_task_killed_twice_becomes_resource_limit_and_the_run_goes_on(ray_sess
     err = pd.read_parquet(os.path.join(cfg.records_dir, "errors.parquet"))
     assert list(err.error_class) == ["ResourceLimit"] and "died twice" in err.message.iloc[0]
     assert open(deaths).read() == "xx"  # killed twice, never retried in a loop
+
+
+# ----------------------------------------------------------------------------- a task that fails, not a file
+def _report_cohort(root, extra=()):
+    """Four one-line reports (P0..P3) and ``extra`` (file name, patient) rows; returns the manifest's rows."""
+    os.makedirs(root)
+    pids = [f"P{i}" for i in range(4)]
+    for p in pids:
+        (root / f"{p}.txt").write_text(f"report of {p}")
+    rows = [(p, "report", "text", f"{p}.txt") for p in pids]
+    for name, pid in extra:
+        (root / name).write_text(f"the report named {name}")
+        rows.append((pid, "report", "text", name))
+    pd.DataFrame(rows, columns=["patient_id", "modality", "format", "path"]).to_csv(root / "manifest.csv", index=False)
+    pd.DataFrame({"patient_id": pids, "label": [0, 1, 0, 1]}).to_csv(root / "labels.csv", index=False)
+    return rows
+
+
+def _report_cfg(tmp_path, root, *extra):
+    from raypipe.config import load_config
+
+    return load_config(None, [f"run.out_dir={tmp_path / 'run'}", f"ingest.input={root}", "ray.progress_bars=false",
+                              "ingest.error_budget=1.0", "ingest.test_fraction=0", "ingest.group_columns=[]",
+                              "ingest.modalities={report: {kind: text}}", *extra])
+
+
+def _tree_bytes(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(folder) for f in fs}
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("code, words", [("ENOSPC", "no space left on device"), ("EACCES", "permission denied")])
+def test_a_full_or_forbidden_output_fails_the_stage_and_quarantines_nothing(ray_session, tmp_path, monkeypatch,
+                                                                             code, words):
+    """Review: a decode task whose part cannot be written (a full disk; no permission on the output folder) was
+    retried item by item and every input ended as a ResourceLimit row ("died twice ... give the workers more
+    memory"). The inputs are not at fault: the stage fails with the cause and the output location (a config
+    value), names no input, quarantines nothing, and the previous output stays as it was."""
+    import errno
+
+    from raypipe.ingest import pipeline
+
+    root = tmp_path / "cohort"
+    _report_cohort(root)
+    cfg = _report_cfg(tmp_path, root, "ingest.items_per_task=2")
+    assert pipeline.run_ingest(cfg)["files_ingested"] == 4  # a previous, good output
+    before = _tree_bytes(cfg.records_dir)
+    real = pipeline._decode_batch
+    scope = str(tmp_path)
+    err_no = getattr(errno, code)
+
+    def decode_on_a_full_disk(batch, **kwargs):
+        # in the worker: its part writer fails as the OS would, for this test's output only (workers are reused)
+        from raypipe.ingest import pipeline as worker_pipeline
+
+        writer = getattr(worker_pipeline.write_records, "real_writer", worker_pipeline.write_records)
+
+        def write(table, path):
+            if path.startswith(scope):
+                tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+                open(tmp, "wb").write(b"partial")  # what a write cut short leaves
+                raise OSError(err_no, os.strerror(err_no), tmp)
+            return writer(table, path)
+
+        write.real_writer = writer
+        worker_pipeline.write_records = write
+        return real(batch, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_decode_batch", decode_on_a_full_disk)
+    with pytest.raises(pipeline.OutputWriteError) as e:
+        pipeline.run_ingest(cfg)
+    text = str(e.value)
+    assert e.value.errno == err_no and code in text and words in text, text
+    assert cfg.records_dir in text and "ingest.out" in text, text
+    for rel in [f"P{i}.txt" for i in range(4)] + ["report of"]:
+        assert rel not in text
+    assert _tree_bytes(cfg.records_dir) == before  # the earlier output: every byte as it was, no ResourceLimit rows
+    assert [f for f in os.listdir(os.path.dirname(cfg.records_dir)) if f.startswith(".ingest-")] == []
+
+
+@pytest.mark.ray
+def test_the_driver_side_writes_fail_with_the_same_clear_error(ray_session, tmp_path, monkeypatch):
+    """The small tables the driver writes after the decode pass: a full disk there is the same stage error."""
+    import errno
+
+    from raypipe.ingest import pipeline
+
+    root = tmp_path / "cohort"
+    _report_cohort(root)
+    cfg = _report_cfg(tmp_path, root)
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pipeline.safety, "write_marker", full)
+    with pytest.raises(pipeline.OutputWriteError, match="ENOSPC"):
+        pipeline.run_ingest(cfg)
+    assert not os.path.exists(cfg.records_dir)
+    assert [f for f in os.listdir(os.path.dirname(cfg.records_dir)) if f.startswith(".ingest-")] == []
+
+
+@pytest.mark.ray
+def test_a_task_that_raises_for_one_file_quarantines_that_file_as_unexpected(ray_session, tmp_path, monkeypatch):
+    """An exception in a decode task's own glue (outside the per-file try) used to end as ResourceLimit rows for
+    every item of the task. Now the task's items are decoded again one per task: the others are ingested and the
+    one whose own task raises again is an UnexpectedError row naming the exception type (a bug to report)."""
+    from raypipe.ingest import pipeline
+
+    root = tmp_path / "cohort"
+    _report_cohort(root, [("glitch.txt", "P1")])
+    real = pipeline._decode_batch
+
+    def glue_fails_on_glitch(batch, **kwargs):
+        if any(r.endswith("glitch.txt") for r in batch.column("rel").to_pylist()):
+            raise TypeError("a bug in the task's glue")
+        return real(batch, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_decode_batch", glue_fails_on_glitch)
+    cfg = _report_cfg(tmp_path, root, "ingest.items_per_task=100")
+    summary = pipeline.run_ingest(cfg)
+    assert summary["reconciled"] and summary["files_ingested"] == 4 and summary["files_quarantined"] == 1
+    err = pd.read_parquet(os.path.join(cfg.records_dir, "errors.parquet"))
+    assert list(err.error_class) == ["UnexpectedError"], list(err.error_class)
+    assert "TypeError" in err.message.iloc[0] and "memory" not in err.message.iloc[0]
+    assert "glitch" not in err.message.iloc[0] and "a bug in the task" not in err.message.iloc[0]
+
+
+@pytest.mark.ray
+def test_tasks_that_raise_whatever_their_input_fail_the_stage(ray_session, tmp_path, monkeypatch):
+    """A glue exception in every task is raypipe's fault, not the inputs': the stage fails with the exception's
+    type; no input is quarantined and nothing is written."""
+    from raypipe.ingest import pipeline
+
+    root = tmp_path / "cohort"
+    _report_cohort(root)
+
+    def always_fails(batch, **kwargs):
+        raise KeyError("P1.txt")  # text that quotes an input: it must not reach the message
+
+    monkeypatch.setattr(pipeline, "_decode_batch", always_fails)
+    cfg = _report_cfg(tmp_path, root, "ingest.items_per_task=2")
+    with pytest.raises(RuntimeError) as e:
+        pipeline.run_ingest(cfg)
+    assert "KeyError" in str(e.value) and "P1" not in str(e.value) and "ResourceLimit" not in str(e.value)
+    assert not os.path.exists(cfg.records_dir)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_real_full_disk_error_from_pyarrow_is_named_by_its_errno():
+    """pyarrow's own OSError for a full device (written to /dev/full, which fails every write with ENOSPC)
+    becomes the output error with the cause's name; the exception's text (it may quote a path) is dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raypipe.ingest import pipeline
+
+    with pytest.raises(OSError) as e:
+        pq.write_table(pa.table({"x": np.arange(300_000, dtype=np.float64)}), "/dev/full")
+    out = pipeline._output_error(e.value)
+    assert isinstance(out, pipeline.OutputWriteError) and out.errno == 28
+    assert str(out) == "[Errno 28] no space left on device (ENOSPC)"
+
+
+def test_an_output_error_known_only_from_its_text_keeps_the_number_only():
+    """An OSError that gives its errno only in its text (no errno attribute): the number is taken, not the text."""
+    from raypipe.ingest import pipeline
+
+    out = pipeline._output_error(OSError("Error writing /some/place/P7.parquet: [errno 122] quota"))
+    assert out.errno == 122 and "EDQUOT" in str(out) and "P7" not in str(out)
+
+
+def test_a_part_that_cannot_be_written_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """write_records: a write cut short (a full disk) removes its hidden temporary file, which would hold on to
+    the space, and writes no part."""
+    import errno
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raypipe.ingest import pipeline
+
+    def full(table, where, **_):
+        open(where, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pq, "write_table", full)
+    with pytest.raises(OSError):
+        pipeline.write_records(pa.table({"x": [1, 2]}), str(tmp_path / "part-00000.parquet"))
+    assert os.listdir(tmp_path) == []

@@ -27,7 +27,9 @@ decoders check declared sizes against ``ingest.limits``, messages come from a fi
 vocabulary, every float payload is checked finite, and a decode task that dies (e.g.
 killed by Ray's memory monitor) is not retried by Ray: its items are decoded again one
 per task, and an item whose own task dies too (its second death) becomes a
-``ResourceLimit`` row.
+``ResourceLimit`` row (an ``UnexpectedError`` row when the task raised instead). An output
+that cannot be written (a full disk, permissions) is not an input's fault: the stage stops
+with :class:`OutputWriteError` (cause and output folder) and quarantines nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter, defaultdict
@@ -92,6 +95,44 @@ UNLABELLED_SPLIT = "infer"
 #: loops forever on a file that always exhausts memory. The driver does the one retry itself
 #: (the dead task's items again, one per task), so that a killed item becomes an error row.
 DECODE_TASK_RETRIES = 0
+
+
+class OutputWriteError(OSError):
+    """An output of the stage cannot be written: the output location is at fault (a full disk, no permission,
+    a read-only file system...), never an input file, so the stage stops instead of quarantining its inputs.
+    Carries the OS error's number and the C library's text for it only (an exception's own text may name a
+    path)."""
+
+
+#: what an errno means for a user who has to fix the output location
+_OUTPUT_CAUSES = {"ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded",
+                  "EACCES": "permission denied", "EPERM": "permission denied", "EROFS": "read-only file system",
+                  "ENOENT": "the folder does not exist (on a cluster: is it on storage every node shares?)",
+                  "EIO": "I/O error", "EFBIG": "file too large for the file system"}
+
+
+def _output_error(err: OSError) -> OutputWriteError:
+    """``err`` (raised while writing an output) as an :class:`OutputWriteError`: its errno only. pyarrow's
+    OSErrors carry no errno attribute but put ``[errno N]`` in their text: the number alone is taken."""
+    import errno as errno_names
+
+    num = err.errno
+    if num is None:
+        m = re.search(r"errno (\d+)", str(err), re.IGNORECASE)
+        num = int(m.group(1)) if m else None
+    name = errno_names.errorcode.get(num, "") if num is not None else ""
+    what = _OUTPUT_CAUSES.get(name) or (os.strerror(num).lower() if num is not None else type(err).__name__)
+    return OutputWriteError(num, f"{what} ({name})" if name else what)
+
+
+def _output_failure(err: OutputWriteError, records_dir: str) -> OutputWriteError:
+    """The stage's error for an output that cannot be written: the cause and the output location (the
+    configured folder, ``ingest.out``), never an input."""
+    return OutputWriteError(err.errno, (
+        f"ingest stopped: its outputs cannot be written under {records_dir} (ingest.out; default "
+        f"run.out_dir/records): {err.strerror}. The inputs are not at fault and none was quarantined; the "
+        "partial output was removed and any earlier output there is unchanged. Free space or fix the folder's "
+        "permissions (or set ingest.out to another location), then run again"))
 
 
 # ----------------------------------------------------------------------------- UDFs (run in Ray tasks)
@@ -413,9 +454,14 @@ def write_records(table: pa.Table, path: str) -> None:
     # atomic: a task killed while writing leaves a hidden temporary file (readers skip dot files), never a
     # truncated part
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    pq.write_table(table, tmp, row_group_size=max(1, int(ROW_GROUP_BYTES // max(1.0, per_row))),
-                   **parquet_options(table.schema))
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, row_group_size=max(1, int(ROW_GROUP_BYTES // max(1.0, per_row))),
+                       **parquet_options(table.schema))
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: the partial temporary would hold on to the space
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _write_task_rows(rows: pa.Table, out_dir: str, name: str, tensors: dict | None = None) -> dict:
@@ -429,7 +475,11 @@ def _write_task_rows(rows: pa.Table, out_dir: str, name: str, tensors: dict | No
     n_rec = pc.sum(is_rec).as_py() or 0
     rec = rows if n_rec == rows.num_rows else rows.filter(is_rec)  # no copy when nothing failed
     if n_rec:
-        write_records(records_table(rec, tensors or {}), os.path.join(out_dir, f"{name}.parquet"))
+        table = records_table(rec, tensors or {})
+        try:
+            write_records(table, os.path.join(out_dir, f"{name}.parquet"))
+        except OSError as err:  # the output's fault (full disk, permissions), not an input's: the stage stops
+            raise _output_error(err) from None
     other = [] if n_rec == rows.num_rows else \
         rows.filter(pc.invert(is_rec)).select(["kind", "file", "error_class", "message"]).to_pylist()
     return {"files": sorted(set(rec.column("file").to_pylist())), "records": n_rec,
@@ -747,8 +797,11 @@ def run_ingest(cfg: Config, manifest: pd.DataFrame | None = None) -> dict:
         log.warning("no training-split EHR stays: EHR records are written unstandardised (meta standardised=false)")
 
     parent = os.path.dirname(records_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".ingest-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".ingest-", dir=parent)
+    except OSError as err:
+        raise _output_failure(_output_error(err), records_dir) from None
     try:
         n_records = 0
         rec_dir = os.path.join(tmp, "records")
@@ -758,19 +811,31 @@ def run_ingest(cfg: Config, manifest: pd.DataFrame | None = None) -> dict:
                 it.pop("train", None)
             fn_kwargs = {"modalities": mods, "ehr_cfg": cfg.ingest.ehr.model_dump(), "stats": stats or None,
                          "source_secret": source_secret, "root": root, "limits": limits, "store_dtypes": dtypes}
-            results = _decode_pass(_task_blocks(work, mods, cfg.ingest.items_per_task), rec_dir, "part", fn_kwargs,
-                                   tensors)
-            lost = _lost_items(work, results)
-            if lost:  # tasks that died: their items again, one per task, to find the culprit(s)
-                log.warning("ingest: %d decode task(s) died (e.g. killed for memory); decoding their %d "
-                            "work items one per task", len(lost), sum(len(b) for b in lost))
-                single = [pa.Table.from_pylist([it]) for b in lost for it in b]
-                results += _decode_pass(single, rec_dir, "part-retry", fn_kwargs, tensors)
-                for it in (it for b in _lost_items(work, results) for it in b):
-                    for fid in it["group_files"] or [it["file"]]:
-                        errors.append({"file": fid, "error_class": "ResourceLimit", "message": safety.message(
+            blocks = _task_blocks(work, mods, cfg.ingest.items_per_task)
+            results, failures = _decode_pass(blocks, rec_dir, "part", fn_kwargs, tensors)
+            if len(blocks) > 1 and not results and DIED not in failures.values():
+                raise _internal_failure(failures.values(), records_dir)  # not the inputs: every task raised
+            lost = [it for run in _lost_items(work, results) for it in run]
+            if lost:  # the failed tasks' items again, one per task, to find the culprit(s)
+                log.warning("ingest: decoding the %d work items of the failed decode task(s) again, one per task",
+                            len(lost))
+                again, failures = _decode_pass([pa.Table.from_pylist([it]) for it in lost], rec_dir, "part-retry",
+                                               fn_kwargs, tensors)
+                if not results and not again and set(failures.values()) - {DIED}:
+                    raise _internal_failure(failures.values(), records_dir)
+                results += again
+                for j, cause in sorted(failures.items()):  # an item whose own task failed too
+                    it = lost[j]
+                    if cause == DIED:
+                        cls, msg = "ResourceLimit", safety.message(
                             "ResourceLimit", "its Ray task died twice (killed for memory or crashed): lower "
-                            "ingest.limits or give the workers more memory")})
+                            "ingest.limits or give the workers more memory")
+                    else:
+                        cls, msg = UNEXPECTED, safety.message(
+                            UNEXPECTED, f"its decode task raised {cause} outside the per-file decoding, also "
+                            "when this work item was decoded alone")
+                    for fid in it["group_files"] or [it["file"]]:
+                        errors.append({"file": fid, "error_class": cls, "message": msg})
             for ret in results:
                 n_records += ret["records"]
                 errors.extend(ret["errors"])
@@ -813,8 +878,13 @@ def run_ingest(cfg: Config, manifest: pd.DataFrame | None = None) -> dict:
             json.dump(summary, fh, indent=2, sort_keys=True)
         safety.write_marker(tmp, "ingest")
         _swap_into_place(tmp, records_dir, [root])
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        # writing an output failed (a decode task's part, or a table written here): the output location's
+        # fault, one clear error (Ray's connection errors are OSErrors too: passed on as they are)
+        if isinstance(err, OSError) and not isinstance(err, (ConnectionError, TimeoutError)):
+            raise _output_failure(err if isinstance(err, OutputWriteError) else _output_error(err),
+                                  records_dir) from None
         raise
     log.info("ingest: %d files seen, %d ingested, %d quarantined, %d records -> %s", summary["files_seen"],
              summary["files_ingested"], summary["files_quarantined"], n_records, records_dir)
@@ -822,10 +892,12 @@ def run_ingest(cfg: Config, manifest: pd.DataFrame | None = None) -> dict:
 
 
 def _decode_pass(blocks: list[pa.Table], rec_dir: str, prefix: str, fn_kwargs: dict,
-                 tensors: dict | None = None) -> list[dict]:
+                 tensors: dict | None = None) -> tuple[list[dict], dict[int, str]]:
     """One decode pass over ``blocks`` (one Ray task each) into ``rec_dir/<prefix>-NNNNN.parquet`` (NNNNN: the
-    block's index, so the files are in key order); returns the results of the tasks that finished (a task
-    that died, or raised, has none: the caller decodes its items again).
+    block's index, so the files are in key order); returns the results of the tasks that finished and, per
+    block whose task did not, why (:func:`_task_failure`: ``DIED`` or the type of the exception it raised;
+    the caller decodes those items again). A task that could not write its part (:class:`OutputWriteError`)
+    stops the pass: the tasks in flight are cancelled and waited for, and the error is raised.
 
     Plain Ray tasks, at most a few per CPU in flight, each writing its own file and returning a small
     summary: the pass needs none of Ray Data's streaming machinery (no block moves between tasks). With
@@ -841,7 +913,7 @@ def _decode_pass(blocks: list[pa.Table], rec_dir: str, prefix: str, fn_kwargs: d
     decode = _decode_batch  # looked up now: a test may replace it
     pending: dict = {}
     results: list[dict] = []
-    failed = 0
+    failures: dict[int, str] = {}
     todo = list(enumerate(blocks))[::-1]
     with _progress(len(blocks), "ingest: decode") as bar:
         while todo or pending:
@@ -856,19 +928,69 @@ def _decode_pass(blocks: list[pa.Table], rec_dir: str, prefix: str, fn_kwargs: d
                 i = pending.pop(ref)
                 try:
                     results.append(ray.get(ref))
-                except ray.exceptions.RayError:  # the worker died (e.g. killed for memory) or the task failed
-                    failed += 1
+                except ray.exceptions.RayError as err:  # the worker died (e.g. killed for memory) or the task raised
+                    cause = _task_failure(err)
+                    if isinstance(cause, OutputWriteError):  # the output's fault: no input is retried or blamed
+                        _abandon(list(pending))
+                        raise cause from None
+                    failures[i] = cause
                     # its items are decoded again: a part it may have finished before dying would duplicate them
                     with contextlib.suppress(OSError):
                         os.remove(os.path.join(rec_dir, f"{prefix}-{i:05d}.parquet"))
                 bar.update(1)
-    if failed:
-        log.warning("ingest: %d of %d decode tasks failed", failed, len(blocks))
+    if failures:
+        log.warning("ingest: %d of %d decode tasks failed (%s)", len(failures), len(blocks),
+                    ", ".join(f"{n} {c}" for c, n in sorted(Counter(failures.values()).items())))
         for f in os.listdir(rec_dir):  # what a killed task was writing (write_records' temporary files)
             if f.startswith(".") and f.endswith(".tmp"):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(rec_dir, f))
-    return results
+    return results, failures
+
+
+def _internal_failure(causes: Iterable[str], records_dir: str) -> RuntimeError:
+    """The stage's error when no decode task finished and they raised (outside the per-file handling):
+    raypipe's fault, not the inputs', so nothing is quarantined."""
+    names = ", ".join(sorted(set(causes) - {DIED}))
+    return RuntimeError(f"ingest stopped: every decode task raised {names} outside the per-file decoding: a bug in "
+                        f"raypipe, not a bad input (none was quarantined; nothing was written to {records_dir}); "
+                        "please report it")
+
+
+#: :func:`_task_failure` of a task whose worker died (killed by Ray's memory monitor or the OS, a crash in
+#: native code, a lost node) or that ran out of memory in Python
+DIED = "died"
+
+
+def _task_failure(err: BaseException) -> str | OutputWriteError:
+    """Why a decode task has no result: the :class:`OutputWriteError` it raised, :data:`DIED`, or the type
+    name of another exception it raised (outside the per-file handling: raypipe's own glue; never its text,
+    which may quote an input)."""
+    import ray
+
+    if not isinstance(err, ray.exceptions.RayTaskError):  # WorkerCrashedError, OutOfMemoryError, NodeDiedError...
+        return DIED
+    cause = err.cause
+    if isinstance(cause, OutputWriteError):
+        return cause
+    if isinstance(cause, MemoryError):
+        return DIED
+    return type(cause).__name__ if cause is not None else "an exception"
+
+
+def _abandon(refs: list) -> None:
+    """Cancel the decode tasks of ``refs`` and wait (a minute at most) until they end, so that none writes
+    into the temporary output after the driver removes it."""
+    import ray
+
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref)
+    if refs:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=60)
+        for ref in ready:  # fetched, so that Ray does not log them as unhandled errors
+            with contextlib.suppress(Exception):
+                ray.get(ref)
 
 
 _DECODE_TASK = None
