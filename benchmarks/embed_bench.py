@@ -128,14 +128,33 @@ def cpu_by_process() -> dict[tuple[int, str], float]:
     return out
 
 
-def startup_split(before: dict, after: dict) -> dict[str, float]:
+def model_actor_starts() -> list[float]:
+    """Start times (epoch seconds) of the live model actor processes of this process tree."""
+    import ray  # noqa: F401
+    import psutil
+
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(p.cmdline()[:1])
+            if "ImageActor" in title or "MapWorker" in title:
+                out.append(p.create_time())
+        except psutil.Error:
+            continue
+    return sorted(out)
+
+
+def startup_split(before: dict, after: dict, by_pid: bool = False) -> dict[str, float]:
     """CPU seconds between two :func:`cpu_by_process` snapshots, by role: the driver, the model actors,
     Ray Data's helper actors, the other Ray workers (file listing, read + decode tasks, idle workers
-    that exited are not counted) and Ray's own processes (raylet, GCS, dashboard, agents)."""
+    that exited are not counted) and Ray's own processes (raylet, GCS, dashboard, agents).
+    ``by_pid``: a process is matched by its pid alone (a worker's title changes with its task), else by
+    pid and title (a worker that changed title counts its whole life: the start-up split as first printed)."""
     out = {"driver": 0.0, "model actors": 0.0, "Ray Data helper actors": 0.0, "read/decode workers": 0.0,
            "Ray system processes": 0.0}
+    before_pid = {pid: cpu for (pid, _), cpu in before.items()}
     for key, cpu in after.items():
-        d = cpu - before.get(key, 0.0)
+        d = cpu - (before_pid.get(key[0], 0.0) if by_pid else before.get(key, 0.0))
         title = key[1]
         role = ("driver" if title == "driver" else "model actors" if "ImageActor" in title or "MapWorker" in title
                 else "Ray Data helper actors" if title.startswith("ray::_") else
@@ -314,6 +333,7 @@ def main(argv=None) -> dict:
     from raypipe.embed import pipeline as ep
 
     first_batch: list[float] = []
+    last_batch: list[dict] = []
     ray_stats: list[str] = []
     real_dataset = ep._family_dataset
 
@@ -322,12 +342,17 @@ def main(argv=None) -> dict:
             self.ds = ds
 
         def iter_batches(self, **kw):
+            seen = 0
             for b in self.ds.iter_batches(**kw):
+                seen += len(b["error"])
+                if seen == args.n:  # the last batch: the model actors are still alive (after the loop some are not)
+                    last_batch.append(cpu_by_process())
                 if not first_batch:
                     first_batch.append(time.perf_counter())
                     first_batch.append(len(b["error"]))
                     first_batch.append(meter_b[0].so_far())  # CPU-seconds spent until the first result: start-up work
                     first_batch.append(cpu_by_process())
+                    first_batch.append(model_actor_starts())
                 yield b
             ray_stats.append(self.ds.stats())  # per-operator wall/CPU times: where the pipeline waits
 
@@ -339,7 +364,7 @@ def main(argv=None) -> dict:
         # per process, sampled: a worker that exits inside the run still counts (ingest_bench.TreeCPU)
         with TreeCPU() as meter:
             meter_b.append(meter)
-            t0 = time.perf_counter()
+            t0, wall0 = time.perf_counter(), time.time()
             summary = run_embed(cfg)
             t_ray = time.perf_counter() - t0
         cpu_ray = sum(meter.by_role().values())
@@ -349,6 +374,11 @@ def main(argv=None) -> dict:
     steady_rate = (args.n - first_batch[1]) / (t0 + t_ray - first_batch[0]) if first_batch else float("nan")
     startup_cpu = first_batch[2] if first_batch else float("nan")
     split = startup_split(procs0, first_batch[3]) if first_batch else {}
+    # model actor processes alive at the first result, by start time after (b) began (a worker process
+    # Ray started earlier and handed to an actor shows a negative time)
+    actor_starts = [round(t - wall0, 1) for t in first_batch[4]] if first_batch else []
+    # from the first embedded batch to the last, by process (what the steady state spends where)
+    split_after = startup_split(first_batch[3], last_batch[0], by_pid=True) if first_batch and last_batch else {}
     after_n = args.n - first_batch[1] if first_batch else 0
     after_cpu = cpu_ray - startup_cpu if first_batch else float("nan")
 
@@ -371,7 +401,8 @@ def main(argv=None) -> dict:
         "plain_items_per_s": round(plain_rate, 2), "ray_items_per_s": round(ray_rate, 2),
         "ratio": round(ray_rate / plain_rate, 3), "ray_seconds": round(t_ray, 1), "plain_seconds": round(t_plain, 1),
         "ray_startup_seconds": round(startup, 1), "ray_startup_cpu_seconds": round(startup_cpu, 1),
-        "ray_startup_cpu_split": split,
+        "ray_startup_cpu_split": split, "model_actor_processes_at_first_batch_started_s": actor_starts,
+        "ray_after_startup_cpu_split": split_after,
         "load_average_before_ray": round(load_b, 2), "load_average_end": round(os.getloadavg()[0], 2),
         "ray_steady_items_per_s": round(steady_rate, 2),
         "steady_ratio": round(steady_rate / plain_rate, 3), "records": args.records,
@@ -400,6 +431,8 @@ def main(argv=None) -> dict:
           f"i.e. >= {startup_cpu / res['ray_cpus']:.1f} s on {res['ray_cpus']:g} idle cores; load average "
           f"{load_b:.1f} before (b), {res['load_average_end']:.1f} at the end")
     print("    of it, CPU-seconds by process: " + ", ".join(f"{k} {v:.1f}" for k, v in split.items()))
+    print(f"    model actor processes alive at the first embedded batch: {len(actor_starts)}, started at "
+          + ", ".join(f"{t:+.1f}" for t in actor_starts) + " s (from the start of (b))")
     print(f"CPU-seconds per item: (a) {res['plain_cpu_ms_per_item']:.2f} ms, (b) {res['ray_cpu_ms_per_item']:.2f} ms; "
           f"ratio (b)/(a) {res['cpu_ratio']:.2f} (goal <= 1.2) next to the wall-clock ratio {res['ratio']:.2f}; "
           f"records {args.records}")
@@ -407,6 +440,9 @@ def main(argv=None) -> dict:
         print(f"    after the first embedded batch: (b) {res['ray_cpu_ms_per_item_after_startup']:.2f} ms per item, "
               f"ratio {res['cpu_ratio_after_startup']:.2f} (what a long run tends to; the start-up's CPU is "
               f"{startup_cpu:.1f} s whatever the run's size)")
+        if split_after:
+            print("    of it, ms per item by process (first to last embedded batch): "
+                  + ", ".join(f"{k} {1e3 * v / after_n:.2f}" for k, v in split_after.items()))
     if gpu_b.summary():
         g = gpu_b.summary()
         print(f"GPU busy during (b): mean {g['mean_pct']}%, {100 * g['share_above_80pct']:.0f}% of samples > 80% "
