@@ -97,11 +97,56 @@ def test_embeddings_datasource_reads_every_row_group_in_order_with_only_the_need
     assert got.column_names == cols and got.equals(arrow.select(cols))
 
 
+def test_row_group_predictor_reads_its_units_and_predicts_as_the_predictor_on_the_table(run_and_table, tmp_path):
+    """The actor that reads its own input: units of two files' row groups, in the order given, each read
+    in batches of `rows` rows; the predictions are the plain Predictor's on the same rows."""
+    import pyarrow.fs as pafs
+
+    from raypipe.infer.pipeline import Predictor, RowGroupPredictor, input_columns, row_group_units
+
+    run, arrow, table = run_and_table
+    src = tmp_path / "emb"
+    src.mkdir()
+    pq.write_table(arrow.slice(0, 180), src / "part-00000.parquet", row_group_size=50)  # groups 50 50 50 30
+    pq.write_table(arrow.slice(180), src / "part-00001.parquet", row_group_size=64)  # 64 56
+    cols = input_columns(table.modalities, arrow.schema)
+    units, _, fs = row_group_units(str(src), cols)
+    assert [(os.path.basename(p), g, n) for p, g, n, _ in units] == [
+        ("part-00000.parquet", 0, 50), ("part-00000.parquet", 1, 50), ("part-00000.parquet", 2, 50),
+        ("part-00000.parquet", 3, 30), ("part-00001.parquet", 0, 64), ("part-00001.parquet", 1, 56)]
+    pred = RowGroupPredictor(run, filesystem=pafs.LocalFileSystem(), columns=cols, rows=20, batch_size=7)
+    order = [4, 0, 3]  # the units a call gets: any of them, in the order given
+    outs = list(pred({"path": np.array([units[i][0] for i in order], object),
+                      "row_group": np.array([units[i][1] for i in order])}))
+    assert [t.num_rows for t in outs] == [20, 20, 20, 4] + [20, 20, 10] + [20, 10]
+    starts = [180, 0, 150]
+    want = Predictor(run, batch_size=7)(pa.concat_tables([arrow.slice(a, units[i][2]) for a, i in zip(starts, order)]))
+    got = pa.concat_tables(outs)
+    assert got.column("sample_id").to_pylist() == want.column("sample_id").to_pylist()
+    np.testing.assert_allclose(np.stack(got.column("probabilities").to_numpy(zero_copy_only=False)),
+                               np.stack(want.column("probabilities").to_numpy(zero_copy_only=False)), atol=1e-6)
+
+
+def test_actors_read_their_row_groups_on_a_cpu_pool_when_each_group_fits_a_block():
+    from raypipe.infer.pipeline import reads_in_actors
+
+    units = [("a", 0, 100, 60 << 20), ("a", 1, 40, 20 << 20)]
+    assert reads_in_actors(units, 0, 128 << 20)
+    assert reads_in_actors(units, 0, None)  # Ray Data makes one block per read task: the same split
+    assert not reads_in_actors(units, 0, 32 << 20)  # a group larger than a block: read tasks, several blocks
+    assert not reads_in_actors(units, 1, 128 << 20)  # GPU actors are fed by read tasks on the CPUs
+    assert reads_in_actors([("a", 0, 0, 0)], 0, 128 << 20)
+
+
 def test_run_infer_reads_a_table_of_many_row_groups_in_full_with_the_one_group_predictions(
         ray_session, run_and_table, tmp_path):
-    """The same rows as one row group (one read task) and as two files of 37-row groups (9 read tasks, run
-    by Ray): every row predicted once, in id order, as the trained model predicts the rows of
-    `pq.read_table` in this process (inputs built from Python lists, not raypipe's Arrow conversion)."""
+    """The same rows as one row group and as two files of 37-row groups (9 units), each read by the
+    predictor actors, and the one group again through read tasks (Ray Data's block target set below
+    the group's size, as for a large group or a GPU pool): every row predicted once, in id order, as
+    the trained model predicts the rows of `pq.read_table` in this process (inputs built from Python
+    lists, not raypipe's Arrow conversion)."""
+    import ray.data
+
     from raypipe.config import load_config
     from raypipe.infer.pipeline import run_infer
     from raypipe.train import loop
@@ -128,12 +173,22 @@ def test_run_infer_reads_a_table_of_many_row_groups_in_full_with_the_one_group_p
     method, _ = load_trained(run)
     want = loop.make_predict_fn(method, "binary")(x, np.array(mask).T)["probabilities"]
 
+    from raypipe.infer.pipeline import input_columns, reads_in_actors, row_group_units
+
+    units = row_group_units(str(one), input_columns(table.modalities, arrow.schema))[0]
+    assert not reads_in_actors(units, 0, 4096)  # "tasks" below: the read-task path
     got = {}
-    for name, src in (("one", one), ("many", many)):
+    ctx = ray.data.DataContext.get_current()
+    block_bytes = ctx.target_max_block_size
+    for name, src, target in (("one", one, block_bytes), ("many", many, block_bytes), ("tasks", one, 4096)):
         cfg = load_config(None, [f"run.out_dir={tmp_path / name}_run", f"infer.checkpoint={run}", f"infer.input={src}",
                                  f"infer.out={tmp_path / name}_pred", "ray.progress_bars=false", "infer.pool_size=2",
                                  "infer.batch_size=16", "infer.rows_per_actor_batch=40"])
-        res = run_infer(cfg)
+        ctx.target_max_block_size = target
+        try:
+            res = run_infer(cfg)
+        finally:
+            ctx.target_max_block_size = block_bytes
         pred = pq.read_table(tmp_path / f"{name}_pred")
         assert res["rows"] == pred.num_rows == arrow.num_rows
         assert pred.column("sample_id").to_pylist() == rows.column("sample_id").to_pylist()  # each once, in order
@@ -141,6 +196,7 @@ def test_run_infer_reads_a_table_of_many_row_groups_in_full_with_the_one_group_p
         np.testing.assert_allclose(got[name], want, atol=1e-5)
         assert pred.column("prediction").to_pylist() == list(want.argmax(1).astype(float))
     np.testing.assert_allclose(got["many"], got["one"], atol=1e-6)
+    np.testing.assert_allclose(got["tasks"], got["one"], atol=1e-6)
 
 
 def test_an_empty_input_table_is_a_clear_error(ray_session, run_and_table, tmp_path):

@@ -137,15 +137,11 @@ def row_group_batches(path: str, filesystem, row_groups: list[int], columns: lis
             yield pa.Table.from_batches([b])
 
 
-def embeddings_datasource(src: str, columns: list[str], rows: int):
-    """A Ray Data datasource over an embeddings table: one read task per Parquet row group, in
-    (file name, row group) order, each yielding blocks of ``rows`` rows of ``columns`` only."""
-    import functools
-
+def row_group_units(src: str, columns: list[str]):
+    """The read units of an embeddings table: ``(path, row group, rows, bytes of columns)`` in (file name,
+    row group) order, with the table's schema and filesystem. Reads the Parquet footers only."""
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
 
     dataset = pads.dataset(src, format="parquet")  # the listing check_compatible used (skips _*/.* files)
     fs = dataset.filesystem
@@ -157,7 +153,18 @@ def embeddings_datasource(src: str, columns: list[str], rows: int):
             rg = md.row_group(g)
             idx = [i for i in range(rg.num_columns) if rg.column(i).path_in_schema.split(".")[0] in columns]
             units.append((path, g, rg.num_rows, sum(rg.column(i).total_uncompressed_size for i in idx)))
-    schema = dataset.schema
+    return units, dataset.schema, fs
+
+
+def embeddings_datasource(src: str, columns: list[str], rows: int, units=None):
+    """A Ray Data datasource over an embeddings table: one read task per Parquet row group, in
+    (file name, row group) order, each yielding blocks of ``rows`` rows of ``columns`` only."""
+    import functools
+
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    units, schema, fs = units or row_group_units(src, columns)
 
     class EmbeddingsTable(Datasource):
         num_read_units = max(1, sum(1 for u in units if u[2]))
@@ -173,6 +180,35 @@ def embeddings_datasource(src: str, columns: list[str], rows: int):
                     for path, g, n, size in units if n]
 
     return EmbeddingsTable()
+
+
+class RowGroupPredictor(Predictor):
+    """A :class:`Predictor` that reads its own input: each call gets (file, row group) units of the
+    embeddings table and yields the predictions of each unit's rows, ``rows`` at a time."""
+
+    def __init__(self, run_dir: str, filesystem, columns: list[str], rows: int, device: str = "cpu",
+                 batch_size: int = 1024):
+        super().__init__(run_dir, device=device, batch_size=batch_size)
+        self.filesystem, self.columns, self.rows = filesystem, columns, rows
+
+    def __call__(self, units: dict):
+        for path, group in zip(units["path"], units["row_group"]):
+            for table in row_group_batches(str(path), self.filesystem, [int(group)], self.columns, self.rows):
+                yield super().__call__(table)
+
+
+def reads_in_actors(units, gpus: float, block_bytes: int | None) -> bool:
+    """Whether the predictor actors read their own row groups (:class:`RowGroupPredictor`) rather than
+    being fed by read tasks: on a CPU pool whose row groups each fit in one Ray Data block.
+
+    A read task hands each such group to one actor as one block anyway (Ray Data joins a task's
+    batches into blocks of up to ``target_max_block_size``); reading in the actor saves the read
+    tasks' worker and moving every input row through the object store (~1 GB, ~3 CPU-s of ~30 for
+    infer_bench's 1,000,000 rows on 2 cores). A larger group is split by Ray Data into blocks that
+    several actors share; GPU actors are fed by read tasks on the CPUs (an actor reading would leave
+    its GPU idle meanwhile).
+    """
+    return not gpus and (block_bytes is None or max((u[3] for u in units), default=0) <= block_bytes)
 
 
 def run_infer(cfg: Config) -> dict:
@@ -203,25 +239,32 @@ def run_infer(cfg: Config) -> dict:
             raise ValueError(f"infer.num_gpus_per_actor={gpus:g} but the cluster has {res.get('GPU', 0):g} GPUs")
         pool = cfg.infer.pool_size or max(1, int(res["GPU"] // gpus))
     else:
-        # one actor per CPU of the cluster: the read and write tasks share the CPUs with them
-        # (actor_cpus reserves a fraction, so a read task always fits)
+        # one actor per CPU of the cluster (actor_cpus reserves a fraction, so that a read task always
+        # fits when the table's row groups are read by read tasks; see reads_in_actors)
         pool = cfg.infer.pool_size or max(1, int(res["CPU"]))
     t0 = time.perf_counter()
     batch_rows = max(cfg.infer.rows_per_actor_batch, cfg.infer.batch_size)
-    # read only what a prediction needs, one read task (one thread) per Parquet row group: tables
-    # are written in row groups of ~64 MB (raypipe.tables), so a large table is read in parallel.
-    # Ray Data joins a task's batches into blocks of up to 128 MB, so a block is one row group
-    # (~62,000 rows of 4 x 64-d: 16 blocks for 1,000,000 rows, both actors busy to the end).
-    source = embeddings_datasource(src, input_columns(meta["modalities"], schema), batch_rows)
-    if source.num_rows == 0:  # counted from the Parquet footers; Ray Data would write nothing at all
+    columns = input_columns(meta["modalities"], schema)
+    units, schema, fs = row_group_units(src, columns)  # tables are written in row groups of ~64 MB (raypipe.tables)
+    if not any(u[2] for u in units):  # counted from the Parquet footers; Ray Data would write nothing at all
         raise ValueError("the input embeddings table has no rows: nothing to predict")
-    # never re-split a read task's output: Ray Data's default would split a one-row-group table's
-    # stream into ~270 small blocks that pace the read by the driver's loop
-    ds = ray.data.read_datasource(source, override_num_blocks=source.num_read_units).map_batches(
-        Predictor, fn_constructor_kwargs={"run_dir": os.path.abspath(run_dir), "device": "cuda" if gpus else "cpu",
-                                          "batch_size": cfg.infer.batch_size},
-        batch_size=batch_rows, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=actor_cpus(pool, res["CPU"]), num_gpus=gpus or None)
+    kwargs = {"run_dir": os.path.abspath(run_dir), "device": "cuda" if gpus else "cpu",
+              "batch_size": cfg.infer.batch_size}
+    if reads_in_actors(units, gpus, ray.data.DataContext.get_current().target_max_block_size):
+        readable = [{"path": p, "row_group": g} for p, g, n, _ in units if n]
+        ds = ray.data.from_items(readable, override_num_blocks=len(readable))
+        udf, batch, fmt = RowGroupPredictor, 1, "numpy"
+        kwargs.update(filesystem=fs, columns=columns, rows=batch_rows)
+    else:
+        # one read task (one thread) per row group; never re-split a read task's output: Ray Data's default
+        # would split a one-row-group table's stream into ~270 small blocks that pace the read by the
+        # driver's loop
+        source = embeddings_datasource(src, columns, batch_rows, units=(units, schema, fs))
+        ds = ray.data.read_datasource(source, override_num_blocks=source.num_read_units)
+        udf, batch, fmt = Predictor, batch_rows, "pyarrow"
+    ds = ds.map_batches(udf, fn_constructor_kwargs=kwargs, batch_size=batch, batch_format=fmt,
+                        compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=actor_cpus(pool, res["CPU"]),
+                        num_gpus=gpus or None)
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
