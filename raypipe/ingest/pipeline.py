@@ -187,9 +187,10 @@ def _decode_item(it: dict, mod_cfg: dict, ehr_cfg: dict, stats: dict | None,
 
 
 def _decode_dicom_group(it: dict, mod_cfg: dict, source_secret: bytes, root: str,
-                        limits: safety.Limits | None = None) -> Iterable[dict]:
+                        limits: safety.Limits | None = None, dtype: str | None = None) -> Iterable[dict]:
     """One patient's DICOM files of one modality -> record, error and not-selected rows (one parse per file
-    where possible: see :func:`raypipe.ingest.dicom.decode_series`)."""
+    where possible: see :func:`raypipe.ingest.dicom.decode_series`); each record's array in its stored
+    ``dtype`` (:func:`_stored`), converted as soon as it is checked so that the float slice is freed."""
     from raypipe.ingest import dicom
 
     sel = mod_cfg["slices"]
@@ -220,8 +221,9 @@ def _decode_dicom_group(it: dict, mod_cfg: dict, source_secret: bytes, root: str
         except DecodeError as err:
             errors.append((sl.path, err))
             continue
+        array, sl.image = _stored(sl.image, dtype), None
         yield {**base, "kind": "record", "file": file_of[sl.path], "source_key": key, "position": sl.position,
-               "array": sl.image, "meta": json.dumps(sl.meta, sort_keys=True)}
+               "array": array, "meta": json.dumps(sl.meta, sort_keys=True)}
     for path, err in errors:
         yield {**base, "kind": "error", "file": file_of[path], "source_key": it["source_key"], "position": 0,
                "error_class": err.error_class, "message": str(err)}
@@ -247,7 +249,8 @@ def _decode_batch(batch: pa.Table, modalities: dict, ehr_cfg: dict, stats: dict 
                 "source_key": it["source_key"], "position": it["position"]}
         try:
             if it["format"] == "dicom_series":
-                rows.extend(_decode_dicom_group(it, modalities[it["modality"]], source_secret, root, lim))
+                rows.extend(_decode_dicom_group(it, modalities[it["modality"]], source_secret, root, lim,
+                                                (store_dtypes or {}).get(it["modality"])))
                 rows.append({**head, "kind": "done"})
                 continue
             it = {**it, "path": safety.confine(root, it["rel"])}
@@ -255,8 +258,11 @@ def _decode_batch(batch: pa.Table, modalities: dict, ehr_cfg: dict, stats: dict 
             for rec in recs:  # no non-finite float payload is ever written
                 if rec.get("array") is not None and rec["array"].dtype.kind == "f":
                     check_finite(rec["array"], "record")
+            dtype = (store_dtypes or {}).get(it["modality"])
             for rec in recs:
                 rec["meta"] = json.dumps(rec.get("meta") or {}, sort_keys=True)
+                if rec.get("array") is not None:  # stored dtype now: the float array is freed with the item
+                    rec["array"] = _stored(rec["array"], dtype)
                 rows.append({**head, **rec, "kind": "record"})
             rows.append({**head, "kind": "done"})
         except BaseException as e:  # noqa: BLE001 - quarantine, never crash the run
@@ -268,7 +274,9 @@ def _decode_batch(batch: pa.Table, modalities: dict, ehr_cfg: dict, stats: dict 
             for fid in (it["group_files"] or [it["file"]]):
                 rows.append({**head, "file": fid, "kind": "error", "error_class": cls, "message": msg})
             rows.append({**head, "kind": "done"})
-    rows.sort(key=lambda r: (r["sample_id"], r["modality"], r["source_key"], r["position"], r["file"]))
+    # records first (their own key order), then the other rows: the writer takes the records as a slice
+    rows.sort(key=lambda r: (r["kind"] != "record", r["sample_id"], r["modality"], r["source_key"], r["position"],
+                             r["file"]))
     return _rows_table(rows, store_dtypes)
 
 
@@ -404,7 +412,8 @@ def records_table(rec: pa.Table, tensors: dict[str, tuple[str, list[int]]]) -> p
     mods = base.column("modality").to_pylist()
     dts = base.column("dtype").to_pylist()
     shapes = base.column("shape").to_pylist()
-    payload = base.column("payload").combine_chunks()
+    col = base.column("payload")
+    payload = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
     if isinstance(payload, pa.ChunkedArray):  # beyond 2 GB of payload: Arrow keeps chunks
         views = [None if v is None else np.frombuffer(v, np.uint8) for v in payload.to_pylist()]
     else:
@@ -416,13 +425,20 @@ def records_table(rec: pa.Table, tensors: dict[str, tuple[str, list[int]]]) -> p
         nb = size * dtype.itemsize
         valid = np.array([mods[i] == m and dts[i] is not None and np.dtype(dts[i]) == dtype and list(shapes[i] or []) == list(shape)
                           and views[i] is not None and views[i].size == nb for i in range(n)], bool)
-        values = np.zeros(n * nb, np.uint8)  # null slots: untouched zero pages, never written to Parquet
-        for i in np.flatnonzero(valid):
-            values[i * nb:(i + 1) * nb] = views[i]
+        if n and valid.all() and not isinstance(payload, pa.ChunkedArray):
+            # every row moves (a one-modality task): the payloads lie back to back in one buffer, used as is
+            start = int(np.frombuffer(payload.buffers()[1], np.int32, count=1, offset=payload.offset * 4)[0])
+            values = np.frombuffer(payload.buffers()[2], np.uint8, count=n * nb, offset=start)
+        else:
+            values = np.zeros(n * nb, np.uint8)  # null slots: untouched zero pages, never written to Parquet
+            for i in np.flatnonzero(valid):
+                values[i * nb:(i + 1) * nb] = views[i]
         storage = pa.FixedSizeListArray.from_arrays(pa.array(values.view(dtype)), size, mask=pa.array(~valid))
         cols[tensor_column(m)] = pa.ExtensionArray.from_storage(schema.field(tensor_column(m)).type, storage)
         moved |= valid
-    if moved.any():  # the moved rows' bytes are dropped (only the others' are copied)
+    if moved.all():
+        payload = pa.nulls(n, pa.binary())
+    elif moved.any():  # the moved rows' bytes are dropped (only the others' are copied)
         payload = pa.array([None if moved[i] or views[i] is None else views[i].tobytes() for i in range(n)],
                            pa.binary())
     arrays = [payload if f.name == "payload" else cols[f.name] if f.name in cols else base.column(f.name)
@@ -473,7 +489,8 @@ def _write_task_rows(rows: pa.Table, out_dir: str, name: str, tensors: dict | No
         return {"files": [], "errors": [], "not_selected": [], "records": 0, "done": []}
     is_rec = pc.equal(rows.column("kind"), "record")
     n_rec = pc.sum(is_rec).as_py() or 0
-    rec = rows if n_rec == rows.num_rows else rows.filter(is_rec)  # no copy when nothing failed
+    # _decode_batch puts the records first: a slice, no copy of their pixels
+    rec = rows.slice(0, n_rec) if n_rec and pc.all(is_rec.slice(0, n_rec)).as_py() else rows.filter(is_rec)
     if n_rec:
         table = records_table(rec, tensors or {})
         try:
@@ -481,7 +498,7 @@ def _write_task_rows(rows: pa.Table, out_dir: str, name: str, tensors: dict | No
         except OSError as err:  # the output's fault (full disk, permissions), not an input's: the stage stops
             raise _output_error(err) from None
     other = [] if n_rec == rows.num_rows else \
-        rows.filter(pc.invert(is_rec)).select(["kind", "file", "error_class", "message"]).to_pylist()
+        rows.select(["kind", "file", "error_class", "message"]).filter(pc.invert(is_rec)).to_pylist()
     return {"files": sorted(set(rec.column("file").to_pylist())), "records": n_rec,
             "errors": [{k: r[k] for k in ("file", "error_class", "message")} for r in other
                        if r["kind"] == "error"],
