@@ -1,5 +1,6 @@
-"""What raypipe's Ray Train fits run with: the controller's poll interval, no preemption watcher on the
-one-machine Ray that init_ray started, no DatasetManager actor for the in-memory feed; a user's settings win."""
+"""What raypipe's Ray Train fits run with: the controller's poll interval, no preemption watcher and no
+placement group cleaner on the one-machine Ray that init_ray started (a failed fit's placement group removed
+by raypipe instead), no DatasetManager actor for the in-memory feed; a user's settings win."""
 
 from __future__ import annotations
 
@@ -32,6 +33,20 @@ def test_the_watcher_is_off_on_the_own_local_ray(monkeypatch):
     monkeypatch.delenv(WATCHER, raising=False)
     monkeypatch.setattr(runtime, "on_own_local_ray", lambda: True)
     assert trainer.ray_train_env() == {POLL: "0.25", WATCHER: "0"}
+
+
+@pytest.mark.parametrize("own, with_datasets, expected", [
+    (False, True, ()),
+    (False, False, ("DatasetsCallback",)),
+    (True, True, ("PlacementGroupCleanerCallback",)),
+    (True, False, ("DatasetsCallback", "PlacementGroupCleanerCallback")),
+])
+def test_callbacks_left_out(monkeypatch, own, with_datasets, expected):
+    from raypipe import runtime
+    from raypipe.train import trainer
+
+    monkeypatch.setattr(runtime, "on_own_local_ray", lambda: own)
+    assert trainer.callbacks_left_out(with_datasets) == expected
 
 
 def test_what_the_environment_sets_wins(monkeypatch):
@@ -111,6 +126,79 @@ def test_the_memory_feed_leaves_out_only_the_datasets_callback(ray_session, smal
     assert "DatasetsCallback" in names["ray_data"]
     assert "DatasetsCallback" not in names["memory"]
     assert names["memory"] == [n for n in names["ray_data"] if n != "DatasetsCallback"]
+
+
+@pytest.mark.ray
+def test_the_own_local_ray_leaves_out_the_placement_group_cleaner(ray_session, small_embeddings, tmp_path,
+                                                                   monkeypatch):
+    import ray
+
+    from raypipe import runtime
+    from raypipe.train.trainer import build_torch_trainer
+
+    names = {}
+    for own in (False, True):
+        monkeypatch.setattr(runtime, "_local_gcs", ray.get_runtime_context().gcs_address if own else None)
+        cfg, meta, ids = _setup(tmp_path, small_embeddings, "train.feed=ray_data")
+        trainer = build_torch_trainer(cfg, meta, ids["train"], ids["val"], f"own{own}", str(tmp_path / "results"))
+        names[own] = [type(c).__name__ for c in trainer._create_default_callbacks()]
+    assert "PlacementGroupCleanerCallback" in names[False]
+    assert names[True] == [n for n in names[False] if n != "PlacementGroupCleanerCallback"]
+
+
+def _kill_the_controller_once_training(stop, killed, timeout_s=120.0):
+    """SIGKILL the Ray Train controller's process once its worker group runs (the test's crash)."""
+    import signal
+    import time
+
+    from ray._private.state import actors
+    from ray.util import placement_group_table
+
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set() and time.monotonic() < deadline:
+        alive = [a for a in actors().values() if a["State"] == "ALIVE"]
+        controllers = [a for a in alive if a["ActorClassName"] == "TrainController"]
+        training = any(a["ActorClassName"] == "RayTrainWorker" for a in alive)
+        reserved = any(pg["state"] == "CREATED" for pg in placement_group_table().values())
+        if controllers and training and reserved:
+            os.kill(controllers[0]["Pid"], signal.SIGKILL)
+            killed.append(controllers[0]["Pid"])
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.ray
+def test_a_killed_controller_leaves_no_placement_group_on_the_own_local_ray(ray_session, small_embeddings,
+                                                                             tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import ray
+    from ray.util import placement_group_table
+
+    from raypipe import runtime
+    from raypipe.train.trainer import fit_torch_trainer
+
+    monkeypatch.setattr(runtime, "_local_gcs", ray.get_runtime_context().gcs_address)  # no cleaner actor
+    before = set(placement_group_table())
+    cfg, meta, ids = _setup(tmp_path, small_embeddings, "train.feed=memory", "train.epochs=400",
+                            "train.patience=1000", "train.max_failures=0")
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_the_controller_once_training, args=(stop, killed), daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(ray.exceptions.RayActorError):
+            fit_torch_trainer(cfg, meta, ids["train"], ids["val"], "killed", str(tmp_path / "results"))
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "the controller was not killed"
+    new = {k: v["state"] for k, v in placement_group_table().items() if k not in before}
+    assert new and all(state == "REMOVED" for state in new.values()), new
+    deadline = time.monotonic() + 30  # the workers' CPUs come back
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
 
 
 @pytest.mark.ray

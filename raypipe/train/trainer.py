@@ -427,8 +427,35 @@ def fit_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: set
     """
     trainer = build_torch_trainer(cfg, meta, train_ids, val_ids, name, storage_path, fault_injection, log_epochs)
     _start_autoscaling_coordinator()
-    with _environment(ray_train_env()):
+    cleaner = "PlacementGroupCleanerCallback" not in getattr(trainer, "left_out", ())
+    with _environment(ray_train_env()), (contextlib.nullcontext() if cleaner else _placement_groups_removed_on_failure()):
         return trainer.fit()
+
+
+@contextlib.contextmanager
+def _placement_groups_removed_on_failure():
+    """Without Ray Train's placement group cleaner (:func:`callbacks_left_out`): when the block fails,
+    remove the placement groups created during it that are still there. A controller that shuts
+    down removes its own; one that died (killed, out of memory) left its workers' reservation, which
+    would hold those CPUs until this process ends. On the one-machine Ray that ``init_ray`` started,
+    this process's fits are the only ones, one at a time."""
+    from ray.util import placement_group_table
+
+    before = set(placement_group_table())
+    try:
+        yield
+    except BaseException:
+        try:
+            from ray._raylet import PlacementGroupID
+            from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+            for pg_id, info in placement_group_table().items():
+                if pg_id not in before and info.get("state") != "REMOVED":
+                    remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+                    log.info("removed the placement group of a failed fit (%s)", pg_id)
+        except Exception as exc:  # the fit's own error is the one to raise
+            log.warning("could not remove the placement groups of a failed fit: %s", exc)
+        raise
 
 
 #: How often Ray Train's controller polls the workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's
@@ -486,29 +513,68 @@ def _start_autoscaling_coordinator() -> None:
         log.debug("AutoscalingCoordinator not created ahead of the controller: %s", exc)
 
 
-def _trainer_class(with_datasets: bool):
-    """``TorchTrainer``; without Ray Datasets (the in-memory feed), one that leaves out Ray Train's
-    datasets callback, which would start a DatasetManager actor process per fit for no dataset."""
+#: Ray Train's default callbacks raypipe may leave out of a fit, by class name: where Ray 2.60 defines them
+_LEAVABLE_CALLBACKS = {
+    "DatasetsCallback": "ray.train.v2._internal.callbacks.datasets",
+    "PlacementGroupCleanerCallback": "ray.train.v2._internal.callbacks.placement_group_callback",
+}
+_TRAINER_CLASSES: dict[tuple[str, ...], type] = {}
+
+
+def callbacks_left_out(with_datasets: bool) -> tuple[str, ...]:
+    """Ray Train's default callbacks (class names) a fit leaves out, each an actor process per fit:
+
+    - ``DatasetsCallback`` without Ray Datasets (the in-memory feed): it starts a DatasetManager actor
+      for no dataset;
+    - ``PlacementGroupCleanerCallback`` on the one-machine Ray that ``init_ray`` started in this
+      process (:func:`raypipe.runtime.on_own_local_ray`, the driver). Its detached actor removes the
+      workers' placement group should the controller die without shutting down, while the job lives
+      on (a Tune trial's fit killed with its trial). Here the job is this process and its Ray ends
+      with it; a fit that fails meanwhile has its placement group removed by
+      :func:`fit_torch_trainer`. The cost it saves: a third process start (Ray Train's imports, ~2
+      CPU-s) beside the worker's on the worker's critical path, a state-API query every second
+      while training, and up to ~1 s at the end of every fit (``stop`` waits out its 1 s check).
+      Tune's trials (their own processes) and a joined cluster keep it.
+    """
+    from raypipe.runtime import on_own_local_ray
+
+    out = []
+    if not with_datasets:
+        out.append("DatasetsCallback")
+    if on_own_local_ray():
+        out.append("PlacementGroupCleanerCallback")
+    return tuple(out)
+
+
+def _trainer_class(left_out: tuple[str, ...]):
+    """``TorchTrainer``, or a subclass whose fits run without Ray Train's default callbacks named in
+    ``left_out`` (:func:`callbacks_left_out`); one that this Ray does not define is not left out."""
+    import importlib
+
     from ray.train.torch import TorchTrainer
 
-    if with_datasets:
+    classes = []
+    for name in left_out:
+        try:
+            classes.append(getattr(importlib.import_module(_LEAVABLE_CALLBACKS[name]), name))
+        except (ImportError, AttributeError):  # another Ray layout: that callback stays
+            continue
+    if not classes:
         return TorchTrainer
-    try:
-        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    except ImportError:  # another Ray layout: the stock trainer
-        return TorchTrainer
-    global _FeedTorchTrainer
-    if _FeedTorchTrainer is None:
-        class _FeedTorchTrainer(TorchTrainer):
-            """A ``TorchTrainer`` whose workers are fed without Ray Data (no ``datasets``)."""
+    key = tuple(c.__name__ for c in classes)
+    if key not in _TRAINER_CLASSES:
+        drop = tuple(classes)
+
+        class _RaypipeTorchTrainer(TorchTrainer):
+            """A ``TorchTrainer`` without some of Ray Train's default callbacks (``left_out``)."""
+
+            left_out = key
 
             def _create_default_callbacks(self):
-                return [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]
+                return [c for c in super()._create_default_callbacks() if not isinstance(c, drop)]
 
-    return _FeedTorchTrainer
-
-
-_FeedTorchTrainer = None
+        _TRAINER_CLASSES[key] = _RaypipeTorchTrainer
+    return _TRAINER_CLASSES[key]
 
 
 def build_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: set[str], name: str,
@@ -539,7 +605,7 @@ def build_torch_trainer(cfg: Config, meta: dict, train_ids: set[str], val_ids: s
                 "val": ray.put(_read_rows(cfg.train_input, val_ids))}
     else:
         datasets = {"train": _dataset_for(cfg.train_input, train_ids), "val": _dataset_for(cfg.train_input, val_ids)}
-    trainer = _trainer_class(datasets is not None)(
+    trainer = _trainer_class(callbacks_left_out(datasets is not None))(
         train_loop_per_worker,
         train_loop_config={"meta": meta, "fault_injection": fault_injection, "log_epochs": log_epochs,
                            "train_log_level": cfg.ray.train_log_level, "feed": feed,
