@@ -85,6 +85,7 @@ def main(argv=None):
     rctx = init_ray(cfg)
     ids = {s: set(table.sample_id[split == s]) for s in ("train", "val")}
     times, cpu, epoch_s = {}, {}, {"loop": _steady_epoch_seconds(plain_hist)}
+    epochs_sum = {"loop": sum(h["seconds"] for h in plain_hist)}
     counts = [int(w) for w in args.workers.split(",")]
     for workers in counts:
         c = load_config(None, base + [f"train.num_workers={workers}"])
@@ -93,7 +94,9 @@ def main(argv=None):
                                    rctx.results_dir)
         times[workers], cpu[workers] = time.perf_counter() - t0, meter.stop()
         with result.checkpoint.as_directory() as d:
-            epoch_s[workers] = _steady_epoch_seconds(json.load(open(os.path.join(d, "history.json"))))
+            hist = json.load(open(os.path.join(d, "history.json")))
+        epoch_s[workers] = _steady_epoch_seconds(hist)
+        epochs_sum[workers] = sum(h["seconds"] for h in hist)
     sps = lambda t: n_train * args.epochs / t  # noqa: E731
     tc = cfg.train
     from raypipe.train.trainer import CONTROLLER_POLL_S
@@ -116,10 +119,14 @@ def main(argv=None):
               f"{epoch_s['loop']:.2f}s, 1 worker {epoch_s[1]:.2f}s (ratio {epoch_s['loop'] / epoch_s[1]:.2f})"
               + (f", 2 workers {epoch_s[2]:.2f}s" if 2 in times else "")
               + "; the rest of the Ray wall time is start-up, dataset feed and checkpoint persistence")
+        print("outside the epochs (wall - the epochs' own seconds; start-up, model and optimizer set-up, end): "
+              + ", ".join(f"{'loop' if k == 'loop' else f'{k} worker(s)'} {(t_plain if k == 'loop' else times[k]) - v:.2f}s"
+                          for k, v in epochs_sum.items()))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": "cpu", "n_train": n_train, "epochs": args.epochs, "loop_s": t_plain,
                        "loop_cpu_s": cpu_plain, "ray_s": times, "ray_cpu_s": cpu, "steady_epoch_s": epoch_s,
+                       "epochs_sum_s": epochs_sum,
                        "feed": tc.feed, "checkpoint_every": tc.checkpoint_every,
                        "checkpoint_async": tc.checkpoint_async, "controller_poll_s": poll,
                        "loadavg_start": load0}, fh, indent=2)
