@@ -76,6 +76,28 @@ def test_arrow_batches_give_the_numpy_loops_predictions(run_and_table):
                                want["probabilities"], atol=1e-5)
 
 
+def test_values_in_place_drops_only_the_values_nulls_that_lie_in_null_embeddings(tmp_path):
+    """Read back from Parquet, an absent embedding's values are nulls too; without that bitmap the rows are
+    the same lists (the bytes under a null list are never read as data). A null element inside a present
+    embedding keeps the column as it was (train.tables then turns it into NaN, as before)."""
+    from raypipe.infer.pipeline import values_in_place
+
+    lists = [[1.0, 2.0, 3.0], None, [4.0, 5.0, 6.0], None, [7.0, 8.0, 9.0]]
+    t = pa.table({"emb_a": pa.array(lists, pa.list_(pa.float32(), 3)), "n": pa.array(range(5))})
+    pq.write_table(t, tmp_path / "t.parquet")
+    col = pq.read_table(tmp_path / "t.parquet").column("emb_a")
+    assert col.chunk(0).values.null_count == 6  # what the reader makes of the two absent embeddings
+    for c in (col, col.slice(1), col.chunk(0).slice(1, 3)):  # chunked, sliced: offsets into the values
+        got = values_in_place(c)
+        assert got.to_pylist() == c.to_pylist() and got.type == c.type
+        chunks = got.chunks if isinstance(got, pa.ChunkedArray) else [got]
+        assert all(ch.values.null_count == 0 for ch in chunks)
+    inner = pa.array([[1.0, None, 3.0], None], pa.list_(pa.float32(), 3))  # a null inside a present embedding
+    assert values_in_place(inner) is inner
+    ints = pa.array([1, None, 3])
+    assert values_in_place(ints) is ints
+
+
 def test_embeddings_datasource_reads_every_row_group_in_order_with_only_the_needed_columns(run_and_table, tmp_path):
     """Two files of several row groups plus an `_errors.parquet` side file: the read tasks (run here
     without a cluster) give the rows of the files in name order, in blocks of at most `rows` rows."""
