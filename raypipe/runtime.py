@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -74,7 +73,9 @@ def configure_data_context(cfg: Config) -> None:
         # One bar per dataset on a terminal, none per operator; without a terminal Ray Data would log
         # multi-line progress reports every few seconds instead: off (raypipe prints a line per stage).
         ctx.enable_operator_progress_bars = False
-        if not sys.stdout.isatty():
+        from raypipe import console
+
+        if not console.on_screen():  # a terminal or a notebook's output area keeps its bars
             ctx.enable_progress_bars = False
     # Outputs are sorted by id before writing; preserving order keeps runs reproducible.
     ctx.execution_options.preserve_order = True

@@ -100,9 +100,19 @@ def test_a_notebook_output_area_gets_bars_though_it_is_no_terminal(monkeypatch):
     monkeypatch.setattr(console, "_state", {**console._state, "verbose": False})
     monkeypatch.setattr(sys, "stdout", OutStream())
     assert console.on_screen() and console.bars_wanted(cfg) and console.interactive(cfg)
+    import ray.data
+
+    from raypipe.runtime import configure_data_context
+
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", ctx.enable_progress_bars)
+    configure_data_context(cfg)
+    assert ctx.enable_progress_bars is True  # Ray Data's bar too
     Pipe.__module__ = "io"
     monkeypatch.setattr(sys, "stdout", Pipe())
     assert not console.on_screen() and not console.bars_wanted(cfg)
+    configure_data_context(cfg)
+    assert ctx.enable_progress_bars is False
 
 
 def test_native_error_lines_of_the_driver_go_to_the_run_log(tmp_path):
