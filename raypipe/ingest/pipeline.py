@@ -44,6 +44,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections import Counter, defaultdict
 from typing import Any, Iterable
 
@@ -95,6 +96,8 @@ UNLABELLED_SPLIT = "infer"
 #: loops forever on a file that always exhausts memory. The driver does the one retry itself
 #: (the dead task's items again, one per task), so that a killed item becomes an error row.
 DECODE_TASK_RETRIES = 0
+#: seconds between the decode pass's reads of the cluster's CPU count
+CLUSTER_POLL_S = 1.0
 
 
 class OutputWriteError(OSError):
@@ -932,11 +935,14 @@ def _decode_pass(blocks: list[pa.Table], rec_dir: str, prefix: str, fn_kwargs: d
     results: list[dict] = []
     failures: dict[int, str] = {}
     todo = list(enumerate(blocks))[::-1]
+    cpus, read_at = 1, -math.inf
     with _progress(len(blocks), "ingest: decode") as bar:
         while todo or pending:
-            # bounded (memory stays flat however many blocks), and read again each time: a cluster that an
-            # autoscaler grows (it sees the queued tasks as demand) gets more tasks in flight
-            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            # bounded (memory stays flat however many blocks), and read again as it goes (at most every
+            # CLUSTER_POLL_S: each read is a GCS call, ~3 ms of driver CPU): a cluster that an autoscaler grows
+            # (it sees the queued tasks as demand) gets more tasks in flight
+            if time.monotonic() - read_at >= CLUSTER_POLL_S:
+                cpus, read_at = max(1, int(ray.cluster_resources().get("CPU", 1))), time.monotonic()
             while todo and len(pending) < 2 * cpus:
                 i, block = todo.pop()
                 pending[task.remote(decode, block, rec_dir, f"{prefix}-{i:05d}", kwargs_ref, tensors)] = i

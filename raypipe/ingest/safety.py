@@ -19,6 +19,7 @@ No Ray here. Four guarantees, each one function:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import math
@@ -87,6 +88,9 @@ DICOM_MODALITIES = frozenset(
     "RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA "
     "XA XAPROTOCOL XC".split())
 
+#: longest first: a name ending in ``.nii.gz`` keeps ``.nii.gz``, not ``.gz`` (sorted once, not per call)
+_EXTENSIONS_LONGEST_FIRST = tuple(sorted(KNOWN_EXTENSIONS, key=len, reverse=True))
+
 _SAFE_TOKEN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
 
@@ -135,7 +139,7 @@ def fact(value: Any) -> str:
 def extension(path: str) -> str:
     """The file's extension when it is a well-known one, else a phrase that names none."""
     lower = os.path.basename(path).lower()
-    for ext in sorted(KNOWN_EXTENSIONS, key=len, reverse=True):
+    for ext in _EXTENSIONS_LONGEST_FIRST:
         if lower.endswith(ext) and len(lower) > len(ext):
             return ext
     return "an extension raypipe does not know" if "." in lower.lstrip(".") else "no extension"
@@ -240,12 +244,17 @@ def pseudonymous_path(rel_path: str, key: bytes, plain: bool = False) -> str:
     parts = [p for p in re.split(r"[\\/]+", rel) if p not in ("", ".")]
     if not parts:
         return "<empty path>"
-    out = []
-    for i, p in enumerate(parts):
-        h = hmac.new(key, p.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
-        ext = extension(p) if i == len(parts) - 1 else ""
-        out.append(h + (ext if ext.startswith(".") else ""))
+    out = [_folder_hash(key, p) for p in parts[:-1]]  # folders repeat across a cohort's files: hashed once
+    ext = extension(parts[-1])
+    out.append(_component_hash(key, parts[-1]) + (ext if ext.startswith(".") else ""))
     return "/".join(out)
+
+
+def _component_hash(key: bytes, part: str) -> str:
+    return hmac.new(key, part.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
+
+
+_folder_hash = functools.lru_cache(maxsize=4096)(_component_hash)
 
 
 def path_key(secret: bytes) -> bytes:
