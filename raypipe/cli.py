@@ -491,7 +491,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.verbose:
             raise
+        from raypipe.ingest.pipeline import OutputWriteError
+
         kind = "" if isinstance(err, (MissingSecretError, FileNotFoundError, ValueError)) else f"{type(err).__name__}: "
+        if isinstance(err, OutputWriteError):  # the cause and the output folder, without "[Errno 28]"
+            kind, err = "", err.strerror
         print(f"raypipe {args.command}: {kind}{err}", file=sys.stderr)
         print("(run again with --verbose for the full traceback)", file=sys.stderr)
         from raypipe import console

@@ -619,6 +619,34 @@ def test_the_driver_side_writes_fail_with_the_same_clear_error(ray_session, tmp_
 
 
 @pytest.mark.ray
+def test_a_failed_last_rename_puts_the_earlier_output_back(ray_session, tmp_path, monkeypatch):
+    """Review: the earlier output is moved aside before the new one is renamed into place; when that last
+    rename failed, the error said the earlier output was unchanged while it sat in a hidden folder."""
+    import errno
+
+    from raypipe.ingest import pipeline
+
+    root = tmp_path / "cohort"
+    _report_cohort(root)
+    cfg = _report_cfg(tmp_path, root)
+    assert pipeline.run_ingest(cfg)["files_ingested"] == 4
+    before = _tree_bytes(cfg.records_dir)
+    real_replace = os.replace
+    final = os.path.abspath(cfg.records_dir)
+
+    def replace(src, dst):
+        if os.path.abspath(dst) == final and ".ingest-old-" not in str(src):  # the new output's rename only
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(pipeline.os, "replace", replace)
+    with pytest.raises(pipeline.OutputWriteError, match="ENOSPC"):
+        pipeline.run_ingest(cfg)
+    assert _tree_bytes(cfg.records_dir) == before
+    assert [f for f in os.listdir(os.path.dirname(cfg.records_dir)) if f.startswith(".ingest-")] == []
+
+
+@pytest.mark.ray
 def test_a_task_that_raises_for_one_file_quarantines_that_file_as_unexpected(ray_session, tmp_path, monkeypatch):
     """An exception in a decode task's own glue (outside the per-file try) used to end as ResourceLimit rows for
     every item of the task. Now the task's items are decoded again one per task: the others are ingested and the

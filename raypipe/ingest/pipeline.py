@@ -1058,14 +1058,20 @@ def _lost_items(work: list[dict], results: list[dict]) -> list[list[dict]]:
 def _swap_into_place(tmp: str, final: str, inputs: list[str] | None = None) -> None:
     """Rename the finished ``tmp`` directory to ``final``. A previous output is moved aside first, then
     removed -- only after :func:`raypipe.ingest.safety.check_output_dir` finds raypipe's marker of an
-    earlier ingest run in it and nothing else (checked again here: the folder may have changed)."""
+    earlier ingest run in it and nothing else (checked again here: the folder may have changed). When the
+    last rename fails, the earlier output is moved back: ``final`` then holds what it held before."""
     safety.check_output_dir(final, inputs or [], "ingest")
     old = None
     if os.path.lexists(final):
         old = tempfile.mkdtemp(prefix=".ingest-old-", dir=os.path.dirname(final))
         os.rmdir(old)
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old:  # the earlier output goes back where it was (the error says it is unchanged)
+            os.replace(old, final)
+        raise
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
