@@ -3,7 +3,7 @@
 What a user of ``raypipe`` sees by default (docs/cluster.md, "Console and logs"):
 
 - raypipe's own log lines (``HH:MM:SS LEVEL raypipe...: message``), the stages' results and
-  Ray Data's progress bars when stdout is a terminal;
+  Ray Data's progress bars when stdout is a terminal or a notebook (:func:`on_screen`);
 - nothing else. Everything Ray prints goes to ``<run.out_dir>/logs/ray.log`` instead:
   driver-side log records of the ``ray`` and ``ray.data`` loggers (start-up, execution plans,
   Ray Data's progress logs without a terminal, "Progress bars disabled"), Python warnings
@@ -111,9 +111,9 @@ def on_screen() -> bool:
     try:
         if out.isatty():
             return True
-    except (AttributeError, ValueError):  # a closed or minimal stream
+    except Exception:  # noqa: BLE001 - None (pythonw), a closed or minimal stream: not on screen
         return False
-    return type(out).__module__.split(".")[0] == "ipykernel"
+    return any(k.__module__.split(".")[0] == "ipykernel" for k in type(out).__mro__)  # or a subclass of it
 
 
 def interactive(cfg) -> bool:

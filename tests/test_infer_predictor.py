@@ -92,6 +92,15 @@ def test_values_in_place_drops_only_the_values_nulls_that_lie_in_null_embeddings
         assert got.to_pylist() == c.to_pylist() and got.type == c.type
         chunks = got.chunks if isinstance(got, pa.ChunkedArray) else [got]
         assert all(ch.values.null_count == 0 for ch in chunks)
+    # review: another tool's table may name its value field otherwise or declare it non-nullable; the column
+    # must keep that exact type (a chunked column of mixed types, or set_column on the table, fails otherwise)
+    strict = pa.list_(pa.field("element", pa.float32(), nullable=False), 3)
+    pq.write_table(pa.table({"emb_a": pa.array(lists, strict)}), tmp_path / "s.parquet")
+    scol = pq.read_table(tmp_path / "s.parquet").column("emb_a")
+    got = values_in_place(scol)
+    assert got.to_pylist() == lists and got.type.value_field.equals(scol.type.value_field)
+    assert not got.type.value_field.nullable and got.type.value_field.name == "element"
+    pa.table({"emb_a": scol}).set_column(0, "emb_a", got)  # raised "Field type did not match data type"
     inner = pa.array([[1.0, None, 3.0], None], pa.list_(pa.float32(), 3))  # a null inside a present embedding
     assert values_in_place(inner) is inner
     ints = pa.array([1, None, 3])

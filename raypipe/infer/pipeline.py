@@ -111,7 +111,7 @@ def values_in_place(column):
         if not bits[values.offset:values.offset + n * width].reshape(n, width)[np.asarray(c.is_valid())].all():
             continue
         plain = pa.Array.from_buffers(values.type, len(values), [None, values.buffers()[1]], offset=values.offset)
-        chunks[-1] = pa.FixedSizeListArray.from_arrays(plain, width, mask=c.is_null())
+        chunks[-1] = pa.FixedSizeListArray.from_arrays(plain, type=c.type, mask=c.is_null())  # its own value field
     return pa.chunked_array(chunks, type=column.type) if isinstance(column, pa.ChunkedArray) else chunks[0]
 
 

@@ -437,8 +437,11 @@ def _placement_groups_removed_on_failure():
     """Without Ray Train's placement group cleaner (:func:`callbacks_left_out`): when the block fails,
     remove the placement groups created during it that are still there. A controller that shuts
     down removes its own; one that died (killed, out of memory) left its workers' reservation, which
-    would hold those CPUs until this process ends. On the one-machine Ray that ``init_ray`` started,
-    this process's fits are the only ones, one at a time."""
+    would hold those CPUs until this process ends. It removes every placement group created while the
+    block ran, whoever created it (Ray's public table does not say which actor did): right on the
+    one-machine Ray that ``init_ray`` started, where raypipe runs its fits one at a time; a program
+    that creates its own placement groups from another thread during a fit should join a Ray it
+    started itself (``ray.init()`` before raypipe: Ray's own cleaner is then kept)."""
     from ray.util import placement_group_table
 
     before = set(placement_group_table())
