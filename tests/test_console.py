@@ -91,8 +91,13 @@ def test_a_notebook_output_area_gets_bars_though_it_is_no_terminal(monkeypatch):
         def flush(self):
             pass
 
-    class Pipe(OutStream):
+    class Pipe:  # a pipe's stream, the same methods
+        isatty, write, flush = OutStream.isatty, OutStream.write, OutStream.flush
+
+    class Wrapped(OutStream):  # a subclass of the kernel's stream from another package is still on screen
         pass
+
+    Wrapped.__module__ = "somepackage"
 
     OutStream.__module__ = "ipykernel.iostream"
     cfg = Config()
@@ -108,6 +113,8 @@ def test_a_notebook_output_area_gets_bars_though_it_is_no_terminal(monkeypatch):
     monkeypatch.setattr(ctx, "enable_progress_bars", ctx.enable_progress_bars)
     configure_data_context(cfg)
     assert ctx.enable_progress_bars is True  # Ray Data's bar too
+    monkeypatch.setattr(sys, "stdout", Wrapped())
+    assert console.on_screen()
     Pipe.__module__ = "io"
     monkeypatch.setattr(sys, "stdout", Pipe())
     assert not console.on_screen() and not console.bars_wanted(cfg)
